@@ -1,0 +1,1 @@
+"""DilateQuant calibration in PyTorch: weight dilation, per-timestep quantizers, block-wise distillation."""

@@ -1,0 +1,1 @@
+"""TensorRT and ONNX Runtime engines, the bucketed runtime and latency profiling."""

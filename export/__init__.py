@@ -1,0 +1,1 @@
+"""ONNX export with explicit QuantizeLinear/DequantizeLinear nodes, one graph per timestep bucket."""
