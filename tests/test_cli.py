@@ -1,0 +1,83 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dilatequant.tools.cli import cli
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", [[], ["sample"], ["eval"], ["inspect"]])
+def test_help(command):
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0 and "Usage: " in result.output
+
+
+def test_sample_writes_a_labelled_png_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    result = invoke("sample", "--model", "digits", "--n", 12, "--steps", 2, "--device", "cpu", "--out", out)
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (10 * 64, 2 * (64 + 12))
+
+
+def test_eval_on_digits_writes_the_metrics_json(tmp_path):
+    out = tmp_path / "eval.json"
+    result = invoke("eval", "--model", "digits", "--n", 20, "--steps", 2, "--device", "cpu", "--ref", "digits", "--out", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert {"fid_digits", "class_accuracy", "psnr_vs_ref", "n", "steps", "seconds", "device"} <= record.keys()
+    assert record["n"] == 20 and record["steps"] == 2 and record["psnr_vs_ref"] > 100  # same model, same noise
+    assert json.loads(result.output) == record
+
+
+def test_eval_on_a_non_digits_family_skips_digit_metrics(tiny_model_dirs, tmp_path):
+    result = invoke("eval", "--model", tiny_model_dirs["dit"], "--n", 4, "--steps", 2, "--device", "cpu")
+    record = json.loads(result.output)
+    assert "fid_digits" not in record and "need 1x32x32 digits" in record["metrics_skipped"]
+
+
+def test_inspect_json_of_the_bundled_model():
+    result = invoke("inspect", "digits", "--json")
+    summary = json.loads(result.output)
+    assert summary["class_name"] == "UNet2DModel" and summary["parameters"] > 1e6
+    assert summary["weights"][0]["file"] == "diffusion_pytorch_model.safetensors"
+
+
+def test_inspect_text_of_each_family(tiny_model_dir):
+    result = invoke("inspect", tiny_model_dir)
+    assert result.exit_code == 0 and "family:" in result.output and "parameters:" in result.output
+
+
+def test_inspect_rejects_corrupt_weights(tiny_model_dirs, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_model_dirs["unet"] / "config.json").read_text())
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 16)
+    result = invoke("inspect", tmp_path)
+    assert result.exit_code == 1 and "not a readable safetensors file" in result.output
+
+
+def test_inspect_rejects_a_directory_without_weights(tiny_model_dirs, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_model_dirs["unet"] / "config.json").read_text())
+    result = invoke("inspect", tmp_path)
+    assert result.exit_code == 1 and "No *.safetensors weights" in result.output
+
+
+def test_user_errors_are_one_line_without_traceback():
+    result = invoke("sample", "--model", "stabilityai/sd-turbo", "--out", "x.png")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: Model 'stabilityai/sd-turbo'") and "Traceback" not in result.output
+
+
+def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    result = invoke("sample", "--device", "cuda", "--out", "x.png")
+    assert result.exit_code == 1 and "sees no CUDA GPU. Use --device cpu" in result.output
+
+
+def test_eval_refuses_a_reference_of_another_shape(tiny_model_dirs):
+    result = invoke("eval", "--model", "digits", "--ref", tiny_model_dirs["dit"], "--n", 4, "--steps", 1, "--device", "cpu")
+    assert result.exit_code == 1 and "PSNR needs the same shape" in result.output

@@ -1,0 +1,14 @@
+"""End to end on the bundled model: FP sampling through the CLI path must produce recognisable digits."""
+
+import pytest
+import torch
+
+from dilatequant.tools.denoiser import load_model
+from dilatequant.tools.evaluate import evaluate
+from dilatequant.tools.sampling import SamplerConfig
+
+
+@pytest.mark.slow
+def test_digits_class_accuracy_with_20_ddim_steps():
+    result = evaluate(load_model("digits"), 100, SamplerConfig(steps=20), torch.device("cpu"), progress=False)
+    assert result["class_accuracy"] >= 0.85

@@ -1,0 +1,159 @@
+"""Load a denoiser from the zoo or a local diffusers directory and call all three families the same way.
+
+Supported families: UNet2DModel (DDPM-style, optionally class-conditional), UNet2DConditionModel
+(Stable-Diffusion-style, cross-attention) and DiT (DiTTransformer2DModel / Transformer2DModel).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .zoo import ZOO, zoo_path
+
+# config.json `_class_name` -> family.
+FAMILIES = {
+    "UNet2DModel": "unet",
+    "UNet2DConditionModel": "unet-cond",
+    "DiTTransformer2DModel": "dit",
+    "Transformer2DModel": "dit",
+}
+# Without a text encoder (offline, no hub) a cross-attention model is conditioned on seeded random
+# encoder states, one fixed tensor per class id: a structural stand-in, the same in every run.
+COND_TOKENS = 8
+COND_SEED = 1000
+DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+EXPECTED_LAYOUT = (
+    "a diffusers model directory (config.json + weights, e.g. diffusion_pytorch_model.safetensors) "
+    "or a pipeline directory (model_index.json with unet/ or transformer/, and scheduler/)"
+)
+
+
+class Denoiser(nn.Module):
+    """`eps = denoiser(x, t, cond)` for every family; `cond` comes from `conditioning(labels)`."""
+
+    def __init__(self, model: nn.Module, family: str) -> None:
+        super().__init__()
+        self.model, self.family = model, family
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.config.in_channels, height, width)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of class labels the model is conditioned on (None: unconditional or cross-attention)."""
+        if self.family == "unet":
+            return self.config.num_class_embeds
+        if self.family == "dit":
+            return self.config.num_embeds_ada_norm
+        return None
+
+    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample conditioning for class ids `labels` (class labels, or encoder states for cross-attention)."""
+        if self.family == "unet-cond":
+            dim = self.config.cross_attention_dim
+            states = [torch.randn(COND_TOKENS, dim, generator=torch.Generator().manual_seed(COND_SEED + int(label)))
+                      for label in labels]  # fmt: skip
+            return torch.stack(states)
+        return labels if self.num_classes else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if self.family == "unet":
+            return self.model(x, t, class_labels=cond).sample
+        if self.family == "unet-cond":
+            return self.model(x, t, encoder_hidden_states=cond).sample
+        out = self.model(x, timestep=t, class_labels=cond).sample
+        # DiT with learned variance predicts (eps, variance) along channels; samplers use eps.
+        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+@dataclass
+class LoadedModel:
+    denoiser: Denoiser
+    scheduler_config: dict
+    model_dir: Path
+    source: str  # the zoo name or the path as given
+
+
+def resolve_model_dir(spec: str | Path) -> Path:
+    """The directory holding the denoiser's config.json, for a zoo name or a local path."""
+    if str(spec) in ZOO:
+        return zoo_path(str(spec))
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"Model '{spec}' is neither a bundled model ({', '.join(sorted(ZOO))}) nor an existing local path. "
+            f"dilatequant works offline and never downloads from a model hub: download the model elsewhere and "
+            f"pass its local directory, {EXPECTED_LAYOUT}."
+        )
+    if not path.is_dir():
+        raise ModelLoadError(f"Model path {path} is a file; expected {EXPECTED_LAYOUT}.")
+    if (path / "config.json").is_file():
+        return path
+    for sub in ("unet", "transformer"):
+        if (path / "model_index.json").is_file() and (path / sub / "config.json").is_file():
+            return path / sub
+    found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
+    raise ModelLoadError(f"No config.json in {path} (found: {found}); expected {EXPECTED_LAYOUT}.")
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """config.json of a model directory, checked to be a supported family."""
+    config_file = model_dir / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Cannot read {config_file}: {exc}. Expected a diffusers config.json.") from exc
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name not in FAMILIES:
+        raise ModelLoadError(
+            f"{config_file} describes a '{class_name}', which dilatequant does not support. "
+            f"Supported denoisers: {', '.join(FAMILIES)}."
+        )
+    return config
+
+
+def find_scheduler_config(model_dir: Path) -> dict:
+    """The scheduler config beside the model (model/scheduler/ or, in a pipeline, ../scheduler/)."""
+    for candidate in (model_dir / "scheduler", model_dir.parent / "scheduler"):
+        config_file = candidate / "scheduler_config.json"
+        if config_file.is_file():
+            try:
+                return json.loads(config_file.read_text())
+            except ValueError as exc:
+                raise ModelLoadError(f"Cannot parse {config_file}: {exc}.") from exc
+    warnings.warn(
+        f"No scheduler/scheduler_config.json beside {model_dir}; assuming a DDPM schedule {DEFAULT_SCHEDULER_CONFIG}.",
+        stacklevel=2,
+    )
+    return dict(DEFAULT_SCHEDULER_CONFIG)
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a denoiser in float32 (eval mode) with its scheduler config, from the zoo or a local directory."""
+    import diffusers
+
+    model_dir = resolve_model_dir(spec)
+    class_name = read_model_config(model_dir)["_class_name"]
+    try:
+        model = getattr(diffusers, class_name).from_pretrained(
+            model_dir, torch_dtype=torch.float32, local_files_only=True, low_cpu_mem_usage=False
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"Cannot load the {class_name} weights in {model_dir}: {exc}") from exc
+    denoiser = Denoiser(model, FAMILIES[class_name]).to(device).eval()
+    return LoadedModel(denoiser, find_scheduler_config(model_dir), model_dir, str(spec))

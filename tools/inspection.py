@@ -1,0 +1,74 @@
+"""`dilatequant inspect`: say what a directory holds, and fail loudly on anything malformed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .denoiser import FAMILIES, find_scheduler_config, read_model_config, resolve_model_dir
+from .errors import ModelLoadError
+
+
+def safetensors_summary(path: Path) -> dict:
+    """Tensor count, parameter count and dtypes from a safetensors header (no weights are loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError for any corruption
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({exc}); re-download or re-save it.") from exc
+    parameters = 0
+    for tensor in slices.values():
+        count = 1
+        for dim in tensor.get_shape():
+            count *= dim
+        parameters += count
+    dtypes = sorted({tensor.get_dtype() for tensor in slices.values()})
+    return {"file": path.name, "bytes": path.stat().st_size, "tensors": len(slices), "parameters": parameters, "dtypes": dtypes}
+
+
+def inspect_model(spec: str | Path) -> dict:
+    """A summary of a model directory (or zoo name); raises ModelLoadError on anything malformed."""
+    model_dir = resolve_model_dir(spec)
+    config = read_model_config(model_dir)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir()))
+        raise ModelLoadError(f"No *.safetensors weights in {model_dir} (found: {found}). Save the model with "
+                             "save_pretrained(..., safe_serialization=True).")  # fmt: skip
+    files = [safetensors_summary(path) for path in weights]
+    scheduler = find_scheduler_config(model_dir)
+    summary = {
+        "kind": "model",
+        "path": str(model_dir),
+        "class_name": config["_class_name"],
+        "family": FAMILIES[config["_class_name"]],
+        "sample_size": config.get("sample_size"),
+        "in_channels": config.get("in_channels"),
+        "parameters": sum(f["parameters"] for f in files),
+        "weights": files,
+        "scheduler": {k: scheduler.get(k) for k in ("_class_name", "num_train_timesteps", "beta_schedule", "prediction_type")},
+    }
+    training = model_dir / "training.json"
+    if training.is_file():
+        record = json.loads(training.read_text())
+        summary["training"] = {k: record.get(k) for k in ("steps_taken", "batch", "seed", "device", "seconds")}
+    return summary
+
+
+def format_summary(summary: dict, indent: str = "") -> str:
+    """Indented `key: value` lines for the terminal."""
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(format_summary(value, indent + "  "))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                block = format_summary(item, indent + "    ")
+                lines.append(indent + "  - " + block.lstrip())
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
