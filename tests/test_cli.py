@@ -32,18 +32,18 @@ def test_eval_on_digits_writes_the_metrics_json(tmp_path):
     record = json.loads(out.read_text())
     assert {"fid_digits", "class_accuracy", "psnr_vs_ref", "n", "steps", "seconds", "device"} <= record.keys()
     assert record["n"] == 20 and record["steps"] == 2 and record["psnr_vs_ref"] > 100  # same model, same noise
-    assert json.loads(result.output) == record
+    assert json.loads(result.stdout) == record
 
 
 def test_eval_on_a_non_digits_family_skips_digit_metrics(tiny_model_dirs, tmp_path):
     result = invoke("eval", "--model", tiny_model_dirs["dit"], "--n", 4, "--steps", 2, "--device", "cpu")
-    record = json.loads(result.output)
+    record = json.loads(result.stdout)
     assert "fid_digits" not in record and "need 1x32x32 digits" in record["metrics_skipped"]
 
 
 def test_inspect_json_of_the_bundled_model():
     result = invoke("inspect", "digits", "--json")
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     assert summary["class_name"] == "UNet2DModel" and summary["parameters"] > 1e6
     assert summary["weights"][0]["file"] == "diffusion_pytorch_model.safetensors"
 

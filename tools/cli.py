@@ -31,15 +31,17 @@ def sampler_options(command: Callable) -> Callable:
     @click.option("--steps", default=50, show_default=True, help="Sampling steps.")
     @click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(["ddim", "ddpm", "dpm-solver++"]))
     @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
-    @click.option("--batch-size", default=200, show_default=True)
+    @click.option("--batch-size", type=int, default=None, help="Samples per denoiser call [default: 32 on CPU, 500 on CUDA].")
     @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
     @functools.wraps(command)
-    def wrapper(steps: int, scheduler: str, seed: int, batch_size: int, device: str, **kwargs):
+    def wrapper(steps: int, scheduler: str, seed: int, batch_size: int | None, device: str, **kwargs):
         from .environment import resolve_device
-        from .sampling import SamplerConfig
+        from .sampling import SamplerConfig, default_batch_size
 
+        torch_device = resolve_device(device)
+        batch_size = batch_size or default_batch_size(torch_device)
         config = SamplerConfig(scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size)
-        return command(sampler=config, device=resolve_device(device), **kwargs)
+        return command(sampler=config, device=torch_device, **kwargs)
 
     return wrapper
 

@@ -32,12 +32,21 @@ class DenoiserLike(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor: ...
 
 
+# Measured on the 2-core CPU with `digits`: batch 32 samples 1.7x faster than batch 128 (attention memory).
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 500
+
+
+def default_batch_size(device: str | torch.device) -> int:
+    return GPU_BATCH_SIZE if torch.device(device).type == "cuda" else CPU_BATCH_SIZE
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 0
-    batch_size: int = 100
+    batch_size: int = CPU_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:
