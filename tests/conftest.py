@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import FAMILY_BUILDERS
+from tiny_models import TINY_CONFIGS, build_tiny_model
 
 torch.set_num_threads(2)
 
@@ -14,9 +14,9 @@ torch.set_num_threads(2)
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """family -> saved tiny model directory (built once per test session)."""
     root = tmp_path_factory.mktemp("tiny_models")
-    return {family: build(root / family) for family, build in FAMILY_BUILDERS.items()}
+    return {family: build_tiny_model(family, root / family) for family in TINY_CONFIGS}
 
 
-@pytest.fixture(params=sorted(FAMILY_BUILDERS))
+@pytest.fixture(params=sorted(TINY_CONFIGS))
 def tiny_model_dir(request, tiny_model_dirs) -> Path:
     return tiny_model_dirs[request.param]

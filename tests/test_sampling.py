@@ -3,7 +3,7 @@ import torch
 
 from dilatequant.tools.denoiser import load_model
 from dilatequant.tools.errors import UserError
-from dilatequant.tools.sampling import SCHEDULERS, SamplerConfig, balanced_labels, sample
+from dilatequant.tools.sampling import SCHEDULERS, SamplerConfig, balanced_labels, default_batch_size, sample
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,7 @@ def test_bad_sampler_config(config, message):
 
 def test_balanced_labels():
     assert balanced_labels(12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_default_batch_size_follows_the_device():
+    assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 500
