@@ -1,0 +1,123 @@
+"""Versioned, checksummed manifests for the on-disk artifacts that stages hand to each other.
+
+Every artifact directory (calibration, export, engines) holds `manifest.json`: its kind, a format version,
+the tool and library versions, and the sha256 of every file. Directories are staged in a temporary sibling
+and renamed into place only when complete, so a crash never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .environment import library_versions
+from .errors import UserError
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ArtifactError(UserError):
+    """An artifact directory is missing, corrupt, of the wrong kind or of an incompatible version."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    major, minor = text.split(".")[:2]
+    return int(major), int(minor)
+
+
+def file_table(directory: Path) -> dict[str, dict]:
+    """sha256 and size of every file under `directory` except the manifest, keyed by relative path."""
+    return {
+        path.relative_to(directory).as_posix(): {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+@contextmanager
+def staged_directory(out: Path, kind: str, format_version: str, fields: dict) -> Iterator[Path]:
+    """Yield an empty staging directory; on success write the manifest and move it to `out`.
+
+    An existing `out` is replaced only after the new directory is complete.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".staging"))
+    try:
+        yield staging
+        manifest = {
+            "kind": kind,
+            "format_version": format_version,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": library_versions(),
+            **fields,
+            "files": file_table(staging),
+        }
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_directory(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(new: Path, out: Path) -> None:
+    """Move `new` to `out`; an old `out` is moved aside first and deleted only after the move succeeded."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        out.rename(old / out.name)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: Path, kind: str, format_version: str, verify: bool = True) -> dict:
+    """Load and check a manifest: kind, format major version and (by default) every file's sha256."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST_NAME}: it is not a dilatequant {kind} directory "
+                            "(or was not completely written). Re-create it.")  # fmt: skip
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); re-create the {kind} directory.") from exc
+    if manifest.get("kind") != kind:
+        raise ArtifactError(f"{directory} holds a '{manifest.get('kind')}' artifact; a '{kind}' directory is expected here.")
+    check_format_version(path, manifest.get("format_version", "0.0"), format_version)
+    if verify:
+        verify_files(directory, manifest)
+    return manifest
+
+
+def check_format_version(path: Path, found: str, supported: str) -> None:
+    if parse_version(found)[0] != parse_version(supported)[0]:
+        raise ArtifactError(f"{path} has format version {found}; this dilatequant reads {supported}. "
+                            "Re-create the artifact with this version, or use the dilatequant that wrote it.")  # fmt: skip
+    if parse_version(found) > parse_version(supported):
+        warnings.warn(f"{path} has format version {found}, newer than {supported}; fields added since are ignored.",
+                      stacklevel=3)  # fmt: skip
+
+
+def verify_files(directory: Path, manifest: dict) -> None:
+    """Every listed file exists with its recorded sha256; names the first file that does not."""
+    for name, entry in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is listed in {MANIFEST_NAME} but missing; the artifact is incomplete. Re-create it.")
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST_NAME} (modified or corrupt). Re-create it.")
