@@ -1,0 +1,156 @@
+"""The fake-quantized denoiser: Conv2d/Linear layers wrapped with weight and per-timestep input quantizers.
+
+Built in explicit phases — `dilate` (fresh calibration only), `wrap_layers`, then initialisation and
+distillation elsewhere — and rebuilt from an artifact by `wrap_layers` alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dilatequant.tools.denoiser import Denoiser
+
+from .config import CalibConfig
+from .dilation import DilationRecord, dilate_group
+from .quantizer import ActQuantizer, WeightQuantizer
+from .structure import InputGroup, fold_sites, input_groups
+from .timesteps import TimestepIndex
+
+BOUNDARY_BITS = 8
+
+
+class QuantLayer(nn.Module):
+    """A Conv2d or Linear whose input and weight pass through fake quantizers."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, input_quantizer: ActQuantizer, weight_bits: int, weight_init: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.input_quantizer = input_quantizer
+        self.weight_quantizer = WeightQuantizer(layer.weight, weight_bits, weight_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quantizer(x)
+        weight = self.weight_quantizer(self.layer.weight)
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, weight, self.layer.bias)
+        return F.linear(x, weight, self.layer.bias)
+
+
+@dataclass
+class LayerPlan:
+    """One row of quant_plan.json: how a layer is deployed, or why it stays in FP."""
+
+    layer: str
+    group: str
+    weight_bits: int | None
+    act_bits: int | None
+    boundary: bool
+    note: str = ""
+
+
+class QuantizedDenoiser(nn.Module):
+    """A Denoiser whose every call first tells the activation quantizers each sample's timestep row."""
+
+    def __init__(self, denoiser: Denoiser, index: TimestepIndex, plan: list[LayerPlan]) -> None:
+        super().__init__()
+        self.denoiser, self.index, self.plan = denoiser, index, plan
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.denoiser.sample_shape
+
+    @property
+    def family(self) -> str:
+        return self.denoiser.family
+
+    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return self.denoiser.conditioning(labels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        self.index.set_timesteps(t)
+        return self.denoiser(x, t, cond)
+
+    def quant_layers(self) -> dict[str, QuantLayer]:
+        """Layer name (as in the diffusers model) -> its wrapper."""
+        return {name: m for name, m in self.denoiser.model.named_modules() if isinstance(m, QuantLayer)}
+
+    def act_quantizers(self) -> dict[str, ActQuantizer]:
+        """Input group name -> its (shared) activation quantizer."""
+        groups = {p.layer: p.group for p in self.plan}
+        return {groups[name]: wrapper.input_quantizer for name, wrapper in self.quant_layers().items()}
+
+    def set_quantization(self, activations: bool, weights: bool) -> None:
+        """Switch fake quantization on or off (off: the dilated FP model, pre-scales still applied)."""
+        for wrapper in self.quant_layers().values():
+            wrapper.input_quantizer.enabled = activations
+            wrapper.weight_quantizer.enabled = weights
+
+
+def quantized_groups(model: nn.Module, config: CalibConfig) -> tuple[list[InputGroup], list[LayerPlan]]:
+    """The groups to quantize and the full plan (boundary layers kept in FP when configured so)."""
+    groups, plan = [], []
+    for group in input_groups(model):
+        keep_fp = group.boundary and config.boundary == "fp"
+        if not keep_fp:
+            groups.append(group)
+        bits = BOUNDARY_BITS if group.boundary else None
+        for layer in group.layers:
+            if keep_fp:
+                plan.append(LayerPlan(layer, group.name, None, None, True, "kept FP: boundary layer, --boundary fp"))
+            else:
+                plan.append(LayerPlan(layer, group.name, bits or config.weight_bits, bits or config.act_bits, group.boundary))
+    return groups, plan
+
+
+def dilate(model: nn.Module, groups: list[InputGroup], cap: float | None) -> dict[str, DilationRecord]:
+    """Apply weight dilation in place to every group; fold 1/s where exact, else leave it for a pre-scale."""
+    modules, sites = dict(model.named_modules()), fold_sites(model)
+    records = {}
+    for group in groups:
+        predecessor, fold = sites.get(group.name, (None, None))
+        factors = dilate_group([modules[name] for name in group.layers], cap, fold)
+        records[group.name] = DilationRecord(group.name, factors, predecessor)
+    return records
+
+
+def wrap_layers(
+    denoiser: Denoiser, groups: list[InputGroup], plan: list[LayerPlan], dilation: dict[str, DilationRecord],
+    index: TimestepIndex, config: CalibConfig,
+) -> QuantizedDenoiser:  # fmt: skip
+    """Replace every planned layer by a QuantLayer; layers of one group share one ActQuantizer."""
+    bits = {p.layer: p for p in plan}
+    modules = dict(denoiser.model.named_modules())
+    rows = len(index) if config.tpq else 1
+    for group in groups:
+        first = modules[group.layers[0]]
+        quantizer = ActQuantizer(index, rows, bits[group.layers[0]].act_bits, config.act_symmetric,
+                                 channel_dim=1 if isinstance(first, nn.Conv2d) else -1)  # fmt: skip
+        if group.name in dilation:
+            record = dilation[group.name]
+            quantizer.set_dilation(record.factors, prescale=record.folded_into is None)
+        for name in group.layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else denoiser.model
+            wrapped = QuantLayer(modules[name], quantizer, bits[name].weight_bits, config.weight_init)
+            setattr(parent, child, wrapped)
+    return QuantizedDenoiser(denoiser, index, plan)
+
+
+def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig) -> tuple[QuantizedDenoiser, dict[str, DilationRecord]]:
+    """A fake-quantized copy of `denoiser` (dilated when configured), quantizers not yet initialised."""
+    denoiser = copy.deepcopy(denoiser).eval()
+    groups, plan = quantized_groups(denoiser.model, config)
+    records = dilate(denoiser.model, groups, config.dilation_cap) if config.dilation else {}
+    for name, record in records.items():
+        for row in plan:
+            if row.group == name and record.folded_into:
+                row.note = f"dilation folded into {record.folded_into}"
+            elif row.group == name:
+                row.note = "dilation as a pre-scale of the input quantizer"
+    quantized = wrap_layers(denoiser, groups, plan, records, TimestepIndex(timesteps), config)
+    return quantized, records

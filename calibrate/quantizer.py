@@ -1,0 +1,130 @@
+"""Uniform fake quantization with straight-through rounding and learnable steps (LSQ-style).
+
+`q = clamp(round(x / Δ) + z, qmin, qmax)`, `x̂ = Δ (q − z)`. Gradients pass through `round` unchanged
+(straight-through estimator), so Δ is trained by ordinary autograd.
+
+Weights: per output channel, symmetric (z = 0) — the only form TensorRT accepts.
+Activations: per tensor, one (Δ, z) row per calibrated timestep (Temporal Parallel Quantizer): every
+sample of a mixed-timestep batch gathers its own row, so one forward/backward pass trains all timesteps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .timesteps import TimestepIndex
+
+MIN_STEP = 1e-8
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Integer grid: symmetric signed ([-2^(b-1), 2^(b-1)-1], z = 0) or asymmetric unsigned ([0, 2^b - 1])."""
+
+    bits: int
+    symmetric: bool = True
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward."""
+    return x + (x.round() - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor | float, fmt: IntFormat) -> torch.Tensor:
+    """Quantize-dequantize `x` (step and zero point broadcast against x); differentiable in x and step."""
+    step = step.clamp_min(MIN_STEP)
+    q = torch.clamp(round_ste(x / step) + zero_point, fmt.qmin, fmt.qmax)
+    return (q - zero_point) * step
+
+
+def symmetric_step(amax: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    return (amax / fmt.qmax).clamp_min(MIN_STEP)
+
+
+def asymmetric_step_and_zero(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and (integer-valued) zero point whose grid spans [min(lo, 0), max(hi, 0)]."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    step = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_min(MIN_STEP)
+    return step, (fmt.qmin - lo / step).round().clamp(fmt.qmin, fmt.qmax)
+
+
+def mse_search_amax(x: torch.Tensor, amax: torch.Tensor, fmt: IntFormat, dim: int | None = None) -> torch.Tensor:
+    """Clipping range in (0.3, 1] x amax minimising the quantization MSE (per slice of `dim`, or overall)."""
+    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
+    view = [-1] + [1] * (x.dim() - 1) if dim == 0 else []
+    for fraction in torch.linspace(0.3, 1.0, 36).tolist():
+        candidate = amax * fraction
+        step = symmetric_step(candidate, fmt)
+        err = (fake_quantize(x, step.view(view) if view else step, 0.0, fmt) - x).pow(2)
+        err = err.flatten(1).mean(1) if dim == 0 else err.mean()
+        better = err < best_err
+        best, best_err = torch.where(better, candidate, best), torch.where(better, err, best_err)
+    return best
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel symmetric fake quantizer with a learnable step per channel."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, init: str = "minmax") -> None:
+        super().__init__()
+        self.fmt = IntFormat(bits, symmetric=True)
+        amax = weight.detach().abs().flatten(1).amax(1)
+        if init == "mse":
+            amax = mse_search_amax(weight.detach(), amax, self.fmt, dim=0)
+        self.step = nn.Parameter(symmetric_step(amax, self.fmt))
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return fake_quantize(weight, self.step.view(-1, *[1] * (weight.dim() - 1)), 0.0, self.fmt)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake quantizer with one (step, zero point) row per timestep (TPQ).
+
+    `dilation` (one factor s_k >= 1 per input channel) records the weight dilation of the layers fed by
+    this input. When it could not be folded into a predecessor, `prescale` is true and the input is
+    multiplied by 1/s here, before quantization (exported as a constant Mul before QuantizeLinear).
+    Until `enabled` is set (after initialisation) the quantizer passes its (pre-scaled) input through.
+    """
+
+    def __init__(self, index: TimestepIndex, rows: int, bits: int, symmetric: bool, channel_dim: int) -> None:
+        super().__init__()
+        self.index, self.fmt, self.channel_dim = index, IntFormat(bits, symmetric), channel_dim
+        self.step = nn.Parameter(torch.ones(rows))
+        self.register_buffer("zero_point", torch.zeros(rows))
+        self.register_buffer("dilation", torch.ones(0))
+        self.prescale = False
+        self.enabled = False
+
+    def set_dilation(self, factors: torch.Tensor, prescale: bool) -> None:
+        self.dilation, self.prescale = factors.detach().clone(), prescale
+
+    def channel_view(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        return values.view(shape)
+
+    def per_sample(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """This batch's row of `table` for every sample, shaped to broadcast against x."""
+        rows = self.index.rows_for(len(x)) if len(table) > 1 else torch.zeros(len(x), dtype=torch.long, device=x.device)
+        return table[rows].view(-1, *[1] * (x.dim() - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prescale:
+            x = x / self.channel_view(x, self.dilation)
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self.per_sample(x, self.step), self.per_sample(x, self.zero_point), self.fmt)
