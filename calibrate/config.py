@@ -13,6 +13,8 @@ ACT_INITS = ("minmax", "percentile", "mse")
 WEIGHT_INITS = ("minmax", "mse")
 TIMESTEP_SAMPLING = ("random", "uniform")
 BOUNDARY = ("8bit", "fp")
+SUPPORTED_BITS = (4, 6, 8)
+DEFAULT_BKD_ITERS = 0  # until block-wise distillation lands, `dilatequant` runs without it
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,8 @@ class CalibConfig:
             if value not in allowed:
                 raise UserError(f"Calibration option {name}='{value}' is not one of: {', '.join(allowed)}.")
         for name, bits in (("weight_bits", self.weight_bits), ("act_bits", self.act_bits)):
-            if not 2 <= bits <= 8:
-                raise UserError(f"{name}={bits} is unsupported; use 4, 6 or 8 (integer grids of 2 to 8 bits).")
+            if bits not in SUPPORTED_BITS:
+                raise UserError(f"{name}={bits} is unsupported; use one of {', '.join(map(str, SUPPORTED_BITS))}.")
         if self.samples < 1 or self.trajectories < 1 or self.steps < 1 or self.bkd_iters < 0:
             raise UserError("samples, trajectories and steps must be >= 1 and bkd_iters >= 0.")
         if self.samples > self.trajectories * self.steps:

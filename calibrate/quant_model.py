@@ -53,31 +53,32 @@ class LayerPlan:
     note: str = ""
 
 
-class QuantizedDenoiser(nn.Module):
+class QuantizedDenoiser(Denoiser):
     """A Denoiser whose every call first tells the activation quantizers each sample's timestep row."""
 
     def __init__(self, denoiser: Denoiser, index: TimestepIndex, plan: list[LayerPlan]) -> None:
-        super().__init__()
-        self.denoiser, self.index, self.plan = denoiser, index, plan
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.denoiser.sample_shape
-
-    @property
-    def family(self) -> str:
-        return self.denoiser.family
-
-    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return self.denoiser.conditioning(labels)
+        super().__init__(denoiser.model, denoiser.family)
+        self.index, self.plan = index, plan
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         self.index.set_timesteps(t)
-        return self.denoiser(x, t, cond)
+        return super().forward(x, t, cond)
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         """Layer name (as in the diffusers model) -> its wrapper."""
-        return {name: m for name, m in self.denoiser.model.named_modules() if isinstance(m, QuantLayer)}
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, QuantLayer)}
+
+    def fp_state_dict(self) -> dict[str, torch.Tensor]:
+        """The (dilated, distilled) weights under the original diffusers names, quantizers left out."""
+        prefixes = {f"{name}.": name for name in self.quant_layers()}
+        state = {}
+        for key, value in self.model.state_dict().items():
+            wrapper = next((prefixes[p] for p in prefixes if key.startswith(p)), None)
+            if wrapper is None:
+                state[key] = value
+            elif key.startswith(f"{wrapper}.layer."):
+                state[wrapper + key[len(wrapper) + len(".layer"):]] = value
+        return state
 
     def act_quantizers(self) -> dict[str, ActQuantizer]:
         """Input group name -> its (shared) activation quantizer."""

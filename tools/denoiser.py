@@ -6,6 +6,7 @@ Supported families: UNet2DModel (DDPM-style, optionally class-conditional), UNet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .manifest import sha256_file
 from .zoo import ZOO, zoo_path
 
 # config.json `_class_name` -> family.
@@ -157,3 +159,11 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         raise ModelLoadError(f"Cannot load the {class_name} weights in {model_dir}: {exc}") from exc
     denoiser = Denoiser(model, FAMILIES[class_name]).to(device).eval()
     return LoadedModel(denoiser, find_scheduler_config(model_dir), model_dir, str(spec))
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """sha256 over the model's config.json and weight files: identifies the exact source of a calibration."""
+    digest = hashlib.sha256()
+    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors"), *model_dir.glob("*.bin")]):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from .denoiser import FAMILIES, find_scheduler_config, read_model_config, resolve_model_dir
 from .errors import ModelLoadError
+from .manifest import MANIFEST_NAME, ArtifactError
 
 
 def safetensors_summary(path: Path) -> dict:
@@ -55,6 +56,22 @@ def inspect_model(spec: str | Path) -> dict:
         record = json.loads(training.read_text())
         summary["training"] = {k: record.get(k) for k in ("steps_taken", "batch", "seed", "device", "seconds")}
     return summary
+
+
+def inspect_path(spec: str | Path) -> dict:
+    """A summary of a model directory, a zoo name or a dilatequant artifact directory."""
+    manifest = Path(spec) / MANIFEST_NAME
+    if not manifest.is_file():
+        return inspect_model(spec)
+    try:
+        kind = json.loads(manifest.read_text()).get("kind")
+    except ValueError as exc:
+        raise ArtifactError(f"{manifest} is not valid JSON ({exc}); re-create the directory.") from exc
+    if kind == "calibration":
+        from dilatequant.calibrate.artifact import describe
+
+        return describe(spec)
+    raise ArtifactError(f"{manifest} describes a '{kind}' artifact, which this dilatequant cannot inspect.")
 
 
 def format_summary(summary: dict, indent: str = "") -> str:

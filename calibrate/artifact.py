@@ -1,0 +1,164 @@
+"""The calibration artifact: the contract between calibrate/ and export/.
+
+    DIR/manifest.json                  kind "calibration", format version, sha256 of every file, summary
+    DIR/model/                         the dilated (and distilled) FP model, diffusers format + scheduler/
+    DIR/quant_params.safetensors       per layer: weight steps; per input group: per-timestep activation
+                                       steps and zero points, dilation factors
+    DIR/quant_plan.json                every layer: group, bits, boundary, where its dilation went (or why FP)
+    DIR/calibration.json               config, timestep grid, source fingerprint, statistics, timings
+    DIR/calibration_data.safetensors   the calibration inputs (export re-derives bucket scales from them)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dilatequant.tools.denoiser import LoadedModel, load_model, model_fingerprint, resolve_model_dir
+from dilatequant.tools.manifest import ArtifactError, read_manifest, staged_directory
+
+from .calib_data import CalibrationData
+from .config import CalibConfig
+from .dilation import DilationRecord
+from .quant_model import LayerPlan, QuantizedDenoiser, wrap_layers
+from .structure import InputGroup
+from .timesteps import TimestepIndex
+
+KIND = "calibration"
+FORMAT_VERSION = "1.0"
+SEPARATOR = "::"
+
+
+@dataclass
+class CalibrationRecord:
+    """What calibration.json holds besides the tensors."""
+
+    config: dict
+    timesteps: list[int]
+    source: dict  # spec, fingerprint, class_name, family
+    statistics: dict
+    run: dict  # seconds per phase, peak memory, device
+
+
+def quant_tensors(quantized: QuantizedDenoiser) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name, wrapper in quantized.quant_layers().items():
+        tensors[f"{name}{SEPARATOR}weight_step"] = wrapper.weight_quantizer.step.detach().cpu()
+    for group, quantizer in quantized.act_quantizers().items():
+        tensors[f"{group}{SEPARATOR}act_step"] = quantizer.step.detach().cpu()
+        tensors[f"{group}{SEPARATOR}act_zero_point"] = quantizer.zero_point.detach().cpu()
+        tensors[f"{group}{SEPARATOR}dilation"] = quantizer.dilation.detach().cpu()
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def plan_document(quantized: QuantizedDenoiser, records: dict[str, DilationRecord]) -> dict:
+    groups = {}
+    for row in quantized.plan:
+        entry = groups.setdefault(row.group, {"layers": [], "folded_into": None, "prescale": False})
+        entry["layers"].append(row.layer)
+        if row.group in records:
+            entry["folded_into"] = records[row.group].folded_into
+            entry["prescale"] = records[row.group].folded_into is None
+    return {"layers": [asdict(row) for row in quantized.plan], "groups": groups}
+
+
+def write_artifact(out: Path, source: LoadedModel, quantized: QuantizedDenoiser, records: dict[str, DilationRecord],
+                   data: CalibrationData, record: CalibrationRecord) -> Path:  # fmt: skip
+    """Write the whole artifact atomically (staged, then renamed into place)."""
+    plan = plan_document(quantized, records)
+    config = CalibConfig.from_dict(record.config)
+    summary = {
+        "bits": config.bits_name, "n_timesteps": len(record.timesteps),
+        "n_quantized_layers": sum(row.weight_bits is not None for row in quantized.plan),
+        "source_fingerprint": record.source["fingerprint"],
+    }  # fmt: skip
+    with staged_directory(out, KIND, FORMAT_VERSION, {"summary": summary}) as staging:
+        (staging / "model" / "scheduler").mkdir(parents=True)
+        quantized.model.save_config(staging / "model")
+        weights = {k: v.detach().cpu().contiguous() for k, v in quantized.fp_state_dict().items()}
+        save_file(weights, str(staging / "model" / "diffusion_pytorch_model.safetensors"))
+        (staging / "model" / "scheduler" / "scheduler_config.json").write_text(json.dumps(source.scheduler_config, indent=2))
+        save_file(quant_tensors(quantized), str(staging / "quant_params.safetensors"))
+        (staging / "quant_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        (staging / "calibration.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
+        data.save(staging / "calibration_data.safetensors")
+    return Path(out)
+
+
+@dataclass
+class CalibrationArtifact:
+    """A verified artifact: its manifest, records and a rebuilt fake-quant model."""
+
+    path: Path
+    manifest: dict
+    record: CalibrationRecord
+    model: LoadedModel  # denoiser is the QuantizedDenoiser
+    config: CalibConfig
+
+    def calibration_data(self) -> CalibrationData:
+        return CalibrationData.load(self.path / "calibration_data.safetensors")
+
+    def check_source(self, spec: str | Path) -> None:
+        """Refuse a model that is not the one this artifact was calibrated from."""
+        fingerprint = model_fingerprint(resolve_model_dir(spec))
+        if fingerprint != self.record.source["fingerprint"]:
+            raise ArtifactError(f"Model '{spec}' is not the model {self.path} was calibrated from "
+                                f"({self.record.source['spec']}, fingerprint {self.record.source['fingerprint'][:12]}…, "
+                                f"found {fingerprint[:12]}…). Calibrate this model, or pass the original.")  # fmt: skip
+
+
+def restore_quantized(model_dir: Path, plan: dict, tensors: dict[str, torch.Tensor], timesteps: list[int],
+                      config: CalibConfig, device: torch.device) -> LoadedModel:  # fmt: skip
+    """Rebuild the fake-quant denoiser from the dilated model and the stored quantizer parameters."""
+    loaded = load_model(model_dir, "cpu")
+    layer_plan = [LayerPlan(**row) for row in plan["layers"]]
+    groups = [InputGroup(name, g["layers"]) for name, g in plan["groups"].items()
+              if any(row.weight_bits for row in layer_plan if row.group == name)]  # fmt: skip
+    records = {g.name: DilationRecord(g.name, tensors[f"{g.name}{SEPARATOR}dilation"], plan["groups"][g.name]["folded_into"])
+               for g in groups if len(tensors[f"{g.name}{SEPARATOR}dilation"])}  # fmt: skip
+    quantized = wrap_layers(loaded.denoiser, groups, layer_plan, records, TimestepIndex(torch.tensor(timesteps)), config)
+    with torch.no_grad():
+        for name, wrapper in quantized.quant_layers().items():
+            wrapper.weight_quantizer.step.copy_(tensors[f"{name}{SEPARATOR}weight_step"])
+        for group, quantizer in quantized.act_quantizers().items():
+            quantizer.step.copy_(tensors[f"{group}{SEPARATOR}act_step"])
+            quantizer.zero_point.copy_(tensors[f"{group}{SEPARATOR}act_zero_point"])
+    quantized.set_quantization(activations=True, weights=True)
+    return LoadedModel(quantized.to(device).eval(), loaded.scheduler_config, model_dir, str(model_dir.parent))
+
+
+def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> CalibrationArtifact:
+    """Verify the manifest (kind, version, every sha256) and rebuild the fake-quant model."""
+    path = Path(path)
+    manifest = read_manifest(path, KIND, FORMAT_VERSION)
+    record = CalibrationRecord(**json.loads((path / "calibration.json").read_text()))
+    plan = json.loads((path / "quant_plan.json").read_text())
+    config = CalibConfig.from_dict(record.config)
+    tensors = load_file(str(path / "quant_params.safetensors"))
+    model = restore_quantized(path / "model", plan, tensors, record.timesteps, config, torch.device(device))
+    return CalibrationArtifact(path, manifest, record, model, config)
+
+
+def describe(path: str | Path) -> dict:
+    """The `inspect` summary of an artifact; verifies every checksum on the way."""
+    path = Path(path)
+    manifest = read_manifest(path, KIND, FORMAT_VERSION)
+    record = json.loads((path / "calibration.json").read_text())
+    config = record["config"]
+    return {
+        "kind": KIND,
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        **manifest["summary"],
+        "checksums_verified": True,
+        "files": len(manifest["files"]),
+        "method": config["method"],
+        "tpq": config["tpq"],
+        "dilation": record["statistics"]["dilation"] if config["dilation"] else "off",
+        "source": record["source"],
+        "run": record["run"],
+    }

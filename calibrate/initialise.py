@@ -1,0 +1,138 @@
+"""Initialise every activation table row from that timestep's own calibration samples.
+
+Observers hook the (pre-scaled) inputs of the activation quantizers while the dilated model runs in FP
+over the calibration data. Rows come from per-row min/max, a per-sample percentile averaged per row, or
+a per-row MSE search over clipping ranges (a second pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+from .calib_data import CalibrationData
+from .quant_model import QuantizedDenoiser
+from .quantizer import ActQuantizer, asymmetric_step_and_zero, fake_quantize, symmetric_step
+
+MSE_FRACTIONS = torch.linspace(0.3, 1.0, 15)
+
+
+class RowObserver:
+    """Per-row (timestep) statistics of one quantizer's input, accumulated over batches."""
+
+    def __init__(self, quantizer: ActQuantizer, percentile: float) -> None:
+        rows = len(quantizer.step)
+        self.quantizer, self.percentile = quantizer, percentile
+        self.lo, self.hi = torch.full((rows,), float("inf")), torch.full((rows,), float("-inf"))
+        self.pct_lo, self.pct_hi, self.count = torch.zeros(rows), torch.zeros(rows), torch.zeros(rows)
+        self.channel_amax: torch.Tensor | None = None
+        self.mse = torch.zeros(rows, len(MSE_FRACTIONS))
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        quantizer = self.quantizer
+        return quantizer.index.rows_for(len(x)).cpu() if len(quantizer.step) > 1 else torch.zeros(len(x), dtype=torch.long)
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().cpu()
+        rows, flat = self.rows(x), x.flatten(1)
+        self.lo.scatter_reduce_(0, rows, flat.amin(1), "amin")
+        self.hi.scatter_reduce_(0, rows, flat.amax(1), "amax")
+        k_hi = max(1, round(self.percentile / 100 * flat.shape[1]))
+        self.pct_hi.scatter_add_(0, rows, flat.kthvalue(k_hi, 1).values)
+        self.pct_lo.scatter_add_(0, rows, flat.kthvalue(max(1, flat.shape[1] - k_hi + 1), 1).values)
+        self.count.scatter_add_(0, rows, torch.ones(len(rows)))
+        dims = [d for d in range(x.dim()) if d != self.quantizer.channel_dim % x.dim()]
+        amax = x.abs().amax(dim=dims)
+        self.channel_amax = amax if self.channel_amax is None else torch.maximum(self.channel_amax, amax)
+
+    def observe_mse(self, x: torch.Tensor) -> None:
+        """Accumulate, per row, the quantization error of each candidate clipping range."""
+        x = x.detach().float().cpu()
+        rows, flat = self.rows(x), x.flatten(1)
+        fmt = self.quantizer.fmt
+        for k, fraction in enumerate(MSE_FRACTIONS.tolist()):
+            step, zero = self.grid(fraction)
+            error = (fake_quantize(flat, step[rows, None], zero[rows, None], fmt) - flat).pow(2).sum(1)
+            self.mse[:, k].scatter_add_(0, rows, error)
+
+    def grid(self, fraction: float, percentile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, zero point) per row for the observed range (or mean percentile range) scaled by fraction."""
+        count = self.count.clamp_min(1)
+        lo, hi = (self.pct_lo / count, self.pct_hi / count) if percentile else (self.lo, self.hi)
+        lo, hi = torch.nan_to_num(lo, posinf=0.0) * fraction, torch.nan_to_num(hi, neginf=0.0) * fraction
+        fmt = self.quantizer.fmt
+        if fmt.symmetric:
+            return symmetric_step(torch.maximum(lo.abs(), hi.abs()), fmt), torch.zeros_like(lo)
+        return asymmetric_step_and_zero(lo, hi, fmt)
+
+    def finish(self, method: str) -> None:
+        """Write the chosen (step, zero point) rows into the quantizer."""
+        if method == "mse":
+            best = self.mse.argmin(1)
+            step, zero = self.grid(1.0)
+            for k, fraction in enumerate(MSE_FRACTIONS.tolist()):
+                candidate_step, candidate_zero = self.grid(fraction)
+                step, zero = torch.where(best == k, candidate_step, step), torch.where(best == k, candidate_zero, zero)
+        else:
+            step, zero = self.grid(1.0, percentile=method == "percentile")
+        nearest = self.nearest_observed_row()
+        with torch.no_grad():
+            self.quantizer.step.copy_(step[nearest])
+            self.quantizer.zero_point.copy_(zero[nearest])
+
+    def nearest_observed_row(self) -> torch.Tensor:
+        """For every row, itself if it saw samples, else the row of the nearest timestep that did."""
+        observed = (self.count > 0).nonzero().flatten()
+        if len(observed) == len(self.count) or len(observed) == 0:
+            return torch.arange(len(self.count))
+        grid = self.quantizer.index.grid.float()
+        return observed[(grid[:, None] - grid[observed][None, :]).abs().argmin(1)]
+
+    def range_reduction(self) -> dict:
+        """Per-tensor input range before and after dilation (|x|max over channels)."""
+        after = self.channel_amax
+        before = after * self.quantizer.dilation if len(self.quantizer.dilation) == len(after) else after
+        return {"amax_before": float(before.max()), "amax_after": float(after.max()),
+                "reduction": float(before.max() / after.max().clamp_min(1e-12))}  # fmt: skip
+
+
+@contextmanager
+def hooked(quantizers: dict[str, ActQuantizer], observe: str, observers: dict[str, RowObserver]) -> Iterator[None]:
+    handles = [q.register_forward_hook(lambda m, i, o, name=name: getattr(observers[name], observe)(o))
+               for name, q in quantizers.items()]  # fmt: skip
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def run_over(quantized: QuantizedDenoiser, data: CalibrationData, batch_size: int, device: torch.device, desc: str, progress: bool) -> None:
+    for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress):
+        labels = data.labels[start : start + batch_size]
+        cond = quantized.conditioning(labels)
+        quantized(data.x[start : start + batch_size].to(device), data.t[start : start + batch_size].to(device),
+                  cond.to(device) if cond is not None else None)  # fmt: skip
+
+
+def initialise_activations(quantized: QuantizedDenoiser, data: CalibrationData, method: str, percentile: float,
+                           batch_size: int, device: torch.device, progress: bool = True) -> dict[str, dict]:  # fmt: skip
+    """Set every activation table from the calibration data; returns per-group range statistics."""
+    quantizers = quantized.act_quantizers()
+    observers = {name: RowObserver(q, percentile) for name, q in quantizers.items()}
+    quantized.set_quantization(activations=False, weights=False)
+    with hooked(quantizers, "observe", observers):
+        run_over(quantized, data, batch_size, device, "observe ranges", progress)
+    if method == "mse":
+        for observer in observers.values():
+            observer.mse.zero_()
+        with hooked(quantizers, "observe_mse", observers):
+            run_over(quantized, data, batch_size, device, "MSE search", progress)
+    for observer in observers.values():
+        observer.finish(method)
+    quantized.set_quantization(activations=True, weights=True)
+    return {name: observer.range_reduction() for name, observer in observers.items()}

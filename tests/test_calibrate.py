@@ -1,0 +1,150 @@
+"""calibrate() end to end on the tiny families: artifact contents, integrity checks, fake-quant accuracy."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dilatequant.calibrate.artifact import load_artifact
+from dilatequant.calibrate.config import CalibConfig
+from dilatequant.calibrate.flow import calibrate
+from dilatequant.tools.cli import cli
+from dilatequant.tools.denoiser import load_model
+from dilatequant.tools.errors import UserError
+from dilatequant.tools.manifest import ArtifactError
+
+TINY = {"samples": 32, "trajectories": 8, "steps": 5}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_model_dirs, tmp_path_factory):
+    """(family, bits) -> artifact directory, calibrated once per module."""
+    root = tmp_path_factory.mktemp("calib")
+    return {(family, bits): calibrate(path, CalibConfig.from_bits(bits, **TINY), root / f"{family}-{bits}", progress=False)
+            for family, path in tiny_model_dirs.items() for bits in ("W8A8", "W4A4")}  # fmt: skip
+
+
+def relative_error(artifact_dir, model_dir) -> float:
+    artifact = load_artifact(artifact_dir)
+    fp, data = load_model(model_dir).denoiser, artifact.calibration_data()
+    cond = fp.conditioning(data.labels)
+    with torch.no_grad():
+        expected, actual = fp(data.x, data.t, cond), artifact.model.denoiser(data.x, data.t, cond)
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
+def test_rebuilt_fake_quant_model_tracks_fp_and_more_bits_track_better(artifacts, tiny_model_dirs, family):
+    w8a8 = relative_error(artifacts[family, "W8A8"], tiny_model_dirs[family])
+    w4a4 = relative_error(artifacts[family, "W4A4"], tiny_model_dirs[family])
+    assert w8a8 < 0.1 and w8a8 < w4a4
+
+
+def test_artifact_contents(artifacts):
+    path = artifacts["unet", "W8A8"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == "calibration" and manifest["format_version"] == "1.0"
+    assert manifest["summary"]["bits"] == "W8A8" and manifest["summary"]["n_timesteps"] == 5
+    assert {"model/config.json", "model/diffusion_pytorch_model.safetensors", "quant_params.safetensors",
+            "quant_plan.json", "calibration.json", "calibration_data.safetensors"} <= manifest["files"].keys()  # fmt: skip
+    plan = json.loads((path / "quant_plan.json").read_text())
+    assert all(row["weight_bits"] in (8,) for row in plan["layers"])
+    assert any(g["folded_into"] for g in plan["groups"].values()) and any(g["prescale"] for g in plan["groups"].values())
+    # the dilated model directory is a plain diffusers model
+    assert load_model(path / "model").denoiser.family == "unet"
+
+
+def test_tpq_tables_have_a_row_per_timestep_and_no_tpq_one(artifacts, tiny_model_dirs, tmp_path):
+    rows = {len(q.step) for q in load_artifact(artifacts["unet", "W8A8"]).model.denoiser.act_quantizers().values()}
+    assert rows == {5}
+    shared = calibrate(tiny_model_dirs["unet"], CalibConfig(tpq=False, **TINY), tmp_path / "shared", progress=False)
+    assert {len(q.step) for q in load_artifact(shared).model.denoiser.act_quantizers().values()} == {1}
+
+
+def test_boundary_layers_can_stay_fp(tiny_model_dirs, tmp_path):
+    path = calibrate(tiny_model_dirs["unet"], CalibConfig(boundary="fp", **TINY), tmp_path / "a", progress=False)
+    plan = {row["layer"]: row for row in json.loads((path / "quant_plan.json").read_text())["layers"]}
+    assert plan["conv_in"]["weight_bits"] is None and "kept FP" in plan["conv_in"]["note"]
+    assert "conv_in" not in load_artifact(path).model.denoiser.quant_layers()
+
+
+def copy_of(path, tmp_path):
+    return shutil.copytree(path, tmp_path / "copy")
+
+
+def test_a_modified_file_is_named(artifacts, tmp_path):
+    path = copy_of(artifacts["unet", "W8A8"], tmp_path)
+    (path / "quant_plan.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"quant_plan.json does not match its sha256"):
+        load_artifact(path)
+
+
+def test_a_missing_file_is_named(artifacts, tmp_path):
+    path = copy_of(artifacts["unet", "W8A8"], tmp_path)
+    (path / "quant_params.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"quant_params.safetensors is listed .* but missing"):
+        load_artifact(path)
+
+
+def test_an_incompatible_format_version_is_refused(artifacts, tmp_path):
+    path = copy_of(artifacts["unet", "W8A8"], tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "format_version": "2.0"}))
+    with pytest.raises(ArtifactError, match="format version 2.0; this dilatequant reads 1.0"):
+        load_artifact(path)
+
+
+def test_a_directory_without_manifest_is_refused(tiny_model_dirs):
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        load_artifact(tiny_model_dirs["unet"])
+
+
+def test_another_source_model_is_refused(artifacts, tiny_model_dirs):
+    with pytest.raises(ArtifactError, match="is not the model .* was calibrated from"):
+        load_artifact(artifacts["unet", "W8A8"]).check_source(tiny_model_dirs["dit"])
+
+
+def test_rewriting_an_artifact_replaces_it_whole(tiny_model_dirs, tmp_path):
+    out = tmp_path / "art"
+    calibrate(tiny_model_dirs["unet"], CalibConfig.from_bits("W8A8", **TINY), out, progress=False)
+    calibrate(tiny_model_dirs["unet"], CalibConfig.from_bits("W4A8", **TINY), out, progress=False)
+    assert load_artifact(out).config.weight_bits == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no staging or old copies left
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"samples": 100, "trajectories": 2, "steps": 5}, "exceeds the 2 trajectories"),
+     ({"act_init": "kl"}, "act_init='kl' is not one of"), ({"weight_bits": 3}, "weight_bits=3 is unsupported")],
+)  # fmt: skip
+def test_bad_configs_are_user_errors(overrides, message):
+    with pytest.raises(UserError, match=message):
+        CalibConfig(**overrides)
+
+
+def test_bits_preset():
+    assert CalibConfig.from_bits("W4A8").bits_name == "W4A8"
+    with pytest.raises(UserError, match="not of the form WxAy"):
+        CalibConfig.from_bits("int8")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_calibrate_inspect_and_eval(tiny_model_dirs, tmp_path):
+    out = tmp_path / "cal"
+    result = invoke("calibrate", "--model", tiny_model_dirs["dit"], "--bits", "W4A8", "--samples", 16,
+                    "--trajectories", 4, "--steps", 4, "--device", "cpu", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads(invoke("inspect", out, "--json").stdout)
+    assert summary["bits"] == "W4A8" and summary["n_timesteps"] == 4 and summary["checksums_verified"] is True
+    assert summary["n_quantized_layers"] > 10 and 0 < summary["dilation"]["unsaturated_share"] <= 1
+    record = json.loads(invoke("eval", "--calib", out, "--n", 4, "--steps", 4, "--device", "cpu").stdout)
+    assert record["reference"] == str(tiny_model_dirs["dit"]) and record["psnr_vs_ref"] > 10
+    grid = tmp_path / "grid.png"
+    assert invoke("sample", "--calib", out, "--n", 4, "--steps", 2, "--device", "cpu", "--out", grid).exit_code == 0
+    mismatch = invoke("sample", "--calib", out, "--model", tiny_model_dirs["unet"], "--out", grid)
+    assert mismatch.exit_code == 1 and "is not the model" in mismatch.output
