@@ -27,6 +27,10 @@ class CalibrationData:
     def __len__(self) -> int:
         return len(self.t)
 
+    def subset(self, n: int) -> CalibrationData:
+        """The first n samples (the set is already in random order)."""
+        return CalibrationData(self.x[:n], self.t[:n], self.labels[:n])
+
     def save(self, path: Path) -> None:
         save_file({"x": self.x.contiguous(), "t": self.t, "labels": self.labels}, str(path))
 

@@ -44,7 +44,7 @@ class CalibConfig:
     bkd_iters: int = 0
     bkd_batch: int = 32
     bkd_lr_weight: float = 1e-5
-    bkd_lr_step: float = 1e-4
+    bkd_lr_step: float = 1e-3  # relative to each step tensor's mean magnitude
 
     def __post_init__(self) -> None:
         for name, value, allowed in (

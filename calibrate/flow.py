@@ -14,11 +14,13 @@ from dilatequant.tools.environment import describe_device
 from dilatequant.tools.sampling import SamplerConfig, default_batch_size, sampling_timesteps
 
 from .artifact import CalibrationRecord, write_artifact
+from .bkd import distill
 from .calib_data import collect
 from .config import CalibConfig
 from .dilation import summarise
 from .initialise import initialise_activations
 from .quant_model import prepare
+from .workdir import WorkDir
 
 
 class PhaseTimer:
@@ -44,25 +46,44 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
               progress: bool = True) -> Path:  # fmt: skip
-    """Calibrate `model` (zoo name or local directory) and write the artifact to `out`."""
-    device, timer = torch.device(device), PhaseTimer()
+    """Calibrate `model` (zoo name or local directory) and write the artifact to `out`.
+
+    Progress is kept in `OUT.work/` (calibration data, one checkpoint per distilled block): running the
+    same command again after a crash or kill resumes there and writes the same artifact.
+    """
+    device, timer, out = torch.device(device), PhaseTimer(), Path(out)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     loaded = load_model(model, device)
+    fingerprint = model_fingerprint(loaded.model_dir)
+    work = WorkDir(out, {"config": config.to_dict(), "source": fingerprint})
+    work.open()
     batch_size = default_batch_size(device)
     timesteps = sampling_timesteps(loaded.scheduler_config, SamplerConfig(config.scheduler, config.steps))
     with timer.phase("calibration_data"):
-        data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
+        data = work.load_data()
+        if data is None:
+            data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
+            work.save_data(data)
     with timer.phase("dilation"):
         quantized, records = prepare(loaded.denoiser, timesteps, config)
     with timer.phase("initialisation"):
         act_init = "minmax" if config.method == "minmax" else config.act_init
         ranges = initialise_activations(quantized, data, act_init, config.percentile, batch_size, device, progress)
+    blocks = {}
+    if config.method == "dilatequant" and config.bkd_iters > 0:
+        with timer.phase("distillation"):
+            blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress)
     record = CalibrationRecord(
         config=config.to_dict(),
         timesteps=[int(t) for t in timesteps],
-        source={"spec": str(model), "fingerprint": model_fingerprint(loaded.model_dir),
+        source={"spec": str(model), "fingerprint": fingerprint,
                 "class_name": type(loaded.denoiser.model).__name__, "family": loaded.denoiser.family},
         statistics={"dilation": summarise(list(records.values())), "groups": {
-            name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges}},
+            name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges},
+            "blocks": blocks},
         run={"seconds": timer.seconds, "device": describe_device(device), **peak_memory(device)},
     )  # fmt: skip
-    return write_artifact(Path(out), loaded, quantized, records, data, record)
+    path = write_artifact(out, loaded, quantized, records, data, record)
+    work.remove()
+    return path

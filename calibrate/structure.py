@@ -120,3 +120,46 @@ def fold_sites(model: nn.Module) -> dict[str, tuple[str, Callable[[torch.Tensor]
         elif isinstance(module, transformer_2d) and module.is_input_continuous and _affine(module.norm):
             sites[f"{name}.proj_in"] = (f"{name}.norm", divide_norm(module.norm))
     return sites
+
+
+def _block_types() -> tuple[type, ...]:
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.upsampling import Upsample2D
+
+    return (ResnetBlock2D, Attention, Transformer2DModel, BasicTransformerBlock, Downsample2D, Upsample2D,
+            TimestepEmbedding, PatchEmbed)  # fmt: skip
+
+
+def distillation_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks of block-wise distillation, in the order the model calls them.
+
+    A block is the outermost ResNet block, attention / transformer block, down- or upsampler, time
+    embedding or patch embedding; every Conv2d/Linear outside all of them (conv_in, conv_out, DiT's
+    output projections) is a block of its own. Order comes from one traced forward pass.
+    """
+    types, blocks = _block_types(), []
+    for name, module in model.named_modules():
+        if name and isinstance(module, types) and not any(name.startswith(b + ".") for b in blocks):
+            blocks.append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not any(name == b or name.startswith(b + ".") for b in blocks):
+            blocks.append(name)
+    return blocks
+
+
+def call_order(names: list[str], modules: dict[str, nn.Module], run: Callable[[], object]) -> list[str]:
+    """`names` sorted by when `run()` first calls each module; modules never called are dropped."""
+    order: list[str] = []
+    handles = [modules[name].register_forward_pre_hook(lambda m, a, name=name: order.append(name) if name not in order else None)
+               for name in names]  # fmt: skip
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order

@@ -170,3 +170,7 @@ def inspect_command(path: str, as_json: bool) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,18 @@ def labels_for(model: LoadedModel, n: int) -> torch.Tensor:
     return balanced_labels(n, min(10, model.denoiser.num_classes or 10))
 
 
+def score(images: torch.Tensor, labels: torch.Tensor, reference_images: torch.Tensor | None = None) -> dict:
+    """fid_digits and class_accuracy (for 1x32x32 digits) and psnr_vs_ref (when reference images are given)."""
+    result: dict = {}
+    if DigitsMetrics.applies_to(images.shape[1:]):
+        result.update(DigitsMetrics().evaluate(images, labels))
+    else:
+        result["metrics_skipped"] = f"fid_digits and class_accuracy need 1x32x32 digits; these samples are {tuple(images.shape[1:])}."
+    if reference_images is not None:
+        result["psnr_vs_ref"] = psnr_vs_ref(images, reference_images)
+    return result
+
+
 def evaluate(
     model: LoadedModel,
     n: int,
@@ -42,15 +54,10 @@ def evaluate(
         "batch_size": sampler.batch_size, "device": describe_device(device), "seconds": round(sampling_seconds, 2),
         "images_per_second": round(n / sampling_seconds, 2),
     }  # fmt: skip
-    if DigitsMetrics.applies_to(model.denoiser.sample_shape):
-        result.update(DigitsMetrics().evaluate(images, labels))
-    else:
-        result["metrics_skipped"] = (
-            f"fid_digits and class_accuracy need 1x32x32 digits; this model samples {model.denoiser.sample_shape}."
-        )
+    reference_images = None
     if reference is not None:
-        ref_images = sample(reference.denoiser, reference.scheduler_config, labels, sampler, device, progress)
+        reference_images = sample(reference.denoiser, reference.scheduler_config, labels, sampler, device, progress)
         result["reference"] = reference.source
-        result["psnr_vs_ref"] = psnr_vs_ref(images, ref_images)
+    result.update(score(images, labels, reference_images))
     result["versions"] = library_versions()
     return result

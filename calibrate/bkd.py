@@ -1,0 +1,205 @@
+"""Block-wise Knowledge Distillation (BKD).
+
+For each block in call order: the target is the FP block's output on the FP path; the student is the
+quantized block fed by the output of the already-distilled quantized blocks before it. Loss: MSE.
+Adam trains the block's weights (lr `bkd_lr_weight`), its weight steps and its per-timestep activation
+tables (lr `bkd_lr_step`). Inputs and targets are cached per block and detached, so backward paths end
+at the block: memory scales with the largest block, not the model.
+
+Why train the weights themselves rather than a rounding (AdaRound-style) offset: dilation already put
+the weights where their per-channel grids fit; a small learning rate refines them jointly with their
+steps at no extra state, while a rounding parametrisation doubles the parameters and needs a
+regularisation schedule to converge to hard decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dilatequant.tools.denoiser import Denoiser
+
+from .calib_data import CalibrationData
+from .config import CalibConfig
+from .quant_model import QuantizedDenoiser, QuantLayer
+from .structure import call_order, distillation_blocks
+from .workdir import WorkDir
+
+
+class _StopForward(Exception):
+    """Raised by a hook once what it needed is captured: the rest of the forward pass is skipped."""
+
+
+def detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: detached(v) for k, v in value.items()}
+    return value
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The hidden states of a block's output (tensor, tuple or diffusers output object)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return first_tensor(output[0])
+    return output.sample
+
+
+@contextmanager
+def capture(module: nn.Module, what: str) -> Iterator[dict]:
+    """Capture the module's call ('inputs': args and kwargs) or its 'output', then stop the forward pass."""
+    box: dict = {}
+
+    def before(_, args, kwargs):
+        box["args"], box["kwargs"] = detached(args), detached(kwargs)
+        raise _StopForward
+
+    def after(_, args, output):
+        box["output"] = first_tensor(output).detach()
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(before, with_kwargs=True) if what == "inputs" else module.register_forward_hook(after)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor | None
+
+
+def batches(data: CalibrationData, denoiser: Denoiser, size: int, device: torch.device) -> list[Batch]:
+    """Fixed mixed-timestep batches of the calibration data, on the device."""
+    out = []
+    for start in range(0, len(data), size):
+        cond = denoiser.conditioning(data.labels[start : start + size])
+        out.append(Batch(data.x[start : start + size].to(device), data.t[start : start + size].to(device),
+                         cond.to(device) if cond is not None else None))  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def run_captured(model: Denoiser, module: nn.Module, what: str, batch: Batch):
+    with capture(module, what) as box:
+        try:
+            model(batch.x, batch.t, batch.cond)
+        except _StopForward:
+            pass
+    return box
+
+
+def trainable(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(weights, quantizer steps) of the quantized layers inside a block."""
+    wrappers = [block] if isinstance(block, QuantLayer) else [m for m in block.modules() if isinstance(m, QuantLayer)]
+    weights = [w.layer.weight for w in wrappers]
+    steps = {id(p): p for w in wrappers for p in (w.weight_quantizer.step, w.input_quantizer.step)}
+    return weights, list(steps.values())
+
+
+def train_block(quantized: QuantizedDenoiser, block: nn.Module, inputs: list[dict], targets: list[torch.Tensor],
+                t: list[torch.Tensor], config: CalibConfig, seed: int) -> float:  # fmt: skip
+    """Train one block on its cached inputs and FP targets; returns the final loss."""
+    weights, steps = trainable(block)
+    for p in (*weights, *steps):
+        p.requires_grad_(True)
+    # Steps span orders of magnitude (8-bit vs 4-bit, weights vs activations): their learning rate is
+    # relative to each tensor's own mean step.
+    groups = [{"params": weights, "lr": config.bkd_lr_weight}]
+    groups += [{"params": [step], "lr": config.bkd_lr_step * float(step.detach().abs().mean())} for step in steps]
+    optimizer = torch.optim.Adam(groups)
+    generator = torch.Generator().manual_seed(seed)
+    loss = torch.zeros(())
+    for _ in range(config.bkd_iters):
+        i = int(torch.randint(len(inputs), (1,), generator=generator))
+        quantized.index.set_timesteps(t[i])
+        loss = F.mse_loss(first_tensor(block(*inputs[i]["args"], **inputs[i]["kwargs"])), targets[i])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    for p in (*weights, *steps):
+        p.requires_grad_(False)
+    return float(loss.detach())
+
+
+def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, config: CalibConfig,
+            device: torch.device, work: WorkDir, progress: bool = True) -> dict:  # fmt: skip
+    """Distil every block in call order, resuming from `work`'s checkpoints; returns per-block statistics."""
+    quantized.requires_grad_(False)
+    fp_modules, q_modules = dict(fp.model.named_modules()), dict(quantized.model.named_modules())
+    data_batches = batches(data, fp, config.bkd_batch, device)
+    probe = data_batches[0]
+    names = call_order(distillation_blocks(fp.model), fp_modules, lambda: torch.no_grad()(fp)(probe.x, probe.t, probe.cond))
+    stats = {}
+    for index, name in enumerate(tqdm(names, desc="distil blocks", disable=not progress)):
+        block = q_modules[name]
+        if not trainable(block)[0]:
+            continue  # nothing quantized inside (e.g. a boundary layer kept in FP)
+        saved = work.load_block(index, name)
+        if saved is not None:
+            block.load_state_dict(saved)
+            stats[name] = {"resumed": True}
+            continue
+        stats[name] = distill_block(quantized, fp, fp_modules[name], block, data_batches, config, device,
+                                    seed=config.seed * 1000 + index)  # fmt: skip
+        work.save_block(index, name, block.state_dict())
+    return stats
+
+
+def distill_block(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Module, block: nn.Module,
+               data_batches: list[Batch], config: CalibConfig, device: torch.device, seed: int) -> dict:  # fmt: skip
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    inputs = [run_captured(quantized, block, "inputs", b) for b in data_batches]
+    targets = [run_captured(fp, fp_block, "output", b)["output"] for b in data_batches]
+    t = [b.t for b in data_batches]
+    initial = {k: v.clone() for k, v in block.state_dict().items()}
+    before = mean_loss(quantized, block, inputs, targets, t)
+    train_block(quantized, block, inputs, targets, t, config, seed)
+    after = mean_loss(quantized, block, inputs, targets, t)
+    if after > before:  # never leave a block worse on its own calibration data than initialisation did
+        block.load_state_dict(initial)
+    record = {"mse_before": before, "mse_after": min(before, after), "kept_initialisation": after > before,
+              "seconds": round(time.perf_counter() - start, 2), "cache_mib": round(cache_bytes(inputs, targets) / 2**20, 1)}  # fmt: skip
+    if device.type == "cuda":
+        record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return record
+
+
+@torch.no_grad()
+def mean_loss(quantized: QuantizedDenoiser, block: nn.Module, inputs: list[dict], targets: list[torch.Tensor],
+              t: list[torch.Tensor]) -> float:  # fmt: skip
+    total = 0.0
+    for i in range(len(inputs)):
+        quantized.index.set_timesteps(t[i])
+        total += F.mse_loss(first_tensor(block(*inputs[i]["args"], **inputs[i]["kwargs"])), targets[i]).item()
+    return total / len(inputs)
+
+
+def cache_bytes(inputs: list[dict], targets: list[torch.Tensor]) -> int:
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, (tuple, list)):
+            return sum(size(v) for v in value)
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        return 0
+
+    return size(inputs) + size(targets)
+

@@ -1,0 +1,173 @@
+"""The calibration results table: FP vs naive min-max vs +TPQ vs +WD vs DilateQuant, per bit width.
+
+    python -m dilatequant.tools.calibration_report run --bits W8A8 --n 5000 --device cuda --rows rows.json
+    python -m dilatequant.tools.calibration_report render --rows rows.json --out docs/results
+
+`run` is resumable: rows already in the rows file are skipped, so the work can be split over several
+calls of a time-limited GPU machine. `render` writes calibration.md and calibration_act_ranges.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from .atomic import atomic_write_text
+from .denoiser import load_model
+from .environment import describe_device, library_versions, resolve_device
+from .evaluate import labels_for, score
+from .sampling import SamplerConfig, default_batch_size, sample
+
+VARIANTS = {
+    "naive min-max": {"method": "minmax", "tpq": False, "dilation": False},
+    "+TPQ": {"method": "minmax", "tpq": True, "dilation": False},
+    "+TPQ +WD": {"method": "minmax", "tpq": True, "dilation": True},
+    "DilateQuant (TPQ+WD+BKD)": {"method": "dilatequant", "tpq": True, "dilation": True},
+}
+RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
+RANGE_GROUPS = ("conv_in", "down_blocks.1.attentions.0.qkv", "mid_block.resnets.0.conv1", "up_blocks.2.resnets.0.conv2")
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def load_rows(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"rows": [], "ranges": {}}
+
+
+def act_ranges(artifact_dir: Path) -> dict[str, dict]:
+    """Per-timestep clipping range (step x qmax) of the RANGE_GROUPS activation quantizers."""
+    from dilatequant.calibrate.artifact import load_artifact
+
+    artifact = load_artifact(artifact_dir)
+    quantizers = artifact.model.denoiser.act_quantizers()
+    return {group: {"timesteps": artifact.record.timesteps, "range": (q.step.detach() * q.fmt.qmax).tolist()}
+            for group, q in quantizers.items() if group in RANGE_GROUPS}  # fmt: skip
+
+
+@click.group()
+def main() -> None:
+    """Produce and render the calibration results table."""
+
+
+@main.command()
+@click.option("--bits", default="W8A8,W4A8,W4A4", show_default=True)
+@click.option("--n", default=5000, show_default=True)
+@click.option("--steps", default=50, show_default=True)
+@click.option("--samples", default=1024, show_default=True)
+@click.option("--trajectories", default=64, show_default=True)
+@click.option("--bkd-iters", default=500, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--work", default="calibration-work", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--rows", "rows_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def run(bits: str, n: int, steps: int, samples: int, trajectories: int, bkd_iters: int, device: str, work: Path,
+        rows_path: Path) -> None:  # fmt: skip
+    """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
+    from dilatequant.calibrate.artifact import load_artifact
+    from dilatequant.calibrate.config import CalibConfig
+    from dilatequant.calibrate.flow import calibrate
+
+    torch_device = resolve_device(device)
+    sampler = SamplerConfig(steps=steps, seed=0, batch_size=default_batch_size(torch_device))
+    fp = load_model("digits", torch_device)
+    labels = labels_for(fp, n)
+    fp_images = sample(fp.denoiser, fp.scheduler_config, labels, sampler, torch_device)
+    results = load_rows(rows_path)
+    done = {(r["bits"], r["variant"]) for r in results["rows"]}
+    common = {"n": n, "steps": steps, "device": describe_device(torch_device)}
+    if ("FP", "FP") not in done:
+        results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
+    for preset in bits.split(","):
+        for variant, options in sorted(VARIANTS.items(), key=lambda item: item[1]["method"] != "dilatequant"):
+            if (preset, variant) in done:
+                continue
+            config = CalibConfig.from_bits(preset, samples=samples, trajectories=trajectories, steps=steps,
+                                           bkd_iters=bkd_iters if options["method"] == "dilatequant" else 0, **options)  # fmt: skip
+            out = work / f"{preset}-{slug(variant)}"
+            start = time.perf_counter()
+            calibrate("digits", config, out, torch_device)
+            seconds = time.perf_counter() - start
+            artifact = load_artifact(out, torch_device)
+            images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
+            metrics = score(images, labels, fp_images)
+            metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
+            results["rows"].append({"bits": preset, "variant": variant, **common, **metrics, "calib_seconds": round(seconds, 1),
+                                    **{k: v for k, v in artifact.record.run.items() if k.startswith("peak")}})  # fmt: skip
+            if preset == "W8A8" and variant in RANGE_VARIANTS:
+                results["ranges"][variant] = act_ranges(out)
+            results["versions"] = library_versions()
+            atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
+            click.echo(json.dumps(results["rows"][-1]))
+    atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(rows: list[dict], fp: dict) -> list[str]:
+    lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) | peak GPU MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        relative = "—" if r is fp else f"{100 * (r['fid_digits'] / fp['fid_digits'] - 1):+.1f}%"
+        psnr = "—" if r is fp else fmt(r.get("psnr_vs_fp"), 2)
+        lines.append(f"| {r['bits']} | {r['variant']} | {fmt(r['fid_digits'], 2)} | {relative} | {fmt(r['class_accuracy'])} "
+                     f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} | {fmt(r.get('peak_cuda_mib'), 0)} |")  # fmt: skip
+    return lines
+
+
+def plot_ranges(ranges: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({g for variant in ranges.values() for g in variant}, key=RANGE_GROUPS.index)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
+    for axis, group in zip(axes[0], groups):
+        for variant, per_group in ranges.items():
+            entry = per_group[group]
+            values = entry["range"] * (len(entry["timesteps"]) if len(entry["range"]) == 1 else 1)
+            axis.plot(entry["timesteps"], values, label=variant, drawstyle="steps-mid")
+        axis.set_title(group, fontsize=9)
+        axis.set_xlabel("timestep t")
+        axis.invert_xaxis()
+    axes[0][0].set_ylabel("activation clipping range (W8A8)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+@main.command()
+@click.option("--rows", "rows_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--floor", "floor_path", default="docs/results/noise_floor_n5000.json", type=click.Path(path_type=Path))
+@click.option("--out", default="docs/results", type=click.Path(file_okay=False, path_type=Path))
+def render(rows_path: Path, floor_path: Path, out: Path) -> None:
+    """Write calibration.md and calibration_act_ranges.png from a rows file."""
+    results = load_rows(rows_path)
+    rows = results["rows"]
+    fp = next(r for r in rows if r["bits"] == "FP")
+    order = ["FP", "W8A8", "W4A8", "W4A4"]
+    rows = sorted(rows, key=lambda r: (order.index(r["bits"]), list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else -1))
+    floor = json.loads(floor_path.read_text())["summary"]["fid_digits"] if floor_path.is_file() else None
+    lines = [f"# Calibration results: `digits`, DDIM {fp['steps']} steps, n = {fp['n']}", "",
+             f"Measured by `python -m dilatequant.tools.calibration_report run` on {fp['device']} "
+             f"({', '.join(f'{k} {v}' for k, v in results.get('versions', {}).items())}). Every row samples the same "
+             "initial noise (seed 0), so psnr_vs_fp is paired.", "", *table(rows, fp), ""]  # fmt: skip
+    if floor:
+        lines += [f"Seed-to-seed noise floor of the FP model at n = 5000 (seeds 0–2): fid_digits {floor['mean']:.2f} "
+                  f"± {floor['std']:.2f} (min {floor['min']:.2f}, max {floor['max']:.2f}).", ""]  # fmt: skip
+    if results.get("ranges"):
+        plot_ranges(results["ranges"], out / "calibration_act_ranges.png")
+        lines += ["![per-timestep activation ranges](calibration_act_ranges.png)", ""]
+    atomic_write_text(out / "calibration.md", "\n".join(lines))
+    click.echo(f"wrote {out / 'calibration.md'}")
+
+
+if __name__ == "__main__":
+    main()
