@@ -5,7 +5,7 @@
 set -euo pipefail
 rm -rf /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if [ -f docs/results/calibration_rows.json ]; then cp docs/results/calibration_rows.json "$OUT/rows.json"; fi
 python3 -m dilatequant.tools.calibration_report run --bits "$1" --n "${N:-5000}" --bkd-iters "${BKD_ITERS:-400}" \
-  --device cuda --work /tmp/calwork --rows "$OUT/rows.json" 2>&1 | grep -v "it/s\]\|step/s\]\|s/it\]\|s/step\]"
+  --device cuda --work /tmp/calwork --rows "$OUT/rows.json"
