@@ -50,7 +50,7 @@ class DilationRecord:
     folded_into: str | None  # predecessor name, or None: pre-scale in the activation quantizer
 
     def stats(self) -> dict:
-        s = self.factors.double()
+        s = self.factors.double().cpu()
         return {
             "channels": len(s),
             "unsaturated": int((s > 1.0 + 1e-6).sum()),
@@ -77,7 +77,7 @@ def dilate_group(
 
 def summarise(records: list[DilationRecord]) -> dict:
     """Model-wide dilation statistics: share of unsaturated channels, factor distribution, fold counts."""
-    factors = torch.cat([r.factors.double() for r in records]) if records else torch.ones(1, dtype=torch.float64)
+    factors = torch.cat([r.factors.double().cpu() for r in records]) if records else torch.ones(1, dtype=torch.float64)
     quantiles = torch.quantile(factors, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
     return {
         "groups": len(records),

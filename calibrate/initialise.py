@@ -99,8 +99,8 @@ class RowObserver:
 
     def range_reduction(self) -> dict:
         """Per-tensor input range before and after dilation (|x|max over channels)."""
-        after = self.channel_amax
-        before = after * self.quantizer.dilation if len(self.quantizer.dilation) == len(after) else after
+        after, dilation = self.channel_amax, self.quantizer.dilation.cpu()
+        before = after * dilation if len(dilation) == len(after) else after
         return {"amax_before": float(before.max()), "amax_after": float(after.max()),
                 "reduction": float(before.max() / after.max().clamp_min(1e-12))}  # fmt: skip
 

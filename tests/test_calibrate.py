@@ -148,3 +148,21 @@ def test_cli_calibrate_inspect_and_eval(tiny_model_dirs, tmp_path):
     assert invoke("sample", "--calib", out, "--n", 4, "--steps", 2, "--device", "cpu", "--out", grid).exit_code == 0
     mismatch = invoke("sample", "--calib", out, "--model", tiny_model_dirs["unet"], "--out", grid)
     assert mismatch.exit_code == 1 and "is not the model" in mismatch.output
+
+
+def test_block_distillation_lowers_block_errors_and_end_to_end_error(tiny_model_dirs, artifacts, tmp_path):
+    config = CalibConfig.from_bits("W4A4", bkd_iters=40, bkd_batch=8, **TINY)
+    path = calibrate(tiny_model_dirs["dit"], config, tmp_path / "bkd", progress=False)
+    blocks = json.loads((path / "calibration.json").read_text())["statistics"]["blocks"]
+    assert list(blocks)[:2] == ["pos_embed", "transformer_blocks.0"]  # call order
+    assert all(b["mse_after"] <= b["mse_before"] for b in blocks.values())
+    assert sum(b["mse_after"] < b["mse_before"] for b in blocks.values()) >= len(blocks) // 2
+    assert relative_error(path, tiny_model_dirs["dit"]) < relative_error(artifacts["dit", "W4A4"], tiny_model_dirs["dit"])
+
+
+@pytest.mark.slow
+def test_digits_w8a8_keeps_recognisable_digits(tmp_path):
+    config = CalibConfig.from_bits("W8A8", method="minmax", samples=64, trajectories=8, steps=10)
+    path = calibrate("digits", config, tmp_path / "digits", progress=False)
+    record = json.loads(invoke("eval", "--calib", path, "--n", 20, "--steps", 10, "--device", "cpu").stdout)
+    assert record["class_accuracy"] >= 0.9 and record["psnr_vs_ref"] > 25
