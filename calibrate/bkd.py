@@ -29,6 +29,7 @@ from dilatequant.tools.denoiser import Denoiser
 from .calib_data import CalibrationData
 from .config import CalibConfig
 from .quant_model import QuantizedDenoiser, QuantLayer
+from .quantizer import ActQuantizer, WeightQuantizer
 from .structure import call_order, distillation_blocks
 from .workdir import WorkDir
 
@@ -104,10 +105,9 @@ def run_captured(model: Denoiser, module: nn.Module, what: str, batch: Batch):
 
 
 def trainable(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights, quantizer steps) of the quantized layers inside a block."""
-    wrappers = [block] if isinstance(block, QuantLayer) else [m for m in block.modules() if isinstance(m, QuantLayer)]
-    weights = [w.layer.weight for w in wrappers]
-    steps = {id(p): p for w in wrappers for p in (w.weight_quantizer.step, w.input_quantizer.step)}
+    """(weights of the quantized layers, steps of every quantizer) inside a block."""
+    weights = [m.layer.weight for m in block.modules() if isinstance(m, QuantLayer)]
+    steps = {id(m.step): m.step for m in block.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))}
     return weights, list(steps.values())
 
 

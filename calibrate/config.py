@@ -30,6 +30,7 @@ class CalibConfig:
     tpq: bool = True
     act_symmetric: bool = True
     boundary: str = "8bit"
+    quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
     weight_init: str = "minmax"
     act_init: str = "mse"
     percentile: float = 99.99

@@ -15,6 +15,7 @@ from torch import nn
 
 from dilatequant.tools.denoiser import Denoiser
 
+from .attention import matmul_quantizers, quantize_attention_matmuls
 from .config import CalibConfig
 from .dilation import DilationRecord, dilate_group
 from .quantizer import ActQuantizer, WeightQuantizer
@@ -70,25 +71,28 @@ class QuantizedDenoiser(Denoiser):
 
     def fp_state_dict(self) -> dict[str, torch.Tensor]:
         """The (dilated, distilled) weights under the original diffusers names, quantizers left out."""
-        prefixes = {f"{name}.": name for name in self.quant_layers()}
+        quantizers = tuple(f"{name}." for name, m in self.model.named_modules(remove_duplicate=False)
+                           if isinstance(m, (ActQuantizer, WeightQuantizer)))  # shared ones under every name
+        wrappers = {f"{name}.layer.": f"{name}." for name in self.quant_layers()}
         state = {}
         for key, value in self.model.state_dict().items():
-            wrapper = next((prefixes[p] for p in prefixes if key.startswith(p)), None)
-            if wrapper is None:
-                state[key] = value
-            elif key.startswith(f"{wrapper}.layer."):
-                state[wrapper + key[len(wrapper) + len(".layer"):]] = value
+            if key.startswith(quantizers):
+                continue
+            prefix = next((p for p in wrappers if key.startswith(p)), None)
+            state[wrappers[prefix] + key[len(prefix):] if prefix else key] = value
         return state
 
     def act_quantizers(self) -> dict[str, ActQuantizer]:
-        """Input group name -> its (shared) activation quantizer."""
+        """Input group name (or '<attention>.attn_<q|k|probs|v>') -> its activation quantizer."""
         groups = {p.layer: p.group for p in self.plan}
-        return {groups[name]: wrapper.input_quantizer for name, wrapper in self.quant_layers().items()}
+        layers = {groups[name]: wrapper.input_quantizer for name, wrapper in self.quant_layers().items()}
+        return {**layers, **matmul_quantizers(self.model)}
 
     def set_quantization(self, activations: bool, weights: bool) -> None:
         """Switch fake quantization on or off (off: the dilated FP model, pre-scales still applied)."""
+        for quantizer in self.act_quantizers().values():
+            quantizer.enabled = activations
         for wrapper in self.quant_layers().values():
-            wrapper.input_quantizer.enabled = activations
             wrapper.weight_quantizer.enabled = weights
 
 
@@ -127,6 +131,8 @@ def wrap_layers(
     bits = {p.layer: p for p in plan}
     modules = dict(denoiser.model.named_modules())
     rows = len(index) if config.tpq else 1
+    if config.quantize_attention:
+        quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric)
     for group in groups:
         first = modules[group.layers[0]]
         quantizer = ActQuantizer(index, rows, bits[group.layers[0]].act_bits, config.act_symmetric,
@@ -139,7 +145,8 @@ def wrap_layers(
             parent = modules[parent_name] if parent_name else denoiser.model
             wrapped = QuantLayer(modules[name], quantizer, bits[name].weight_bits, config.weight_init)
             setattr(parent, child, wrapped)
-    return QuantizedDenoiser(denoiser, index, plan)
+    # new quantizers start on the CPU: move them to where the model lives
+    return QuantizedDenoiser(denoiser, index, plan).to(next(denoiser.parameters()).device)
 
 
 def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig) -> tuple[QuantizedDenoiser, dict[str, DilationRecord]]:

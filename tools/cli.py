@@ -130,6 +130,7 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
 @click.option("--weight-init", default="minmax", show_default=True, type=click.Choice(["minmax", "mse"]))
 @click.option("--boundary", default="8bit", show_default=True, type=click.Choice(["8bit", "fp"]),
               help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")  # fmt: skip
+@click.option("--quantize-attention", is_flag=True, help="Also quantize the attention matmul inputs (q, k, softmax, v).")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
 @click.option("--steps", default=50, show_default=True, help="Sampler steps: the timestep grid that is calibrated.")
 @click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(["ddim", "ddpm", "dpm-solver++"]))
@@ -138,7 +139,7 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact directory to write.")
 def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_tpq: bool, bkd_iters: int | None,
                       samples: int, trajectories: int, timestep_sampling: str, act_init: str, weight_init: str,
-                      boundary: str, asymmetric: bool, steps: int, scheduler: str, seed: int, device: str, out: Path) -> None:  # fmt: skip
+                      boundary: str, quantize_attention: bool, asymmetric: bool, steps: int, scheduler: str, seed: int, device: str, out: Path) -> None:  # fmt: skip
     """Calibrate a model (DilateQuant or min/max) and write the calibration artifact."""
     from dilatequant.calibrate.config import DEFAULT_BKD_ITERS, CalibConfig
     from dilatequant.calibrate.flow import calibrate
@@ -150,7 +151,7 @@ def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_
     config = CalibConfig.from_bits(
         bits, method=method, dilation=not no_dilation, tpq=not no_tpq, bkd_iters=bkd_iters, samples=samples,
         trajectories=trajectories, timestep_sampling=timestep_sampling, act_init=act_init, weight_init=weight_init,
-        boundary=boundary, act_symmetric=not asymmetric, steps=steps, scheduler=scheduler, seed=seed,
+        boundary=boundary, quantize_attention=quantize_attention, act_symmetric=not asymmetric, steps=steps, scheduler=scheduler, seed=seed,
     )  # fmt: skip
     start = time.perf_counter()
     path = calibrate(model, config, out, resolve_device(device))
