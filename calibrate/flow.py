@@ -24,24 +24,31 @@ from .workdir import WorkDir
 
 
 class PhaseTimer:
-    """Wall time per named phase."""
+    """Wall time, and on CUDA peak allocated memory, per named phase."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.seconds: dict[str, float] = {}
+        self.peak_cuda_mib: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 2)
+        if cuda:
+            self.peak_cuda_mib[name] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
 
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process, and peak CUDA allocation when on a GPU (MiB)."""
-    peak = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if device.type == "cuda":
-        peak["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak
+    def record(self) -> dict:
+        """What calibration.json's `run` holds: seconds and peak memory per phase, device, process peak RSS."""
+        run = {"seconds": self.seconds, "device": describe_device(self.device),
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}  # fmt: skip
+        if self.peak_cuda_mib:
+            run["peak_cuda_mib"] = self.peak_cuda_mib
+        return run
 
 
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
@@ -51,9 +58,8 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     Progress is kept in `OUT.work/` (calibration data, one checkpoint per distilled block): running the
     same command again after a crash or kill resumes there and writes the same artifact.
     """
-    device, timer, out = torch.device(device), PhaseTimer(), Path(out)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    device, out = torch.device(device), Path(out)
+    timer = PhaseTimer(device)
     loaded = load_model(model, device)
     fingerprint = model_fingerprint(loaded.model_dir)
     work = WorkDir(out, {"config": config.to_dict(), "source": fingerprint})
@@ -74,6 +80,9 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     if config.method == "dilatequant" and config.bkd_iters > 0:
         with timer.phase("distillation"):
             blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress)
+        if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum
+            block_peaks = [b["peak_cuda_mib"] for b in blocks.values() if "peak_cuda_mib" in b]
+            timer.peak_cuda_mib["distillation"] = max([timer.peak_cuda_mib["distillation"], *block_peaks])
     record = CalibrationRecord(
         config=config.to_dict(),
         timesteps=[int(t) for t in timesteps],
@@ -82,7 +91,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
         statistics={"dilation": summarise(list(records.values())), "groups": {
             name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges},
             "blocks": blocks},
-        run={"seconds": timer.seconds, "device": describe_device(device), **peak_memory(device)},
+        run=timer.record(),
     )  # fmt: skip
     path = write_artifact(out, loaded, quantized, records, data, record)
     work.remove()

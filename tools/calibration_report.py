@@ -27,6 +27,7 @@ VARIANTS = {
     "+TPQ": {"method": "minmax", "tpq": True, "dilation": False},
     "+TPQ +WD": {"method": "minmax", "tpq": True, "dilation": True},
     "DilateQuant (TPQ+WD+BKD)": {"method": "dilatequant", "tpq": True, "dilation": True},
+    "DilateQuant + FP boundary layers": {"method": "dilatequant", "tpq": True, "dilation": True, "boundary": "fp"},
 }
 RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
 RANGE_GROUPS = ("conv_in", "down_blocks.1.attentions.0.qkv", "mid_block.resnets.0.conv1", "up_blocks.2.resnets.0.conv2")
@@ -57,6 +58,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--bits", default="W8A8,W4A8,W4A4", show_default=True)
+@click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated subset of the rows.")
 @click.option("--n", default=5000, show_default=True)
 @click.option("--steps", default=50, show_default=True)
 @click.option("--samples", default=1024, show_default=True)
@@ -65,7 +67,7 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--work", default="calibration-work", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rows", "rows_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def run(bits: str, n: int, steps: int, samples: int, trajectories: int, bkd_iters: int, device: str, work: Path,
+def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories: int, bkd_iters: int, device: str, work: Path,
         rows_path: Path) -> None:  # fmt: skip
     """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
     from dilatequant.calibrate.artifact import load_artifact
@@ -84,7 +86,7 @@ def run(bits: str, n: int, steps: int, samples: int, trajectories: int, bkd_iter
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
     for preset in bits.split(","):
         for variant, options in sorted(VARIANTS.items(), key=lambda item: item[1]["method"] != "dilatequant"):
-            if (preset, variant) in done:
+            if (preset, variant) in done or variant not in variants.split(","):
                 continue
             config = CalibConfig.from_bits(preset, samples=samples, trajectories=trajectories, steps=steps,
                                            bkd_iters=bkd_iters if options["method"] == "dilatequant" else 0, **options)  # fmt: skip
@@ -96,8 +98,7 @@ def run(bits: str, n: int, steps: int, samples: int, trajectories: int, bkd_iter
             images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
             metrics = score(images, labels, fp_images)
             metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
-            results["rows"].append({"bits": preset, "variant": variant, **common, **metrics, "calib_seconds": round(seconds, 1),
-                                    **{k: v for k, v in artifact.record.run.items() if k.startswith("peak")}})  # fmt: skip
+            results["rows"].append({"bits": preset, "variant": variant, **common, **metrics, "calib_seconds": round(seconds, 1)})
             if preset == "W8A8" and variant in RANGE_VARIANTS:
                 results["ranges"][variant] = act_ranges(out)
             results["versions"] = library_versions()
@@ -106,18 +107,55 @@ def run(bits: str, n: int, steps: int, samples: int, trajectories: int, bkd_iter
     atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
 
 
+@main.command()
+@click.option("--bkd-iters", default=20, show_default=True)
+@click.option("--device", default="cuda", show_default=True)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def memory(bkd_iters: int, device: str, out_path: Path) -> None:
+    """Peak CUDA memory of distillation per block vs one backward pass through the whole quantized model."""
+    import tempfile
+
+    from dilatequant.calibrate.artifact import load_artifact
+    from dilatequant.calibrate.config import CalibConfig
+    from dilatequant.calibrate.flow import calibrate
+
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda":
+        raise click.UsageError("memory measures CUDA allocations: run it with --device cuda on a GPU machine.")
+    config = CalibConfig.from_bits("W8A8", bkd_iters=bkd_iters)
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrate("digits", config, Path(tmp) / "calib", torch_device, progress=False)
+        artifact = load_artifact(Path(tmp) / "calib", torch_device)
+        blocks = artifact.record.statistics["blocks"]
+        data = artifact.calibration_data()
+    model = artifact.model.denoiser.train()
+    model.requires_grad_(True)
+    x, t, labels = data.x[: config.bkd_batch].to(torch_device), data.t[: config.bkd_batch].to(torch_device), data.labels
+    torch.cuda.reset_peak_memory_stats(torch_device)
+    model(x, t, model.conditioning(labels[: config.bkd_batch]).to(torch_device)).pow(2).mean().backward()
+    record = {
+        "device": describe_device(torch_device), "batch": config.bkd_batch,
+        "largest_block_peak_cuda_mib": max(b["peak_cuda_mib"] for b in blocks.values()),
+        "largest_block": max(blocks, key=lambda name: blocks[name]["peak_cuda_mib"]),
+        "whole_model_backward_peak_cuda_mib": round(torch.cuda.max_memory_allocated(torch_device) / 2**20, 1),
+        "blocks": {name: {k: b[k] for k in ("peak_cuda_mib", "cache_mib")} for name, b in blocks.items()},
+    }  # fmt: skip
+    atomic_write_text(out_path, json.dumps(record, indent=2) + "\n")
+    click.echo(json.dumps({k: v for k, v in record.items() if k != "blocks"}))
+
+
 def fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def table(rows: list[dict], fp: dict) -> list[str]:
-    lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) | peak GPU MiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         relative = "—" if r is fp else f"{100 * (r['fid_digits'] / fp['fid_digits'] - 1):+.1f}%"
         psnr = "—" if r is fp else fmt(r.get("psnr_vs_fp"), 2)
         lines.append(f"| {r['bits']} | {r['variant']} | {fmt(r['fid_digits'], 2)} | {relative} | {fmt(r['class_accuracy'])} "
-                     f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} | {fmt(r.get('peak_cuda_mib'), 0)} |")  # fmt: skip
+                     f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} |")  # fmt: skip
     return lines
 
 
@@ -146,8 +184,9 @@ def plot_ranges(ranges: dict, path: Path) -> None:
 @main.command()
 @click.option("--rows", "rows_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--floor", "floor_path", default="docs/results/noise_floor_n5000.json", type=click.Path(path_type=Path))
+@click.option("--memory", "memory_path", default="docs/results/bkd_memory.json", type=click.Path(path_type=Path))
 @click.option("--out", default="docs/results", type=click.Path(file_okay=False, path_type=Path))
-def render(rows_path: Path, floor_path: Path, out: Path) -> None:
+def render(rows_path: Path, floor_path: Path, memory_path: Path, out: Path) -> None:
     """Write calibration.md and calibration_act_ranges.png from a rows file."""
     results = load_rows(rows_path)
     rows = results["rows"]
@@ -162,6 +201,12 @@ def render(rows_path: Path, floor_path: Path, out: Path) -> None:
     if floor:
         lines += [f"Seed-to-seed noise floor of the FP model at n = 5000 (seeds 0–2): fid_digits {floor['mean']:.2f} "
                   f"± {floor['std']:.2f} (min {floor['min']:.2f}, max {floor['max']:.2f}).", ""]  # fmt: skip
+    if memory_path.is_file():
+        mem = json.loads(memory_path.read_text())
+        lines += [f"Distillation memory ({mem['device']}, batch {mem['batch']}, `calibration_report memory`): the "
+                  f"largest block (`{mem['largest_block']}`) peaked at {mem['largest_block_peak_cuda_mib']:.0f} MiB of "
+                  f"CUDA memory, captures and cached inputs included; one backward pass through the whole quantized "
+                  f"model at the same batch peaks at {mem['whole_model_backward_peak_cuda_mib']:.0f} MiB.", ""]  # fmt: skip
     if results.get("ranges"):
         plot_ranges(results["ranges"], out / "calibration_act_ranges.png")
         lines += ["![per-timestep activation ranges](calibration_act_ranges.png)", ""]
