@@ -166,3 +166,13 @@ def test_digits_w8a8_keeps_recognisable_digits(tmp_path):
     path = calibrate("digits", config, tmp_path / "digits", progress=False)
     record = json.loads(invoke("eval", "--calib", path, "--n", 20, "--steps", 10, "--device", "cpu").stdout)
     assert record["class_accuracy"] >= 0.9 and record["psnr_vs_ref"] > 25
+
+
+def test_sensitivity_tool_reports_paired_psnr_per_subset(artifacts):
+    from dilatequant.tools import sensitivity
+
+    result = CliRunner().invoke(sensitivity.main, ["--calib", str(artifacts["unet", "W4A4"]), "--n", "2", "--steps", "2",
+                                                   "--device", "cpu"], catch_exceptions=False)  # fmt: skip
+    psnr = json.loads(result.output.strip().splitlines()[-1])["psnr_vs_fp"]
+    assert {"all quantized", "weights only", "activations only", "all but boundary layers", "all but conv_in"} <= psnr.keys()
+    assert psnr["all quantized"] < psnr["all but boundary layers"] or psnr["all quantized"] < psnr["weights only"]

@@ -30,6 +30,8 @@ VARIANTS = {
     "DilateQuant + FP boundary layers": {"method": "dilatequant", "tpq": True, "dilation": True, "boundary": "fp"},
 }
 RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
+# +TPQ +WD is drawn dashed over a wide +TPQ line: where dilation does not shrink the range, they coincide.
+RANGE_STYLES = {"naive min-max": {"linewidth": 1.5}, "+TPQ": {"linewidth": 4, "alpha": 0.45}, "+TPQ +WD": {"linestyle": "--"}}
 RANGE_GROUPS = ("conv_in", "down_blocks.1.attentions.0.qkv", "mid_block.resnets.0.conv1", "up_blocks.2.resnets.0.conv2")
 
 
@@ -152,7 +154,8 @@ def table(rows: list[dict], fp: dict) -> list[str]:
     lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
-        relative = "—" if r is fp else f"{100 * (r['fid_digits'] / fp['fid_digits'] - 1):+.1f}%"
+        ratio = r["fid_digits"] / fp["fid_digits"]
+        relative = "—" if r is fp else f"{100 * (ratio - 1):+.1f}%" if ratio < 2 else f"×{ratio:.1f}"
         psnr = "—" if r is fp else fmt(r.get("psnr_vs_fp"), 2)
         lines.append(f"| {r['bits']} | {r['variant']} | {fmt(r['fid_digits'], 2)} | {relative} | {fmt(r['class_accuracy'])} "
                      f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} |")  # fmt: skip
@@ -171,7 +174,7 @@ def plot_ranges(ranges: dict, path: Path) -> None:
         for variant, per_group in ranges.items():
             entry = per_group[group]
             values = entry["range"] * (len(entry["timesteps"]) if len(entry["range"]) == 1 else 1)
-            axis.plot(entry["timesteps"], values, label=variant, drawstyle="steps-mid")
+            axis.plot(entry["timesteps"], values, label=variant, drawstyle="steps-mid", **RANGE_STYLES.get(variant, {}))
         axis.set_title(group, fontsize=9)
         axis.set_xlabel("timestep t")
         axis.invert_xaxis()
@@ -185,8 +188,10 @@ def plot_ranges(ranges: dict, path: Path) -> None:
 @click.option("--rows", "rows_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--floor", "floor_path", default="docs/results/noise_floor_n5000.json", type=click.Path(path_type=Path))
 @click.option("--memory", "memory_path", default="docs/results/bkd_memory.json", type=click.Path(path_type=Path))
+@click.option("--notes", "notes_path", default="docs/results/calibration_notes.md", type=click.Path(path_type=Path),
+              help="Hand-written findings appended to the generated page.")
 @click.option("--out", default="docs/results", type=click.Path(file_okay=False, path_type=Path))
-def render(rows_path: Path, floor_path: Path, memory_path: Path, out: Path) -> None:
+def render(rows_path: Path, floor_path: Path, memory_path: Path, notes_path: Path, out: Path) -> None:
     """Write calibration.md and calibration_act_ranges.png from a rows file."""
     results = load_rows(rows_path)
     rows = results["rows"]
@@ -205,11 +210,16 @@ def render(rows_path: Path, floor_path: Path, memory_path: Path, out: Path) -> N
         mem = json.loads(memory_path.read_text())
         lines += [f"Distillation memory ({mem['device']}, batch {mem['batch']}, `calibration_report memory`): the "
                   f"largest block (`{mem['largest_block']}`) peaked at {mem['largest_block_peak_cuda_mib']:.0f} MiB of "
-                  f"CUDA memory, captures and cached inputs included; one backward pass through the whole quantized "
-                  f"model at the same batch peaks at {mem['whole_model_backward_peak_cuda_mib']:.0f} MiB.", ""]  # fmt: skip
+                  f"CUDA memory, its cache of inputs and targets for all calibration samples included; for comparison, "
+                  f"one backward pass through the whole quantized model at the same batch, with no cache, peaks at "
+                  f"{mem['whole_model_backward_peak_cuda_mib']:.0f} MiB.", ""]  # fmt: skip
     if results.get("ranges"):
         plot_ranges(results["ranges"], out / "calibration_act_ranges.png")
-        lines += ["![per-timestep activation ranges](calibration_act_ranges.png)", ""]
+        lines += ["Per-timestep W8A8 clipping ranges of four input groups (min/max initialisation): one shared "
+                  "range without TPQ, one per timestep with it; dashed: after weight dilation.", "",
+                  "![per-timestep activation ranges](calibration_act_ranges.png)", ""]  # fmt: skip
+    if notes_path.is_file():
+        lines.append(notes_path.read_text())
     atomic_write_text(out / "calibration.md", "\n".join(lines))
     click.echo(f"wrote {out / 'calibration.md'}")
 
