@@ -11,9 +11,10 @@ import torch
 
 from dilatequant.tools.denoiser import load_model, model_fingerprint
 from dilatequant.tools.environment import describe_device
+from dilatequant.tools.manifest import check_replaceable
 from dilatequant.tools.sampling import SamplerConfig, default_batch_size, sampling_timesteps
 
-from .artifact import CalibrationRecord, write_artifact
+from .artifact import KIND, CalibrationRecord, write_artifact
 from .bkd import distill
 from .calib_data import collect
 from .config import CalibConfig
@@ -59,6 +60,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     same command again after a crash or kill resumes there and writes the same artifact.
     """
     device, out = torch.device(device), Path(out)
+    check_replaceable(out, KIND)  # fail before the long work, not after it
     timer = PhaseTimer(device)
     loaded = load_model(model, device)
     fingerprint = model_fingerprint(loaded.model_dir)

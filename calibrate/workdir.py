@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load, save
 
 from dilatequant.tools.atomic import atomic_write_bytes, atomic_write_text
+from dilatequant.tools.manifest import ArtifactError
 
 from .calib_data import CalibrationData
 
@@ -33,6 +34,9 @@ class WorkDir:
         key_file = self.path / KEY_FILE
         if key_file.is_file() and key_file.read_text() == self.key:
             return True
+        if self.path.exists() and not key_file.is_file() and any(self.path.iterdir()):
+            raise ArtifactError(f"{self.path} exists but is not a dilatequant work directory; refusing to delete it. "
+                                "Move it away or choose another --out.")  # fmt: skip
         shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True)
         atomic_write_text(key_file, self.key)

@@ -176,3 +176,12 @@ def test_sensitivity_tool_reports_paired_psnr_per_subset(artifacts):
     psnr = json.loads(result.output.strip().splitlines()[-1])["psnr_vs_fp"]
     assert {"all quantized", "weights only", "activations only", "all but boundary layers", "all but conv_in"} <= psnr.keys()
     assert psnr["all quantized"] < psnr["all but boundary layers"] or psnr["all quantized"] < psnr["weights only"]
+
+
+def test_an_unrelated_output_directory_is_never_overwritten(tiny_model_dirs, tmp_path):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "thesis.tex").write_text("precious")
+    with pytest.raises(ArtifactError, match="is not a dilatequant calibration directory; refusing to overwrite"):
+        calibrate(tiny_model_dirs["unet"], CalibConfig(**TINY), keep, progress=False)
+    assert (keep / "thesis.tex").read_text() == "precious"

@@ -49,13 +49,33 @@ def file_table(directory: Path) -> dict[str, dict]:
     }
 
 
+def check_replaceable(out: Path, kind: str) -> None:
+    """Refuse to overwrite anything but an empty directory or a dilatequant artifact of the same kind."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtifactError(f"{out} exists and is a file; choose another output directory.")
+    if not any(out.iterdir()):
+        return
+    try:
+        found = json.loads((out / MANIFEST_NAME).read_text()).get("kind")
+    except (OSError, ValueError):
+        found = None
+    if found != kind:
+        raise ArtifactError(f"{out} exists and is not a dilatequant {kind} directory; refusing to overwrite it. "
+                            "Choose another output directory, or remove it first.")  # fmt: skip
+
+
 @contextmanager
 def staged_directory(out: Path, kind: str, format_version: str, fields: dict) -> Iterator[Path]:
     """Yield an empty staging directory; on success write the manifest and move it to `out`.
 
-    An existing `out` is replaced only after the new directory is complete.
+    An existing `out` (an empty directory or an artifact of the same kind) is replaced only after the new
+    directory is complete; anything else is refused before any work.
     """
     out = Path(out)
+    check_replaceable(out, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".staging"))
     try:
