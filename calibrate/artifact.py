@@ -98,6 +98,13 @@ class CalibrationArtifact:
     record: CalibrationRecord
     model: LoadedModel  # denoiser is the QuantizedDenoiser
     config: CalibConfig
+    plan: dict  # quant_plan.json
+    tensors: dict[str, torch.Tensor]  # quant_params.safetensors
+
+    def rebuild(self, index: TimestepIndex, device: torch.device | str = "cpu") -> LoadedModel:
+        """The fake-quant model again, with activation tables of `index`'s rows (to be initialised by the caller
+        when they differ from the calibrated grid)."""
+        return restore_quantized(self.path / "model", self.plan, self.tensors, index, self.config, torch.device(device))
 
     def calibration_data(self) -> CalibrationData:
         return CalibrationData.load(self.path / "calibration_data.safetensors")
@@ -111,22 +118,27 @@ class CalibrationArtifact:
                                 f"found {fingerprint[:12]}…). Calibrate this model, or pass the original.")  # fmt: skip
 
 
-def restore_quantized(model_dir: Path, plan: dict, tensors: dict[str, torch.Tensor], timesteps: list[int],
+def restore_quantized(model_dir: Path, plan: dict, tensors: dict[str, torch.Tensor], index: TimestepIndex,
                       config: CalibConfig, device: torch.device) -> LoadedModel:  # fmt: skip
-    """Rebuild the fake-quant denoiser from the dilated model and the stored quantizer parameters."""
+    """Rebuild the fake-quant denoiser from the dilated model and the stored quantizer parameters.
+
+    With an `index` of other rows than the stored tables (export's buckets), activation tables are left
+    for the caller to initialise.
+    """
     loaded = load_model(model_dir, "cpu")
     layer_plan = [LayerPlan(**row) for row in plan["layers"]]
     groups = [InputGroup(name, g["layers"]) for name, g in plan["groups"].items()
               if any(row.weight_bits for row in layer_plan if row.group == name)]  # fmt: skip
     records = {g.name: DilationRecord(g.name, tensors[f"{g.name}{SEPARATOR}dilation"], plan["groups"][g.name]["folded_into"])
                for g in groups if len(tensors[f"{g.name}{SEPARATOR}dilation"])}  # fmt: skip
-    quantized = wrap_layers(loaded.denoiser, groups, layer_plan, records, TimestepIndex(torch.tensor(timesteps)), config)
+    quantized = wrap_layers(loaded.denoiser, groups, layer_plan, records, index, config)
     with torch.no_grad():
         for name, wrapper in quantized.quant_layers().items():
             wrapper.weight_quantizer.step.copy_(tensors[f"{name}{SEPARATOR}weight_step"])
         for group, quantizer in quantized.act_quantizers().items():
-            quantizer.step.copy_(tensors[f"{group}{SEPARATOR}act_step"])
-            quantizer.zero_point.copy_(tensors[f"{group}{SEPARATOR}act_zero_point"])
+            if quantizer.step.shape == tensors[f"{group}{SEPARATOR}act_step"].shape:
+                quantizer.step.copy_(tensors[f"{group}{SEPARATOR}act_step"])
+                quantizer.zero_point.copy_(tensors[f"{group}{SEPARATOR}act_zero_point"])
     quantized.set_quantization(activations=True, weights=True)
     return LoadedModel(quantized.to(device).eval(), loaded.scheduler_config, model_dir, str(model_dir.parent))
 
@@ -139,8 +151,9 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Calib
     plan = json.loads((path / "quant_plan.json").read_text())
     config = CalibConfig.from_dict(record.config)
     tensors = load_file(str(path / "quant_params.safetensors"))
-    model = restore_quantized(path / "model", plan, tensors, record.timesteps, config, torch.device(device))
-    return CalibrationArtifact(path, manifest, record, model, config)
+    index = TimestepIndex(torch.tensor(record.timesteps))
+    model = restore_quantized(path / "model", plan, tensors, index, config, torch.device(device))
+    return CalibrationArtifact(path, manifest, record, model, config, plan, tensors)
 
 
 def describe(path: str | Path) -> dict:

@@ -123,8 +123,8 @@ class ActQuantizer(nn.Module):
         return table[rows].view(-1, *[1] * (x.dim() - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prescale:
-            x = x / self.channel_view(x, self.dilation)
+        if self.prescale:  # multiply by 1/s, exactly as the exported constant Mul does
+            x = x * self.channel_view(x, self.dilation.reciprocal())
         if not self.enabled:
             return x
         return fake_quantize(x, self.per_sample(x, self.step), self.per_sample(x, self.zero_point), self.fmt)

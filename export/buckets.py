@@ -13,7 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from dilatequant.calibrate.artifact import CalibrationArtifact
+from dilatequant.calibrate.initialise import initialise_activations
+from dilatequant.calibrate.timesteps import TimestepIndex
+from dilatequant.tools.denoiser import LoadedModel
 from dilatequant.tools.errors import UserError
+from dilatequant.tools.sampling import default_batch_size
 
 
 @dataclass(frozen=True)
@@ -114,3 +119,25 @@ def choose_buckets(grid: list[int], steps: torch.Tensor, buckets: int | str, tol
     relative = {k: cost / floor for k, (cost, _) in partitions.items()}
     k = buckets if isinstance(buckets, int) else min(k for k, r in relative.items() if r <= 1 + tolerance)
     return BucketTable(tuple(ascending), partitions[k][1], num_train_timesteps), relative
+
+
+class BucketIndex(TimestepIndex):
+    """A TimestepIndex whose rows are buckets: each sample's timestep picks its bucket's row."""
+
+    def __init__(self, table: BucketTable) -> None:
+        super().__init__(torch.arange(len(table)))
+        self.table = table
+
+    def lookup(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.table.bucket_of(float(v)) for v in torch.as_tensor(t).flatten()], dtype=torch.long)
+
+
+def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: torch.device | str = "cpu") -> LoadedModel:
+    """The artifact's fake-quant model with one activation row per bucket, each re-derived from the
+    calibration samples whose timesteps fall in that bucket (same initialisation method as calibration)."""
+    loaded = artifact.rebuild(BucketIndex(table), device)
+    config = artifact.config
+    method = "minmax" if config.method == "minmax" else config.act_init
+    initialise_activations(loaded.denoiser, artifact.calibration_data(), method, config.percentile,
+                           default_batch_size(torch.device(device)), torch.device(device), progress=False)  # fmt: skip
+    return loaded

@@ -158,6 +158,25 @@ def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_
     click.echo(f"wrote {path} ({config.bits_name}, {config.method}, {time.perf_counter() - start:.1f} s)")
 
 
+@cli.command("export")
+@click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration artifact directory.")
+@click.option("--buckets", default="4", show_default=True, help="Number of timestep buckets, or 'auto'.")
+@click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
+@click.option("--fp32", is_flag=True, help="Keep the non-quantized parts in FP32 (required for now: FP16 is not implemented).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export directory to write.")
+def export_command(calib: Path, buckets: str, profile: str, fp32: bool, out: Path) -> None:
+    """Export a calibration artifact to one Q/DQ ONNX graph per timestep bucket."""
+    from dilatequant.export.config import ExportConfig
+    from dilatequant.export.flow import export
+
+    if buckets != "auto" and not buckets.isdigit():
+        raise UserError(f"--buckets takes a positive count or 'auto', got '{buckets}'.")
+    config = ExportConfig(buckets=buckets if buckets == "auto" else int(buckets), profile=profile, fp32=fp32)
+    start = time.perf_counter()
+    path = export(calib, config, out)
+    click.echo(f"wrote {path} ({profile}, {time.perf_counter() - start:.1f} s)")
+
+
 @cli.command("inspect")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

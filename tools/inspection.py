@@ -71,6 +71,10 @@ def inspect_path(spec: str | Path) -> dict:
         from dilatequant.calibrate.artifact import describe
 
         return describe(spec)
+    if kind == "export":
+        from dilatequant.export.flow import describe as describe_export
+
+        return describe_export(spec)
     raise ArtifactError(f"{manifest} describes a '{kind}' artifact, which this dilatequant cannot inspect.")
 
 

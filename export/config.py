@@ -1,0 +1,33 @@
+"""The one typed configuration of an export."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dilatequant.tools.errors import UserError
+
+PROFILES = ("tensorrt", "ort-cpu")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`buckets`: a count, or 'auto' (fewest buckets whose estimated error is within `auto_tolerance` of
+    per-timestep scales). `profile`: 'tensorrt' (one shared Q/DQ per input) or 'ort-cpu' (one per consumer)."""
+
+    buckets: int | str = 4
+    profile: str = "tensorrt"
+    fp32: bool = False
+    opset: int = 19
+    auto_tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise UserError(f"Unknown profile '{self.profile}'; choose one of {', '.join(PROFILES)}.")
+        if self.buckets != "auto" and not (isinstance(self.buckets, int) and self.buckets >= 1):
+            raise UserError(f"--buckets takes a positive count or 'auto', got {self.buckets!r}.")
+        if not self.fp32:
+            raise UserError("FP16 graphs (the TensorRT profile's default) are not implemented yet: pass --fp32 for "
+                            "graphs whose non-quantized parts stay in FP32.")  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,133 @@
+"""`export()`: calibration artifact in, one Q/DQ ONNX graph per timestep bucket out (sharing one weights file).
+
+    OUT/manifest.json        kind "export": profile, bucket table, files, sha256, source artifact
+    OUT/bucket_<k>.onnx      graph k: identical structure, only activation scales differ
+    OUT/weights.bin          the external data every bucket graph references
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
+from dilatequant.tools.denoiser import load_model
+from dilatequant.tools.environment import library_versions
+from dilatequant.tools.errors import MissingDependencyError, UserError
+from dilatequant.tools.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
+
+from .buckets import bucketed_model, choose_buckets
+from .config import ExportConfig
+from .graph import compute_node_names, export_fp_graph
+from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, quantize_weights
+
+KIND = "export"
+FORMAT_VERSION = "1.0"
+WEIGHTS_FILE = "weights.bin"
+
+
+def require_onnx():
+    try:
+        import onnx
+        import onnx_graphsurgeon as gs
+    except ImportError as exc:
+        raise MissingDependencyError("ONNX export", exc.name or "onnx", "export") from exc
+    return onnx, gs
+
+
+def check_exportable(artifact) -> None:
+    config = artifact.config
+    if config.act_bits != 8:
+        raise UserError(f"{artifact.path} quantizes activations to {config.act_bits} bits; ONNX QuantizeLinear "
+                        "graphs for TensorRT and ONNX Runtime take 8-bit activations. Calibrate with A8 (e.g. W4A8).")  # fmt: skip
+    if config.quantize_attention:
+        raise UserError(f"{artifact.path} quantizes attention matmul inputs; export does not support that yet. "
+                        "Calibrate without --quantize-attention.")  # fmt: skip
+
+
+def build_template(artifact, bucketed, config: ExportConfig, work: Path):
+    """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
+    onnx, gs = require_onnx()
+    fp_path = work / "fp.onnx"
+    export_fp_graph(load_model(artifact.path / "model").denoiser, fp_path, config.opset)
+    graph = gs.import_onnx(onnx.load(str(fp_path)))
+    plan = [row for row in artifact.plan["layers"] if row["weight_bits"]]
+    by_name = {node.name: node for node in graph.nodes}
+    names = compute_node_names([(n.name, n.op) for n in graph.nodes], [row["layer"] for row in plan])
+    nodes = {layer: by_name[name] for layer, name in names.items()}
+    steps = {row["layer"]: artifact.tensors[f"{row['layer']}{SEPARATOR}weight_step"].numpy() for row in plan}
+    quantize_weights(graph, nodes, steps, {row["layer"]: row["weight_bits"] for row in plan})
+    for group, quantizer in bucketed.denoiser.act_quantizers().items():
+        consumers = [nodes[row["layer"]] for row in plan if row["group"] == group]
+        prescale = None
+        if quantizer.prescale:
+            shape = [1, -1, 1, 1] if consumers[0].op in ("Conv", "ConvTranspose") else [-1]
+            prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
+        insert_activation_qdq(graph, group, consumers, quantizer.step[0].item(), int(quantizer.zero_point[0].item()),
+                              quantizer.fmt.symmetric, prescale, per_consumer=config.profile == "ort-cpu")  # fmt: skip
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def set_bucket(model, bucketed, bucket: int, metadata: dict[str, str]) -> None:
+    """Write bucket k's activation scales and zero points, and the graph's metadata, into `model`."""
+    from onnx import numpy_helper
+
+    quantizers = bucketed.denoiser.act_quantizers()
+    for initializer in model.graph.initializer:
+        for prefix, attribute in ((ACT_SCALE, "step"), (ACT_ZERO_POINT, "zero_point")):
+            if initializer.name.startswith(prefix):
+                value = getattr(quantizers[initializer.name[len(prefix):]], attribute)[bucket].item()
+                dtype = numpy_helper.to_array(initializer).dtype
+                initializer.CopyFrom(numpy_helper.from_array(np.array(value, dtype=dtype), initializer.name))
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        model.metadata_props.add(key=f"dilatequant.{key}", value=value)
+
+
+def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: bool = True) -> Path:
+    """Export a calibration artifact to K bucket graphs in `out` (written atomically)."""
+    onnx, _ = require_onnx()
+    out = Path(out)
+    check_replaceable(out, KIND)
+    artifact = load_artifact(calib)
+    check_exportable(artifact)
+    steps = torch.stack([q.step.detach() for q in artifact.model.denoiser.act_quantizers().values()])
+    table, estimated = choose_buckets(artifact.record.timesteps, steps, config.buckets, config.auto_tolerance)
+    bucketed = bucketed_model(artifact, table)
+    source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
+    files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
+    fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32", "n_buckets": len(table),
+              "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE,
+              "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
+              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
+    with tempfile.TemporaryDirectory() as work, staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+        template = build_template(artifact, bucketed, config, Path(work))
+        for k, (low, high) in enumerate(table.ranges()):
+            metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
+                        "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
+            set_bucket(template, bucketed, k, metadata)
+            if k == 0:
+                onnx.save_model(template, str(staging / files["bucket_0"]), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=WEIGHTS_FILE, size_threshold=1024)  # fmt: skip
+                template = onnx.load(str(staging / files["bucket_0"]), load_external_data=False)
+            else:
+                onnx.save_model(template, str(staging / files[f"bucket_{k}"]))
+    return out
+
+
+def describe(path: str | Path) -> dict:
+    """The `inspect` summary of an export directory; verifies every checksum on the way."""
+    from dilatequant.tools.manifest import read_manifest
+
+    path = Path(path)
+    manifest = read_manifest(path, KIND, FORMAT_VERSION)
+    return {
+        "kind": KIND, "path": str(path), "format_version": manifest["format_version"], "checksums_verified": True,
+        "profile": manifest["profile"], "precision": manifest["precision"], "n_buckets": manifest["n_buckets"],
+        "ranges": manifest["buckets"]["ranges"], "graphs": manifest["graphs"], "weights_file": manifest["weights_file"],
+        "total_bytes": sum(f["bytes"] for f in manifest["files"].values()), "source": manifest["source"],
+    }  # fmt: skip

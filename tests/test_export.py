@@ -1,0 +1,178 @@
+"""export(): Q/DQ graphs per timestep bucket — structure, shared weights, integrity and equivalence with torch."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from dilatequant.calibrate.artifact import load_artifact
+from dilatequant.calibrate.config import CalibConfig
+from dilatequant.calibrate.flow import calibrate
+from dilatequant.calibrate.quantizer import fake_quantize
+from dilatequant.export.buckets import BucketTable, bucketed_model
+from dilatequant.export.config import ExportConfig
+from dilatequant.export.flow import export
+from dilatequant.tools.errors import UserError
+from dilatequant.tools.manifest import ArtifactError
+
+ort = pytest.importorskip("onnxruntime")
+TINY = {"samples": 32, "trajectories": 8, "steps": 5}
+QUANTIZED_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@pytest.fixture(scope="module")
+def calibrations(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-calib")
+    return {family: calibrate(path, CalibConfig.from_bits("W8A8", method="minmax", **TINY), root / family, progress=False)
+            for family, path in tiny_model_dirs.items()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def exports(calibrations, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    return {(family, profile): export(path, ExportConfig(buckets=2, profile=profile, fp32=True), root / f"{family}-{profile}")
+            for family, path in calibrations.items() for profile in ("tensorrt", "ort-cpu")}  # fmt: skip
+
+
+def graphs(export_dir):
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    return manifest, [onnx.load(str(export_dir / f), load_external_data=False) for f in manifest["graphs"].values()]
+
+
+def run_with_outputs(path, names, feeds):
+    """Run a graph with extra intermediate outputs."""
+    graph = onnx.load(str(path))
+    graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+
+
+@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
+@pytest.mark.parametrize("profile", ["tensorrt", "ort-cpu"])
+def test_every_bucket_quantizes_exactly_like_torch_and_tracks_it_end_to_end(exports, calibrations, family, profile):
+    out = exports[family, profile]
+    artifact = load_artifact(calibrations[family])
+    table = BucketTable.from_dict(json.loads((out / "manifest.json").read_text())["buckets"])
+    model = bucketed_model(artifact, table).denoiser
+    quantizers, data = model.act_quantizers(), artifact.calibration_data()
+    suffix = "::0" if profile == "ort-cpu" else ""
+    for k in range(len(table)):
+        chosen = torch.tensor([table.bucket_of(float(t)) == k for t in data.t])
+        x, t, labels = data.x[chosen][:4], data.t[chosen][:4], data.labels[chosen][:4]
+        cond = model.conditioning(labels)
+        feeds = {"x": x.numpy(), "t": t.numpy(), **({"cond": cond.numpy()} if cond is not None else {})}
+        graph = onnx.load(str(out / f"bucket_{k}.onnx"), load_external_data=False)
+        q_inputs = {n.name.removesuffix(f"::QuantizeLinear{suffix}"): n.input[0] for n in graph.graph.node
+                    if n.op_type == "QuantizeLinear" and n.name.endswith(f"::QuantizeLinear{suffix}")}  # fmt: skip
+        mul_inputs = {n.name.removesuffix("::prescale_Mul"): n.input[0] for n in graph.graph.node if n.name.endswith("::prescale_Mul")}
+        names = [*q_inputs.values(), *mul_inputs.values(), *(f"{g}::dequantized{suffix}" for g in q_inputs)]
+        values = run_with_outputs(out / f"bucket_{k}.onnx", names, feeds)
+        assert set(q_inputs) == set(quantizers)
+        assert set(mul_inputs) == {g for g, q in quantizers.items() if q.prescale} and mul_inputs
+        for group, source in mul_inputs.items():  # the dilation pre-scale: x * (1/s) per input channel
+            inverse = quantizers[group].dilation.reciprocal().numpy()
+            shape = [1, -1, 1, 1] if values[source].ndim == 4 else [-1]
+            np.testing.assert_allclose(values[q_inputs[group]], values[source] * inverse.reshape(shape), rtol=1e-6, atol=1e-7)
+        for group, quantizer in quantizers.items():
+            # each Q/DQ pair computes this bucket's torch quantizer on its own input
+            source = torch.from_numpy(values[q_inputs[group]])
+            expected = fake_quantize(source, quantizer.step[k].detach(), quantizer.zero_point[k], quantizer.fmt).numpy()
+            np.testing.assert_allclose(values[f"{group}::dequantized{suffix}"], expected, rtol=0, atol=1e-6 * float(quantizer.step[k]) * 256)
+        with torch.no_grad():
+            reference = model(x, t, cond).numpy()
+        assert np.linalg.norm(values["eps"] - reference) / np.linalg.norm(reference) < 0.05
+
+
+def test_tensorrt_profile_structure(exports):
+    manifest, models = graphs(exports["unet-cond", "tensorrt"])
+    model = models[0]
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    initializers = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero_point = initializers[node.input[2]]
+            assert zero_point.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zero_point).any()
+            (dq,) = consumers[node.output[0]]  # Q feeds exactly one DequantizeLinear
+            assert dq.op_type == "DequantizeLinear"
+            assert {c.op_type for c in consumers[dq.output[0]]} <= QUANTIZED_OPS  # Q/DQ only on their inputs
+    output_producers = [n for n in model.graph.node if set(n.output) & {o.name for o in model.graph.output}]
+    assert all(n.op_type != "DequantizeLinear" for n in output_producers)  # no Q/DQ on outputs
+    qkv = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(".attn1.qkv::DequantizeLinear")]
+    assert qkv and all(len(consumers[n.output[0]]) == 3 for n in qkv)  # one shared Q/DQ for Q, K and V
+
+
+def test_weights_are_int8_with_per_output_channel_scales(exports):
+    _, (model, *_) = graphs(exports["unet", "tensorrt"])
+    initializers = {i.name: i for i in model.graph.initializer}
+    weight_dqs = [n for n in model.graph.node if n.name.endswith("::weight_DequantizeLinear")]
+    assert weight_dqs
+    for node in weight_dqs:
+        axis = next(a.i for a in node.attribute if a.name == "axis")
+        weight, scale = initializers[node.input[0]], initializers[node.input[1]]
+        assert weight.data_type == onnx.TensorProto.INT8 and len(scale.dims) == 1 and weight.dims[axis] == scale.dims[0]
+
+
+def test_buckets_share_one_weights_file_and_differ_only_in_activation_scales(exports):
+    manifest, (first, second) = graphs(exports["unet", "tensorrt"])
+    assert manifest["weights_file"] == "weights.bin" and manifest["n_buckets"] == 2
+    external = {e.value for m in (first, second) for i in m.graph.initializer for e in i.external_data if e.key == "location"}
+    assert external == {"weights.bin"}
+    assert [n.SerializeToString() for n in first.graph.node] == [n.SerializeToString() for n in second.graph.node]
+    differing = {a.name for a, b in zip(first.graph.initializer, second.graph.initializer) if a.SerializeToString() != b.SerializeToString()}
+    assert differing and all(name.startswith(("act_scale::", "act_zero_point::")) for name in differing)
+    props = [{p.key: p.value for p in m.metadata_props} for m in (first, second)]
+    assert [p["dilatequant.bucket"] for p in props] == ["0", "1"] and props[0]["dilatequant.profile"] == "tensorrt"
+    assert props[0]["dilatequant.timestep_range"].startswith("0-") and props[1]["dilatequant.timestep_range"].endswith("-999")
+
+
+def test_ort_profile_gives_each_consumer_its_own_pair(exports):
+    _, (model, *_) = graphs(exports["unet", "ort-cpu"])
+    quantize_inputs = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            quantize_inputs.setdefault(node.input[0], []).append(node)
+    consumers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    assert all(len(consumers[q.output[0]]) == 1 for qs in quantize_inputs.values() for q in qs)
+    assert any(len(qs) == 3 for qs in quantize_inputs.values())  # Q, K and V: three pairs on one input
+
+
+def test_four_bit_activations_are_refused(tiny_model_dirs, tmp_path):
+    path = calibrate(tiny_model_dirs["dit"], CalibConfig.from_bits("W4A4", method="minmax", **TINY), tmp_path / "a", progress=False)
+    with pytest.raises(UserError, match="take 8-bit activations"):
+        export(path, ExportConfig(fp32=True), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_requests_are_refused_before_any_work(calibrations, tmp_path):
+    with pytest.raises(UserError, match="--buckets 9 is outside 1..5"):
+        export(calibrations["dit"], ExportConfig(buckets=9, fp32=True), tmp_path / "out")
+    with pytest.raises(UserError, match="pass --fp32"):
+        ExportConfig()
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        export(tmp_path, ExportConfig(fp32=True), tmp_path / "out2")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_cli_export_and_inspect(calibrations, tmp_path):
+    from click.testing import CliRunner
+
+    from dilatequant.tools.cli import cli
+
+    out = tmp_path / "ex"
+    run = CliRunner().invoke(cli, ["export", "--calib", str(calibrations["unet"]), "--buckets", "auto", "--profile", "ort-cpu",
+                                   "--fp32", "--out", str(out)], catch_exceptions=False)  # fmt: skip
+    assert run.exit_code == 0, run.output
+    summary = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).stdout)
+    assert summary["profile"] == "ort-cpu" and summary["checksums_verified"] and summary["weights_file"] == "weights.bin"
+    assert len(summary["ranges"]) == summary["n_buckets"] >= 1 and summary["total_bytes"] > 0
+    refused = CliRunner().invoke(cli, ["export", "--calib", str(calibrations["unet"]), "--buckets", "two", "--fp32", "--out", str(out)])
+    assert refused.exit_code == 1 and "positive count or 'auto'" in refused.output
