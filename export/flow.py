@@ -20,6 +20,7 @@ from dilatequant.tools.errors import MissingDependencyError, UserError
 from dilatequant.tools.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
 
 from .buckets import bucketed_model, choose_buckets
+from .compact import compact
 from .config import ExportConfig
 from .graph import compute_node_names, export_fp_graph
 from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, quantize_weights
@@ -68,8 +69,11 @@ def build_template(artifact, bucketed, config: ExportConfig, work: Path):
             prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
         insert_activation_qdq(graph, group, consumers, quantizer.step[0].item(), int(quantizer.zero_point[0].item()),
                               quantizer.fmt.symmetric, prescale, per_consumer=config.profile == "ort-cpu")  # fmt: skip
+    compact(graph)
     graph.cleanup().toposort()
-    return gs.export_onnx(graph)
+    model = gs.export_onnx(graph)
+    del model.graph.value_info[:]  # inferred shapes: not needed to run, and they cost bytes in every bucket graph
+    return model
 
 
 def set_bucket(model, bucketed, bucket: int, metadata: dict[str, str]) -> None:
@@ -86,6 +90,21 @@ def set_bucket(model, bucketed, bucket: int, metadata: dict[str, str]) -> None:
     del model.metadata_props[:]
     for key, value in metadata.items():
         model.metadata_props.add(key=f"dilatequant.{key}", value=value)
+
+
+def save_with_shared_weights(model, path: Path) -> None:
+    """Save with every initializer in WEIGHTS_FILE except the per-bucket activation scales and zero points,
+    which stay inside the graph: later bucket graphs rewrite only those and reference the same file."""
+    from onnx import external_data_helper
+
+    onnx, _ = require_onnx()
+    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location=WEIGHTS_FILE,
+                                                        size_threshold=0)  # fmt: skip
+    for initializer in model.graph.initializer:  # an external reference costs more than a few bytes of data
+        if initializer.name.startswith((ACT_SCALE, ACT_ZERO_POINT)) or len(initializer.raw_data) <= 64:
+            initializer.data_location = onnx.TensorProto.DEFAULT
+            del initializer.external_data[:]
+    onnx.save_model(model, str(path))
 
 
 def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: bool = True) -> Path:
@@ -111,8 +130,7 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: b
                         "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
             set_bucket(template, bucketed, k, metadata)
             if k == 0:
-                onnx.save_model(template, str(staging / files["bucket_0"]), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=WEIGHTS_FILE, size_threshold=1024)  # fmt: skip
+                save_with_shared_weights(template, staging / files["bucket_0"])
                 template = onnx.load(str(staging / files["bucket_0"]), load_external_data=False)
             else:
                 onnx.save_model(template, str(staging / files[f"bucket_{k}"]))
