@@ -177,6 +177,32 @@ def export_command(calib: Path, buckets: str, profile: str, fp32: bool, out: Pat
     click.echo(f"wrote {path} ({profile}, {time.perf_counter() - start:.1f} s)")
 
 
+@cli.command("lint")
+@click.argument("graph", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
+@click.option("--allow-residual-add", is_flag=True, help="tensorrt: also accept Q/DQ on residual Add inputs.")
+@click.option("--min-fused", default=0.95, show_default=True, help="ort-cpu: fail below this share of fused integer kernels.")
+def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused: float) -> None:
+    """Check a Q/DQ graph against a profile's rules; non-zero exit on any violation."""
+    import onnx
+
+    from dilatequant.export.lint import lint_tensorrt, ort_fusion
+
+    if profile == "tensorrt":
+        violations = lint_tensorrt(onnx.load(str(graph)), allow_residual_add)
+        for violation in violations:
+            click.echo(str(violation))
+        click.echo(f"{graph}: {len(violations)} violation(s) of the tensorrt profile")
+        if violations:
+            raise SystemExit(1)
+        return
+    report = ort_fusion(graph)
+    click.echo(json.dumps(report, indent=2))
+    if report["fused_share"] < min_fused:
+        raise click.ClickException(f"only {report['fused_share']:.0%} of the quantized Conv/MatMul/Gemm became integer "
+                                   f"kernels (target {min_fused:.0%}); left in float: {', '.join(report['left_in_float'][:10])}")  # fmt: skip
+
+
 @cli.command("inspect")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")

@@ -1,0 +1,122 @@
+"""`dilatequant lint`: check a Q/DQ graph against a deployment profile and name every violating node.
+
+tensorrt (static, DESIGN.md §4): symmetric int8 (zero points 0), constant positive scales, per-tensor
+activations, per-output-channel weights on the right axis, Q/DQ only on inputs of Conv/ConvTranspose/Gemm/
+MatMul (optionally a residual Add), none on outputs, one QuantizeLinear per quantized tensor, no
+DynamicQuantizeLinear or QLinear*/integer ops.
+ort-cpu: ONNX Runtime optimizes the graph; the share of quantized Conv/MatMul/Gemm that became integer kernels.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+QUANTIZABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+FORBIDDEN = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
+INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    rule: str
+    node: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.rule}] {self.node}: {self.message}"
+
+
+def node_label(node, index: int) -> str:
+    return node.name or f"#{index} ({node.op_type})"
+
+
+def weight_axis_for(consumer, input_index: int) -> int | None:
+    """The output-channel axis TensorRT expects for a weight feeding `consumer` at `input_index`."""
+    if input_index != 1:
+        return None
+    if consumer.op_type == "Conv":
+        return 0
+    if consumer.op_type == "ConvTranspose":
+        return 1
+    if consumer.op_type == "Gemm":
+        trans_b = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    return 1 if consumer.op_type == "MatMul" else None
+
+
+def lint_tensorrt(model, allow_residual_add: bool = False) -> list[Violation]:
+    from onnx import TensorProto, numpy_helper
+
+    graph, violations = model.graph, []
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+    outputs = {o.name for o in graph.output}
+    allowed = QUANTIZABLE | ({"Add"} if allow_residual_add else set())
+    quantized_inputs: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        label = node_label(node, index)
+        if node.op_type in FORBIDDEN:
+            violations.append(Violation("op", label, f"{node.op_type} is not allowed in a TensorRT explicit-quantization graph"))
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        scale = initializers.get(node.input[1])
+        if scale is None:
+            violations.append(Violation("scale", label, "scale is not a constant initializer"))
+        elif (numpy_helper.to_array(scale) <= 0).any():
+            violations.append(Violation("scale", label, "scale is not > 0"))
+        zero = initializers.get(node.input[2]) if len(node.input) > 2 else None
+        if zero is not None and (zero.data_type != TensorProto.INT8 or numpy_helper.to_array(zero).any()):
+            violations.append(Violation("symmetric", label, "zero point must be int8 and 0 (TensorRT takes symmetric int8 only)"))
+        if node.op_type == "QuantizeLinear":
+            quantized_inputs[node.input[0]] = quantized_inputs.get(node.input[0], 0) + 1
+            if node.input[0] in producers and producers[node.input[0]].op_type in QUANTIZABLE:
+                violations.append(Violation("output", label, "quantizes the output of a Conv/Gemm/MatMul; TensorRT wants Q/DQ on inputs"))
+            if scale is not None and len(scale.dims) > 0 and np.prod(scale.dims) > 1:
+                violations.append(Violation("per-tensor", label, "activation scales must be per tensor"))
+            continue
+        if node.output[0] in outputs:
+            violations.append(Violation("output", label, "a DequantizeLinear feeds a graph output"))
+        weight_input = node.input[0] in initializers
+        for consumer, position in consumers.get(node.output[0], []):
+            if consumer.op_type not in allowed:
+                violations.append(Violation("placement", label, f"feeds {consumer.op_type} {consumer.name or ''}; Q/DQ belong "
+                                            f"only on inputs of {'/'.join(sorted(allowed))}"))  # fmt: skip
+            elif weight_input:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                expected = weight_axis_for(consumer, position)
+                if expected is not None and scale is not None and len(scale.dims) == 1 and axis != expected:
+                    violations.append(Violation("weight-axis", label, f"per-channel axis {axis}, {consumer.op_type} needs {expected}"))
+    for tensor, count in quantized_inputs.items():
+        if count > 1:
+            violations.append(Violation("shared-qdq", tensor, f"quantized by {count} QuantizeLinear nodes; share one (e.g. Q/K/V)"))
+    return violations
+
+
+def ort_fusion(path: Path, threads: int = 1) -> dict:
+    """Optimize with ONNX Runtime's CPU EP and report which quantized compute nodes became integer kernels."""
+    import onnx
+    import onnxruntime as ort
+
+    source = onnx.load(str(path), load_external_data=False)
+    dequantized = {n.output[0] for n in source.graph.node if n.op_type == "DequantizeLinear"}
+    quantized = [n for n in source.graph.node if n.op_type in QUANTIZABLE and n.input and n.input[0] in dequantized]
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.intra_op_num_threads = threads
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
+    integer = [n for n in optimized.graph.node if n.op_type in INTEGER_KERNELS]
+    left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in QUANTIZABLE]
+    return {"quantized_compute_nodes": len(quantized), "integer_kernels": len(integer),
+            "fused_share": len(integer) / max(1, len(quantized)), "left_in_float": left,
+            "integer_kernel_types": sorted({n.op_type for n in integer})}  # fmt: skip

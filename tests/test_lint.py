@@ -1,0 +1,82 @@
+"""lint: the TensorRT explicit-quantization rules on hand-built graphs, and on exported graphs."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from dilatequant.calibrate.config import CalibConfig
+from dilatequant.calibrate.flow import calibrate
+from dilatequant.export.config import ExportConfig
+from dilatequant.export.flow import export
+from dilatequant.export.lint import lint_tensorrt
+from dilatequant.tools.cli import cli
+
+
+def graph(zero_point=0, consumer="Conv", dq_is_output=False, second_q=False, scale=0.1):
+    """x -> Q -> DQ -> Conv(W: int8 -> DQ axis 0) -> y, with one rule bent by the arguments."""
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zero_point, np.int8), "z"),
+             numpy_helper.from_array(np.ones((4, 2, 1, 1), np.int8), "w"), numpy_helper.from_array(np.full(4, 0.5, np.float32), "ws"),
+             numpy_helper.from_array(np.zeros(4, np.int8), "wz")]  # fmt: skip
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="wdq", axis=0),
+             helper.make_node(consumer, ["xd", "wd"] if consumer == "Conv" else ["xd"], ["y"], name="op")]  # fmt: skip
+    if second_q:
+        nodes.append(helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq2"], name="q2"))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if dq_is_output:
+        outputs.append(helper.make_tensor_value_info("xd", TensorProto.FLOAT, None))
+    return helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                                               outputs, inits))  # fmt: skip
+
+
+def rules(model):
+    return {v.rule for v in lint_tensorrt(model)}
+
+
+def test_a_compliant_graph_is_clean():
+    assert lint_tensorrt(graph()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rule"),
+    [({"zero_point": 3}, "symmetric"), ({"consumer": "Relu"}, "placement"), ({"dq_is_output": True}, "output"),
+     ({"second_q": True}, "shared-qdq"), ({"scale": -1.0}, "scale")],
+)  # fmt: skip
+def test_each_rule_names_the_violation(kwargs, rule):
+    assert rule in rules(graph(**kwargs))
+
+
+def test_wrong_weight_axis_is_reported():
+    model = graph()
+    next(n for n in model.graph.node if n.name == "wdq").attribute[0].i = 1
+    violations = lint_tensorrt(model)
+    assert [v.node for v in violations] == ["wdq"] and "axis 1, Conv needs 0" in violations[0].message
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lint")
+    calib = calibrate(tiny_model_dirs["unet-cond"], CalibConfig(method="minmax", samples=16, trajectories=4, steps=4),
+                      root / "calib", progress=False)  # fmt: skip
+    return {p: export(calib, ExportConfig(buckets=2, profile=p, fp32=True), root / p) for p in ("tensorrt", "ort-cpu")}
+
+
+def test_exported_tensorrt_graphs_lint_clean_and_ort_graphs_do_not(exported):
+    for k in range(2):
+        assert lint_tensorrt(onnx.load(str(exported["tensorrt"] / f"bucket_{k}.onnx"))) == []
+    assert "shared-qdq" in rules(onnx.load(str(exported["ort-cpu"] / "bucket_0.onnx")))  # one pair per consumer
+
+
+def test_cli_lint_exit_codes(exported, tmp_path):
+    clean = CliRunner().invoke(cli, ["lint", str(exported["tensorrt"] / "bucket_0.onnx")])
+    assert clean.exit_code == 0 and "0 violation(s)" in clean.output
+    onnx.save(graph(zero_point=3), str(tmp_path / "bad.onnx"))
+    bad = CliRunner().invoke(cli, ["lint", str(tmp_path / "bad.onnx")])
+    assert bad.exit_code == 1 and "[symmetric] q:" in bad.output
+    report = CliRunner().invoke(cli, ["lint", str(exported["ort-cpu"] / "bucket_0.onnx"), "--profile", "ort-cpu", "--min-fused", "0"])
+    assert report.exit_code == 0 and json.loads(report.stdout)["quantized_compute_nodes"] > 0
