@@ -23,23 +23,31 @@ from .structure import InputGroup, fold_sites, input_groups
 from .timesteps import TimestepIndex
 
 BOUNDARY_BITS = 8
+OUTPUT_SUFFIX = "::output"
 
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear whose input and weight pass through fake quantizers."""
+    """A Conv2d or Linear whose input and weight pass through fake quantizers.
+
+    An `output_quantizer` is attached only for deployments that quantize layer outputs too (ONNX Runtime
+    fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only with the output quantized).
+    """
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, input_quantizer: ActQuantizer, weight_bits: int, weight_init: str) -> None:
         super().__init__()
         self.layer = layer
         self.input_quantizer = input_quantizer
         self.weight_quantizer = WeightQuantizer(layer.weight, weight_bits, weight_init)
+        self.output_quantizer: ActQuantizer | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quantizer(x)
         weight = self.weight_quantizer(self.layer.weight)
         if isinstance(self.layer, nn.Conv2d):
-            return self.layer._conv_forward(x, weight, self.layer.bias)
-        return F.linear(x, weight, self.layer.bias)
+            y = self.layer._conv_forward(x, weight, self.layer.bias)
+        else:
+            y = F.linear(x, weight, self.layer.bias)
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 @dataclass
@@ -83,10 +91,20 @@ class QuantizedDenoiser(Denoiser):
         return state
 
     def act_quantizers(self) -> dict[str, ActQuantizer]:
-        """Input group name (or '<attention>.attn_<q|k|probs|v>') -> its activation quantizer."""
+        """Input group name (or '<attention>.attn_<q|k|probs|v>', '<layer>::output') -> its activation quantizer."""
         groups = {p.layer: p.group for p in self.plan}
-        layers = {groups[name]: wrapper.input_quantizer for name, wrapper in self.quant_layers().items()}
-        return {**layers, **matmul_quantizers(self.model)}
+        wrappers = self.quant_layers()
+        layers = {groups[name]: wrapper.input_quantizer for name, wrapper in wrappers.items()}
+        outputs = {f"{name}{OUTPUT_SUFFIX}": w.output_quantizer for name, w in wrappers.items() if w.output_quantizer}
+        return {**layers, **matmul_quantizers(self.model), **outputs}
+
+    def quantize_outputs(self, layers: frozenset[str], bits: int, symmetric: bool) -> None:
+        """Give these quantized layers an output quantizer (rows of this model's index)."""
+        wrappers = self.quant_layers()
+        for name in layers:
+            rows = len(wrappers[name].input_quantizer.step)
+            quantizer = ActQuantizer(self.index, rows, bits, symmetric, channel_dim=1)
+            wrappers[name].output_quantizer = quantizer.to(wrappers[name].layer.weight.device)
 
     def set_quantization(self, activations: bool, weights: bool) -> None:
         """Switch fake quantization on or off (off: the dilated FP model, pre-scales still applied)."""

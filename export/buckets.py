@@ -132,11 +132,14 @@ class BucketIndex(TimestepIndex):
         return torch.tensor([self.table.bucket_of(float(v)) for v in torch.as_tensor(t).flatten()], dtype=torch.long)
 
 
-def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: torch.device | str = "cpu") -> LoadedModel:
+def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: torch.device | str = "cpu",
+                   quantized_outputs: frozenset[str] = frozenset()) -> LoadedModel:  # fmt: skip
     """The artifact's fake-quant model with one activation row per bucket, each re-derived from the
-    calibration samples whose timesteps fall in that bucket (same initialisation method as calibration)."""
+    calibration samples whose timesteps fall in that bucket (same initialisation method as calibration).
+    The layers in `quantized_outputs` get bucketed 8-bit output quantizers too, calibrated the same way."""
     loaded = artifact.rebuild(BucketIndex(table), device)
     config = artifact.config
+    loaded.denoiser.quantize_outputs(quantized_outputs, 8, config.act_symmetric)
     method = "minmax" if config.method == "minmax" else config.act_init
     initialise_activations(loaded.denoiser, artifact.calibration_data(), method, config.percentile,
                            default_batch_size(torch.device(device)), torch.device(device), progress=False)  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
+from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.tools.denoiser import load_model
 from dilatequant.tools.environment import library_versions
 from dilatequant.tools.errors import MissingDependencyError, UserError
@@ -23,7 +24,7 @@ from .buckets import bucketed_model, choose_buckets
 from .compact import compact
 from .config import ExportConfig
 from .graph import compute_node_names, export_fp_graph
-from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, quantize_weights
+from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, quantize_weights
 
 KIND = "export"
 FORMAT_VERSION = "1.0"
@@ -49,26 +50,45 @@ def check_exportable(artifact) -> None:
                         "Calibrate without --quantize-attention.")  # fmt: skip
 
 
-def build_template(artifact, bucketed, config: ExportConfig, work: Path):
-    """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
+def fp_graph(artifact, config: ExportConfig, work: Path):
+    """The exported FP graph (onnx-graphsurgeon) and its quantized layers' compute nodes."""
     onnx, gs = require_onnx()
     fp_path = work / "fp.onnx"
     export_fp_graph(load_model(artifact.path / "model").denoiser, fp_path, config.opset)
     graph = gs.import_onnx(onnx.load(str(fp_path)))
-    plan = [row for row in artifact.plan["layers"] if row["weight_bits"]]
+    layers = [row["layer"] for row in artifact.plan["layers"] if row["weight_bits"]]
     by_name = {node.name: node for node in graph.nodes}
-    names = compute_node_names([(n.name, n.op) for n in graph.nodes], [row["layer"] for row in plan])
-    nodes = {layer: by_name[name] for layer, name in names.items()}
+    names = compute_node_names([(n.name, n.op) for n in graph.nodes], layers)
+    return graph, {layer: by_name[name] for layer, name in names.items()}
+
+
+def output_quantized_layers(graph, nodes: dict, profile: str) -> frozenset[str]:
+    """ort-cpu: every quantized Conv whose output is not the model's prediction (ONNX Runtime fuses a Conv into
+    QLinearConv only with its output quantized, DESIGN.md §4). tensorrt: none (no Q/DQ on outputs)."""
+    if profile != "ort-cpu":
+        return frozenset()
+    outputs = {tensor.name for tensor in graph.outputs}
+    return frozenset(layer for layer, node in nodes.items() if node.op == "Conv" and node.outputs[0].name not in outputs)
+
+
+def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig):
+    """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
+    _, gs = require_onnx()
+    plan = [row for row in artifact.plan["layers"] if row["weight_bits"]]
     steps = {row["layer"]: artifact.tensors[f"{row['layer']}{SEPARATOR}weight_step"].numpy() for row in plan}
     quantize_weights(graph, nodes, steps, {row["layer"]: row["weight_bits"] for row in plan})
     for group, quantizer in bucketed.denoiser.act_quantizers().items():
+        scale, zero_point = quantizer.step[0].item(), int(quantizer.zero_point[0].item())
+        if group.endswith(OUTPUT_SUFFIX):
+            insert_output_qdq(graph, group, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point, quantizer.fmt.symmetric)
+            continue
         consumers = [nodes[row["layer"]] for row in plan if row["group"] == group]
         prescale = None
         if quantizer.prescale:
             shape = [1, -1, 1, 1] if consumers[0].op in ("Conv", "ConvTranspose") else [-1]
             prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
-        insert_activation_qdq(graph, group, consumers, quantizer.step[0].item(), int(quantizer.zero_point[0].item()),
-                              quantizer.fmt.symmetric, prescale, per_consumer=config.profile == "ort-cpu")  # fmt: skip
+        insert_activation_qdq(graph, group, consumers, scale, zero_point, quantizer.fmt.symmetric, prescale,
+                              per_consumer=config.profile == "ort-cpu")  # fmt: skip
     compact(graph)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
@@ -116,7 +136,6 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: b
     check_exportable(artifact)
     steps = torch.stack([q.step.detach() for q in artifact.model.denoiser.act_quantizers().values()])
     table, estimated = choose_buckets(artifact.record.timesteps, steps, config.buckets, config.auto_tolerance)
-    bucketed = bucketed_model(artifact, table)
     source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32", "n_buckets": len(table),
@@ -124,7 +143,10 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: b
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work, staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
-        template = build_template(artifact, bucketed, config, Path(work))
+        graph, nodes = fp_graph(artifact, config, Path(work))
+        fields["quantized_outputs"] = sorted(output_quantized_layers(graph, nodes, config.profile))
+        bucketed = bucketed_model(artifact, table, quantized_outputs=frozenset(fields["quantized_outputs"]))
+        template = quantize_graph(graph, nodes, artifact, bucketed, config)
         for k, (low, high) in enumerate(table.ranges()):
             metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
                         "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip

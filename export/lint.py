@@ -116,7 +116,8 @@ def ort_fusion(path: Path, threads: int = 1) -> dict:
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
     integer = [n for n in optimized.graph.node if n.op_type in INTEGER_KERNELS]
-    left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in QUANTIZABLE]
+    quantized_names = {n.name for n in quantized}
+    left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in QUANTIZABLE and n.name in quantized_names]
     return {"quantized_compute_nodes": len(quantized), "integer_kernels": len(integer),
             "fused_share": len(integer) / max(1, len(quantized)), "left_in_float": left,
             "integer_kernel_types": sorted({n.op_type for n in integer})}  # fmt: skip

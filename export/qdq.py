@@ -75,3 +75,26 @@ def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero
         for consumer in chain:
             consumer.inputs[0] = dequantized
     return len(chains)
+
+
+def insert_output_qdq(graph, name: str, node, scale: float, zero_point: int, symmetric: bool) -> int:
+    """Quantize a node's output: node -> QuantizeLinear -> DequantizeLinear -> its former consumers."""
+    import onnx_graphsurgeon as gs
+
+    output = node.outputs[0]
+    consumers = list(output.outputs)
+    zero_type = np.int8 if symmetric else np.uint8
+    scale_const = gs.Constant(f"{ACT_SCALE}{name}", np.array(scale, dtype=np.float32))
+    zero_const = gs.Constant(f"{ACT_ZERO_POINT}{name}", np.array(zero_point, dtype=zero_type))
+    quantized = gs.Variable(f"{name}::quantized", dtype=zero_type)
+    dequantized = gs.Variable(f"{name}::dequantized", dtype=np.float32)
+    graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}::QuantizeLinear", inputs=[output, scale_const, zero_const],
+                               outputs=[quantized]))  # fmt: skip
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}::DequantizeLinear", inputs=[quantized, scale_const, zero_const],
+                               outputs=[dequantized]))  # fmt: skip
+    for consumer in consumers:
+        for i, tensor in enumerate(consumer.inputs):
+            if tensor is output:
+                consumer.inputs[i] = dequantized
+    graph.outputs = [dequantized if tensor is output else tensor for tensor in graph.outputs]
+    return 1

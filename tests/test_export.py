@@ -15,7 +15,7 @@ from dilatequant.calibrate.quantizer import fake_quantize
 from dilatequant.export.buckets import BucketTable, bucketed_model
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
-from dilatequant.export.lint import lint_tensorrt
+from dilatequant.export.lint import lint_tensorrt, ort_fusion
 from dilatequant.tools.errors import UserError
 from dilatequant.tools.manifest import ArtifactError
 
@@ -51,13 +51,13 @@ def run_with_outputs(path, names, feeds):
     return dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
 
-def check_buckets_against_torch(out, calib, samples_per_bucket: int = 4, end_to_end_rtol: float = 0.05) -> None:
+def check_buckets_against_torch(out, calib, samples_per_bucket: int = 4, end_to_end_rtol: float = 0.1) -> None:
     """Every bucket graph: each Q/DQ pair computes the torch quantizer of that bucket on its own input, each
     pre-scale Mul multiplies by 1/s, and the output tracks the torch fake-quant model end to end."""
     artifact = load_artifact(calib)
     manifest = json.loads((out / "manifest.json").read_text())
     table = BucketTable.from_dict(manifest["buckets"])
-    model = bucketed_model(artifact, table).denoiser
+    model = bucketed_model(artifact, table, quantized_outputs=frozenset(manifest["quantized_outputs"])).denoiser
     quantizers, data = model.act_quantizers(), artifact.calibration_data()
     suffix = "::0" if manifest["profile"] == "ort-cpu" else ""
     for k in range(len(table)):
@@ -67,8 +67,9 @@ def check_buckets_against_torch(out, calib, samples_per_bucket: int = 4, end_to_
         feeds = {"x": x.numpy(), "t": t.numpy(), **({"cond": cond.numpy()} if cond is not None else {})}
         graph = onnx.load(str(out / f"bucket_{k}.onnx"), load_external_data=False)
         by_name = {n.name: n for n in graph.graph.node if n.name}
-        q_inputs = {g: by_name[f"{g}::QuantizeLinear{suffix}"].input[0] for g in quantizers}
-        dq_outputs = {g: by_name[f"{g}::DequantizeLinear{suffix}"].output[0] for g in quantizers}
+        pair = {g: "" if g.endswith("::output") else suffix for g in quantizers}  # outputs have one pair
+        q_inputs = {g: by_name[f"{g}::QuantizeLinear{pair[g]}"].input[0] for g in quantizers}
+        dq_outputs = {g: by_name[f"{g}::DequantizeLinear{pair[g]}"].output[0] for g in quantizers}
         mul_inputs = {n.name.removesuffix("::prescale_Mul"): n.input[0] for n in graph.graph.node if n.name.endswith("::prescale_Mul")}
         values = run_with_outputs(out / f"bucket_{k}.onnx", [*q_inputs.values(), *mul_inputs.values(), *dq_outputs.values()], feeds)
         assert set(mul_inputs) == {g for g, q in quantizers.items() if q.prescale} and mul_inputs
@@ -88,6 +89,7 @@ def check_buckets_against_torch(out, calib, samples_per_bucket: int = 4, end_to_
 @pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
 @pytest.mark.parametrize("profile", ["tensorrt", "ort-cpu"])
 def test_every_bucket_quantizes_exactly_like_torch_and_tracks_it_end_to_end(exports, calibrations, family, profile):
+    # random tiny weights amplify the few rounding flips more than a trained model does (digits: 2%)
     check_buckets_against_torch(exports[family, profile], calibrations[family])
 
 
@@ -100,6 +102,9 @@ def test_digits_exports_in_both_profiles(tmp_path, profile):
     check_buckets_against_torch(out, calib, samples_per_bucket=2, end_to_end_rtol=0.02)
     if profile == "tensorrt":
         assert all(lint_tensorrt(onnx.load(str(out / f"bucket_{k}.onnx"))) == [] for k in range(4))
+    else:
+        report = ort_fusion(out / "bucket_0.onnx")
+        assert "QLinearConv" in report["integer_kernel_types"]
 
 
 def test_tensorrt_profile_structure(exports):
