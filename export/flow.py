@@ -29,6 +29,8 @@ from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output
 KIND = "export"
 FORMAT_VERSION = "1.0"
 WEIGHTS_FILE = "weights.bin"
+# ONNX Runtime fuses these into QLinearConv / QGemm only when their output is quantized too (measured, ORT 1.31)
+FUSED_WITH_OUTPUT = ("Conv", "Gemm")
 
 
 def require_onnx():
@@ -63,12 +65,12 @@ def fp_graph(artifact, config: ExportConfig, work: Path):
 
 
 def output_quantized_layers(graph, nodes: dict, profile: str) -> frozenset[str]:
-    """ort-cpu: every quantized Conv whose output is not the model's prediction (ONNX Runtime fuses a Conv into
-    QLinearConv only with its output quantized, DESIGN.md §4). tensorrt: none (no Q/DQ on outputs)."""
+    """ort-cpu: every quantized Conv/Gemm whose output is not the model's prediction (ONNX Runtime fuses them
+    into integer kernels only with their output quantized, DESIGN.md §4). tensorrt: none (no Q/DQ on outputs)."""
     if profile != "ort-cpu":
         return frozenset()
     outputs = {tensor.name for tensor in graph.outputs}
-    return frozenset(layer for layer, node in nodes.items() if node.op == "Conv" and node.outputs[0].name not in outputs)
+    return frozenset(layer for layer, node in nodes.items() if node.op in FUSED_WITH_OUTPUT and node.outputs[0].name not in outputs)
 
 
 def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig):
@@ -77,10 +79,12 @@ def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig)
     plan = [row for row in artifact.plan["layers"] if row["weight_bits"]]
     steps = {row["layer"]: artifact.tensors[f"{row['layer']}{SEPARATOR}weight_step"].numpy() for row in plan}
     quantize_weights(graph, nodes, steps, {row["layer"]: row["weight_bits"] for row in plan})
+    unsigned = config.profile == "ort-cpu"
     for group, quantizer in bucketed.denoiser.act_quantizers().items():
         scale, zero_point = quantizer.step[0].item(), int(quantizer.zero_point[0].item())
         if group.endswith(OUTPUT_SUFFIX):
-            insert_output_qdq(graph, group, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point, quantizer.fmt.symmetric)
+            insert_output_qdq(graph, group, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point, quantizer.fmt.symmetric,
+                              unsigned)  # fmt: skip
             continue
         consumers = [nodes[row["layer"]] for row in plan if row["group"] == group]
         prescale = None
@@ -88,7 +92,7 @@ def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig)
             shape = [1, -1, 1, 1] if consumers[0].op in ("Conv", "ConvTranspose") else [-1]
             prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
         insert_activation_qdq(graph, group, consumers, scale, zero_point, quantizer.fmt.symmetric, prescale,
-                              per_consumer=config.profile == "ort-cpu")  # fmt: skip
+                              per_consumer=config.profile == "ort-cpu", unsigned=unsigned)  # fmt: skip
     compact(graph)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
@@ -104,8 +108,11 @@ def set_bucket(model, bucketed, bucket: int, metadata: dict[str, str]) -> None:
     for initializer in model.graph.initializer:
         for prefix, attribute in ((ACT_SCALE, "step"), (ACT_ZERO_POINT, "zero_point")):
             if initializer.name.startswith(prefix):
-                value = getattr(quantizers[initializer.name[len(prefix):]], attribute)[bucket].item()
+                quantizer = quantizers[initializer.name[len(prefix):]]
+                value = getattr(quantizer, attribute)[bucket].item()
                 dtype = numpy_helper.to_array(initializer).dtype
+                if attribute == "zero_point" and dtype == np.uint8 and quantizer.fmt.symmetric:
+                    value += 128  # a symmetric int8 grid written as uint8
                 initializer.CopyFrom(numpy_helper.from_array(np.array(value, dtype=dtype), initializer.name))
     del model.metadata_props[:]
     for key, value in metadata.items():

@@ -4,6 +4,10 @@ DequantizeLinear pairs (with the dilation pre-scale Mul) on the inputs of the qu
 Each pass takes an onnx-graphsurgeon graph and the quantized layers' nodes, edits in place and returns the
 number of nodes it changed. Activation scale and zero-point constants are named `act_scale::<group>` and
 `act_zero_point::<group>`: the only initializers that differ between bucket graphs.
+
+Symmetric int8 activations can be written as uint8 with zero point 128 — the same grid, value for value:
+ONNX Runtime's CPU kernels fuse uint8 activations everywhere, while int8 ones only where a QuantizeLinear
+has a single consumer (its common-subexpression pass merges the per-consumer copies of Q/K/V).
 """
 
 from __future__ import annotations
@@ -45,8 +49,17 @@ def quantize_weights(graph, nodes: dict, steps: dict[str, np.ndarray], bits: dic
     return len(nodes)
 
 
+def zero_point_constant(name: str, zero_point: int, symmetric: bool, unsigned: bool):
+    """The zero-point initializer: int8 for symmetric grids, uint8 for asymmetric ones or when `unsigned`."""
+    import onnx_graphsurgeon as gs
+
+    if symmetric and not unsigned:
+        return gs.Constant(name, np.array(zero_point, dtype=np.int8))
+    return gs.Constant(name, np.array(zero_point + (128 if symmetric else 0), dtype=np.uint8))
+
+
 def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero_point: int, symmetric: bool,
-                          prescale: np.ndarray | None, per_consumer: bool) -> int:  # fmt: skip
+                          prescale: np.ndarray | None, per_consumer: bool, unsigned: bool = False) -> int:  # fmt: skip
     """Quantize the shared input of `consumers`: [Mul(1/s)] -> QuantizeLinear -> DequantizeLinear.
 
     One Q/DQ pair shared by all consumers (TensorRT: one Q/DQ for Q/K/V) or one pair per consumer (ONNX
@@ -60,9 +73,9 @@ def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero
         graph.nodes.append(gs.Node("Mul", name=f"{group}::prescale_Mul", inputs=[source, gs.Constant(f"{group}::prescale", prescale)],
                                    outputs=[scaled]))  # fmt: skip
         source = scaled
-    zero_type = np.int8 if symmetric else np.uint8
+    zero_const = zero_point_constant(f"{ACT_ZERO_POINT}{group}", zero_point, symmetric, unsigned)
+    zero_type = zero_const.values.dtype
     scale_const = gs.Constant(f"{ACT_SCALE}{group}", np.array(scale, dtype=np.float32))
-    zero_const = gs.Constant(f"{ACT_ZERO_POINT}{group}", np.array(zero_point, dtype=zero_type))
     chains = [[c] for c in consumers] if per_consumer else [consumers]
     for i, chain in enumerate(chains):
         suffix = f"::{i}" if per_consumer else ""
@@ -77,15 +90,15 @@ def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero
     return len(chains)
 
 
-def insert_output_qdq(graph, name: str, node, scale: float, zero_point: int, symmetric: bool) -> int:
+def insert_output_qdq(graph, name: str, node, scale: float, zero_point: int, symmetric: bool, unsigned: bool = False) -> int:
     """Quantize a node's output: node -> QuantizeLinear -> DequantizeLinear -> its former consumers."""
     import onnx_graphsurgeon as gs
 
     output = node.outputs[0]
     consumers = list(output.outputs)
-    zero_type = np.int8 if symmetric else np.uint8
+    zero_const = zero_point_constant(f"{ACT_ZERO_POINT}{name}", zero_point, symmetric, unsigned)
+    zero_type = zero_const.values.dtype
     scale_const = gs.Constant(f"{ACT_SCALE}{name}", np.array(scale, dtype=np.float32))
-    zero_const = gs.Constant(f"{ACT_ZERO_POINT}{name}", np.array(zero_point, dtype=zero_type))
     quantized = gs.Variable(f"{name}::quantized", dtype=zero_type)
     dequantized = gs.Variable(f"{name}::dequantized", dtype=np.float32)
     graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}::QuantizeLinear", inputs=[output, scale_const, zero_const],
