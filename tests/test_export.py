@@ -197,3 +197,14 @@ def test_cli_export_and_inspect(calibrations, tmp_path):
     assert len(summary["ranges"]) == summary["n_buckets"] >= 1 and summary["total_bytes"] > 0
     refused = CliRunner().invoke(cli, ["export", "--calib", str(calibrations["unet"]), "--buckets", "two", "--fp32", "--out", str(out)])
     assert refused.exit_code == 1 and "positive count or 'auto'" in refused.output
+
+
+def test_a_layer_that_does_not_map_to_one_node_is_a_clear_error():
+    from dilatequant.export.graph import compute_node_names, onnx_scope
+
+    assert onnx_scope("down_blocks.0.attentions.0.to_out.0") == "/denoiser/model/down_blocks.0/attentions.0/to_out.0/"
+    nodes = [("/denoiser/model/up/conv/Conv", "Conv"), ("/denoiser/model/up/conv/Conv_1", "Conv")]
+    with pytest.raises(UserError, match="'up.conv' did not export as exactly one .* not supported by export"):
+        compute_node_names(nodes, ["up.conv"])
+    with pytest.raises(UserError, match="found none"):
+        compute_node_names(nodes, ["down.conv"])
