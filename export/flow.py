@@ -134,7 +134,7 @@ def save_with_shared_weights(model, path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
-def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: bool = True) -> Path:
+def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     """Export a calibration artifact to K bucket graphs in `out` (written atomically)."""
     onnx, _ = require_onnx()
     out = Path(out)
@@ -149,11 +149,13 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: b
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
-    with tempfile.TemporaryDirectory() as work, staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+    with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
-        fields["quantized_outputs"] = sorted(output_quantized_layers(graph, nodes, config.profile))
-        bucketed = bucketed_model(artifact, table, quantized_outputs=frozenset(fields["quantized_outputs"]))
+        quantized_outputs = output_quantized_layers(graph, nodes, config.profile)
+        bucketed = bucketed_model(artifact, table, quantized_outputs=quantized_outputs)
         template = quantize_graph(graph, nodes, artifact, bucketed, config)
+    fields["quantized_outputs"] = sorted(quantized_outputs)
+    with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         for k, (low, high) in enumerate(table.ranges()):
             metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
                         "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
