@@ -85,7 +85,7 @@ def write_artifact(out: Path, source: LoadedModel, quantized: QuantizedDenoiser,
         save_file(quant_tensors(quantized), str(staging / "quant_params.safetensors"))
         (staging / "quant_plan.json").write_text(json.dumps(plan, indent=2) + "\n")
         (staging / "calibration.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
-        data.save(staging / "calibration_data.safetensors")
+        (staging / "calibration_data.safetensors").write_bytes(data.to_bytes())
     return Path(out)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from dilatequant.tools.denoiser import Denoiser
 from dilatequant.tools.sampling import SamplerConfig, balanced_labels, sample
@@ -31,8 +31,9 @@ class CalibrationData:
         """The first n samples (the set is already in random order)."""
         return CalibrationData(self.x[:n], self.t[:n], self.labels[:n])
 
-    def save(self, path: Path) -> None:
-        save_file({"x": self.x.contiguous(), "t": self.t, "labels": self.labels}, str(path))
+    def to_bytes(self) -> bytes:
+        """safetensors bytes (written atomically by the caller)."""
+        return save({"x": self.x.contiguous(), "t": self.t.contiguous(), "labels": self.labels.contiguous()})
 
     @classmethod
     def load(cls, path: Path) -> CalibrationData:

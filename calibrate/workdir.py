@@ -47,7 +47,7 @@ class WorkDir:
         return CalibrationData.load(path) if path.is_file() else None
 
     def save_data(self, data: CalibrationData) -> None:
-        atomic_write_bytes(self.path / DATA_FILE, save({"x": data.x.contiguous(), "t": data.t, "labels": data.labels}))
+        atomic_write_bytes(self.path / DATA_FILE, data.to_bytes())
 
     def block_file(self, index: int, name: str) -> Path:
         return self.path / f"block-{index:03d}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.safetensors"
