@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,15 +92,25 @@ def write_artifact(out: Path, source: LoadedModel, quantized: QuantizedDenoiser,
 
 @dataclass
 class CalibrationArtifact:
-    """A verified artifact: its manifest, records and a rebuilt fake-quant model."""
+    """A verified artifact: its manifest and records; the fake-quant model is rebuilt on first use."""
 
     path: Path
     manifest: dict
     record: CalibrationRecord
-    model: LoadedModel  # denoiser is the QuantizedDenoiser
     config: CalibConfig
     plan: dict  # quant_plan.json
     tensors: dict[str, torch.Tensor]  # quant_params.safetensors
+    device: torch.device
+
+    @functools.cached_property
+    def model(self) -> LoadedModel:
+        """The fake-quant model on the calibrated timestep grid (its denoiser is a QuantizedDenoiser)."""
+        return self.rebuild(TimestepIndex(torch.tensor(self.record.timesteps)), self.device)
+
+    def act_steps(self) -> torch.Tensor:
+        """(input groups, timesteps) activation steps, read from the tensors without building the model."""
+        suffix = f"{SEPARATOR}act_step"
+        return torch.stack([v for k, v in sorted(self.tensors.items()) if k.endswith(suffix)])
 
     def rebuild(self, index: TimestepIndex, device: torch.device | str = "cpu") -> LoadedModel:
         """The fake-quant model again, with activation tables of `index`'s rows (to be initialised by the caller
@@ -144,16 +155,14 @@ def restore_quantized(model_dir: Path, plan: dict, tensors: dict[str, torch.Tens
 
 
 def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> CalibrationArtifact:
-    """Verify the manifest (kind, version, every sha256) and rebuild the fake-quant model."""
+    """Verify the manifest (kind, version, every sha256) and read the records; `.model` rebuilds lazily."""
     path = Path(path)
     manifest = read_manifest(path, KIND, FORMAT_VERSION)
     record = CalibrationRecord(**json.loads((path / "calibration.json").read_text()))
     plan = json.loads((path / "quant_plan.json").read_text())
     config = CalibConfig.from_dict(record.config)
     tensors = load_file(str(path / "quant_params.safetensors"))
-    index = TimestepIndex(torch.tensor(record.timesteps))
-    model = restore_quantized(path / "model", plan, tensors, index, config, torch.device(device))
-    return CalibrationArtifact(path, manifest, record, model, config, plan, tensors)
+    return CalibrationArtifact(path, manifest, record, config, plan, tensors, torch.device(device))
 
 
 def describe(path: str | Path) -> dict:

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
@@ -141,8 +140,7 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     check_replaceable(out, KIND)
     artifact = load_artifact(calib)
     check_exportable(artifact)
-    steps = torch.stack([q.step.detach() for q in artifact.model.denoiser.act_quantizers().values()])
-    table, estimated = choose_buckets(artifact.record.timesteps, steps, config.buckets, config.auto_tolerance)
+    table, estimated = choose_buckets(artifact.record.timesteps, artifact.act_steps(), config.buckets, config.auto_tolerance)
     source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32", "n_buckets": len(table),
