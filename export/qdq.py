@@ -58,12 +58,34 @@ def zero_point_constant(name: str, zero_point: int, symmetric: bool, unsigned: b
     return gs.Constant(name, np.array(zero_point + (128 if symmetric else 0), dtype=np.uint8))
 
 
+def scale_and_zero(name: str, scale: float, zero_point: int, symmetric: bool, unsigned: bool):
+    """The per-bucket scale and zero-point initializers of one activation quantizer."""
+    import onnx_graphsurgeon as gs
+
+    scale_const = gs.Constant(f"{ACT_SCALE}{name}", np.array(scale, dtype=np.float32))
+    return scale_const, zero_point_constant(f"{ACT_ZERO_POINT}{name}", zero_point, symmetric, unsigned)
+
+
+def qdq_pair(graph, name: str, source, scale_const, zero_const):
+    """Append `source -> QuantizeLinear -> DequantizeLinear` named after `name`; returns the dequantized tensor."""
+    import onnx_graphsurgeon as gs
+
+    quantized = gs.Variable(f"{name}::quantized", dtype=zero_const.values.dtype)
+    dequantized = gs.Variable(f"{name}::dequantized", dtype=np.float32)
+    graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}::QuantizeLinear", inputs=[source, scale_const, zero_const],
+                               outputs=[quantized]))  # fmt: skip
+    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}::DequantizeLinear", inputs=[quantized, scale_const, zero_const],
+                               outputs=[dequantized]))  # fmt: skip
+    return dequantized
+
+
 def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero_point: int, symmetric: bool,
                           prescale: np.ndarray | None, per_consumer: bool, unsigned: bool = False) -> int:  # fmt: skip
     """Quantize the shared input of `consumers`: [Mul(1/s)] -> QuantizeLinear -> DequantizeLinear.
 
     One Q/DQ pair shared by all consumers (TensorRT: one Q/DQ for Q/K/V) or one pair per consumer (ONNX
-    Runtime fuses a QuantizeLinear into integer kernels only when it has a single consumer).
+    Runtime fuses a QuantizeLinear into integer kernels only when it has a single consumer). Per-consumer
+    pairs are named '<group>::<i>::QuantizeLinear'... with i the consumer's position.
     """
     import onnx_graphsurgeon as gs
 
@@ -73,18 +95,10 @@ def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero
         graph.nodes.append(gs.Node("Mul", name=f"{group}::prescale_Mul", inputs=[source, gs.Constant(f"{group}::prescale", prescale)],
                                    outputs=[scaled]))  # fmt: skip
         source = scaled
-    zero_const = zero_point_constant(f"{ACT_ZERO_POINT}{group}", zero_point, symmetric, unsigned)
-    zero_type = zero_const.values.dtype
-    scale_const = gs.Constant(f"{ACT_SCALE}{group}", np.array(scale, dtype=np.float32))
+    scale_const, zero_const = scale_and_zero(group, scale, zero_point, symmetric, unsigned)
     chains = [[c] for c in consumers] if per_consumer else [consumers]
     for i, chain in enumerate(chains):
-        suffix = f"::{i}" if per_consumer else ""
-        quantized = gs.Variable(f"{group}::quantized{suffix}", dtype=zero_type)
-        dequantized = gs.Variable(f"{group}::dequantized{suffix}", dtype=np.float32)
-        graph.nodes.append(gs.Node("QuantizeLinear", name=f"{group}::QuantizeLinear{suffix}",
-                                   inputs=[source, scale_const, zero_const], outputs=[quantized]))  # fmt: skip
-        graph.nodes.append(gs.Node("DequantizeLinear", name=f"{group}::DequantizeLinear{suffix}",
-                                   inputs=[quantized, scale_const, zero_const], outputs=[dequantized]))  # fmt: skip
+        dequantized = qdq_pair(graph, f"{group}::{i}" if per_consumer else group, source, scale_const, zero_const)
         for consumer in chain:
             consumer.inputs[0] = dequantized
     return len(chains)
@@ -92,19 +106,9 @@ def insert_activation_qdq(graph, group: str, consumers: list, scale: float, zero
 
 def insert_output_qdq(graph, name: str, node, scale: float, zero_point: int, symmetric: bool, unsigned: bool = False) -> int:
     """Quantize a node's output: node -> QuantizeLinear -> DequantizeLinear -> its former consumers."""
-    import onnx_graphsurgeon as gs
-
     output = node.outputs[0]
     consumers = list(output.outputs)
-    zero_const = zero_point_constant(f"{ACT_ZERO_POINT}{name}", zero_point, symmetric, unsigned)
-    zero_type = zero_const.values.dtype
-    scale_const = gs.Constant(f"{ACT_SCALE}{name}", np.array(scale, dtype=np.float32))
-    quantized = gs.Variable(f"{name}::quantized", dtype=zero_type)
-    dequantized = gs.Variable(f"{name}::dequantized", dtype=np.float32)
-    graph.nodes.append(gs.Node("QuantizeLinear", name=f"{name}::QuantizeLinear", inputs=[output, scale_const, zero_const],
-                               outputs=[quantized]))  # fmt: skip
-    graph.nodes.append(gs.Node("DequantizeLinear", name=f"{name}::DequantizeLinear", inputs=[quantized, scale_const, zero_const],
-                               outputs=[dequantized]))  # fmt: skip
+    dequantized = qdq_pair(graph, name, output, *scale_and_zero(name, scale, zero_point, symmetric, unsigned))
     for consumer in consumers:
         for i, tensor in enumerate(consumer.inputs):
             if tensor is output:

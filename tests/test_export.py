@@ -67,9 +67,9 @@ def check_buckets_against_torch(out, calib, samples_per_bucket: int = 4, end_to_
         feeds = {"x": x.numpy(), "t": t.numpy(), **({"cond": cond.numpy()} if cond is not None else {})}
         graph = onnx.load(str(out / f"bucket_{k}.onnx"), load_external_data=False)
         by_name = {n.name: n for n in graph.graph.node if n.name}
-        pair = {g: "" if g.endswith("::output") else suffix for g in quantizers}  # outputs have one pair
-        q_inputs = {g: by_name[f"{g}::QuantizeLinear{pair[g]}"].input[0] for g in quantizers}
-        dq_outputs = {g: by_name[f"{g}::DequantizeLinear{pair[g]}"].output[0] for g in quantizers}
+        pair = {g: g if g.endswith("::output") else f"{g}{suffix}" for g in quantizers}  # outputs have one pair
+        q_inputs = {g: by_name[f"{pair[g]}::QuantizeLinear"].input[0] for g in quantizers}
+        dq_outputs = {g: by_name[f"{pair[g]}::DequantizeLinear"].output[0] for g in quantizers}
         mul_inputs = {n.name.removesuffix("::prescale_Mul"): n.input[0] for n in graph.graph.node if n.name.endswith("::prescale_Mul")}
         values = run_with_outputs(out / f"bucket_{k}.onnx", [*q_inputs.values(), *mul_inputs.values(), *dq_outputs.values()], feeds)
         assert set(mul_inputs) == {g for g, q in quantizers.items() if q.prescale} and mul_inputs
