@@ -9,6 +9,7 @@ K = 1 is the single-scale deployment; K = the grid size is per-timestep.
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class BucketTable:
     def __len__(self) -> int:
         return len(self.starts)
 
-    @property
+    @functools.cached_property
     def boundaries(self) -> list[float]:
         """The K-1 timestep values between buckets (midway between neighbouring grid values)."""
         return [(self.grid[s - 1] + self.grid[s]) / 2 for s in self.starts[1:]]
