@@ -9,7 +9,7 @@ import torch
 from .denoiser import LoadedModel
 from .environment import describe_device, library_versions
 from .errors import UserError
-from .metrics import DigitsMetrics, psnr_vs_ref
+from .metrics import DigitsMetrics, digits_metrics, psnr_vs_ref
 from .sampling import SamplerConfig, balanced_labels, sample
 
 
@@ -21,7 +21,7 @@ def score(images: torch.Tensor, labels: torch.Tensor, reference_images: torch.Te
     """fid_digits and class_accuracy (for 1x32x32 digits) and psnr_vs_ref (when reference images are given)."""
     result: dict = {}
     if DigitsMetrics.applies_to(images.shape[1:]):
-        result.update(DigitsMetrics().evaluate(images, labels))
+        result.update(digits_metrics().evaluate(images, labels))
     else:
         result["metrics_skipped"] = f"fid_digits and class_accuracy need 1x32x32 digits; these samples are {tuple(images.shape[1:])}."
     if reference_images is not None:

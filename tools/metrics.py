@@ -7,6 +7,7 @@ the same n: its small-n bias is large (see the README for the seed-to-seed noise
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -83,3 +84,9 @@ class DigitsMetrics:
         accuracy = (logits.argmax(1) == labels).float().mean().item()
         fid = frechet_distance(*gaussian_stats(features.numpy()), *self.real_stats())
         return {"class_accuracy": accuracy, "fid_digits": fid}
+
+
+@functools.lru_cache(maxsize=4)
+def digits_metrics(classifier_dir: str | Path = CLASSIFIER_DIR) -> DigitsMetrics:
+    """One DigitsMetrics per classifier directory: the classifier and the real-data statistics load once."""
+    return DigitsMetrics(classifier_dir)
