@@ -175,7 +175,8 @@ def test_sensitivity_tool_reports_paired_psnr_per_subset(artifacts):
                                                    "--device", "cpu"], catch_exceptions=False)  # fmt: skip
     psnr = json.loads(result.output.strip().splitlines()[-1])["psnr_vs_fp"]
     assert {"all quantized", "weights only", "activations only", "all but boundary layers", "all but conv_in"} <= psnr.keys()
-    assert psnr["all quantized"] < psnr["all but boundary layers"] or psnr["all quantized"] < psnr["weights only"]
+    # at W4A4 the 4-bit activations dominate: switching them off must recover several dB (it really toggles quantizers)
+    assert psnr["weights only"] > psnr["all quantized"] + 3
 
 
 def test_an_unrelated_output_directory_is_never_overwritten(tiny_model_dirs, tmp_path):
