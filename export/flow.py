@@ -23,6 +23,7 @@ from .buckets import bucketed_model, choose_buckets
 from .compact import compact
 from .config import ExportConfig
 from .graph import compute_node_names, export_fp_graph
+from .simplify import simplify
 from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, quantize_weights
 
 KIND = "export"
@@ -56,10 +57,12 @@ def fp_graph(artifact, config: ExportConfig, work: Path):
     onnx, gs = require_onnx()
     fp_path = work / "fp.onnx"
     export_fp_graph(load_model(artifact.path / "model").denoiser, fp_path, config.opset)
-    graph = gs.import_onnx(onnx.load(str(fp_path)))
+    graph = simplify(onnx.load(str(fp_path)))
     layers = [row["layer"] for row in artifact.plan["layers"] if row["weight_bits"]]
     by_name = {node.name: node for node in graph.nodes}
     names = compute_node_names([(n.name, n.op) for n in graph.nodes], layers)
+    for layer, name in names.items():
+        by_name[name].name = layer
     return graph, {layer: by_name[name] for layer, name in names.items()}
 
 
@@ -79,18 +82,18 @@ def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig)
     steps = {row["layer"]: artifact.tensors[f"{row['layer']}{SEPARATOR}weight_step"].numpy() for row in plan}
     quantize_weights(graph, nodes, steps, {row["layer"]: row["weight_bits"] for row in plan})
     unsigned = config.profile == "ort-cpu"
-    for group, quantizer in bucketed.denoiser.act_quantizers().items():
+    for index, (group, quantizer) in enumerate(bucketed.denoiser.act_quantizers().items()):
         scale, zero_point = quantizer.step[0].item(), int(quantizer.zero_point[0].item())
         if group.endswith(OUTPUT_SUFFIX):
-            insert_output_qdq(graph, group, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point, quantizer.fmt.symmetric,
-                              unsigned)  # fmt: skip
+            insert_output_qdq(graph, group, index, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point,
+                              quantizer.fmt.symmetric, unsigned)  # fmt: skip
             continue
         consumers = [nodes[row["layer"]] for row in plan if row["group"] == group]
         prescale = None
-        if quantizer.prescale:
+        if quantizer.prescale and bool((quantizer.dilation != 1).any()):  # a Mul by ones is no pre-scale
             shape = [1, -1, 1, 1] if consumers[0].op in ("Conv", "ConvTranspose") else [-1]
             prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
-        insert_activation_qdq(graph, group, consumers, scale, zero_point, quantizer.fmt.symmetric, prescale,
+        insert_activation_qdq(graph, group, index, consumers, scale, zero_point, quantizer.fmt.symmetric, prescale,
                               per_consumer=config.profile == "ort-cpu", unsigned=unsigned)  # fmt: skip
     compact(graph)
     graph.cleanup().toposort()
@@ -100,18 +103,16 @@ def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig)
 
 
 def set_bucket(model, bucketed, bucket: int, metadata: dict[str, str]) -> None:
-    """Write bucket k's activation scales and zero points, and the graph's metadata, into `model`."""
+    """Write bucket k's activation scales and asymmetric zero points, and the graph's metadata, into `model`."""
     from onnx import numpy_helper
 
-    quantizers = bucketed.denoiser.act_quantizers()
+    quantizers = list(bucketed.denoiser.act_quantizers().values())
     for initializer in model.graph.initializer:
         for prefix, attribute in ((ACT_SCALE, "step"), (ACT_ZERO_POINT, "zero_point")):
             if initializer.name.startswith(prefix):
-                quantizer = quantizers[initializer.name[len(prefix):]]
+                quantizer = quantizers[int(initializer.name[len(prefix):])]
                 value = getattr(quantizer, attribute)[bucket].item()
                 dtype = numpy_helper.to_array(initializer).dtype
-                if attribute == "zero_point" and dtype == np.uint8 and quantizer.fmt.symmetric:
-                    value += 128  # a symmetric int8 grid written as uint8
                 initializer.CopyFrom(numpy_helper.from_array(np.array(value, dtype=dtype), initializer.name))
     del model.metadata_props[:]
     for key, value in metadata.items():

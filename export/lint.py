@@ -53,7 +53,6 @@ def lint_tensorrt(model, allow_residual_add: bool = False) -> list[Violation]:
 
     graph, violations = model.graph, []
     initializers = {i.name: i for i in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
         for i, name in enumerate(node.input):
@@ -76,9 +75,8 @@ def lint_tensorrt(model, allow_residual_add: bool = False) -> list[Violation]:
         if zero is not None and (zero.data_type != TensorProto.INT8 or numpy_helper.to_array(zero).any()):
             violations.append(Violation("symmetric", label, "zero point must be int8 and 0 (TensorRT takes symmetric int8 only)"))
         if node.op_type == "QuantizeLinear":
+            # a Q right after a Conv is fine when its DQ feeds the next Conv: placement is judged by the DQ's consumers
             quantized_inputs[node.input[0]] = quantized_inputs.get(node.input[0], 0) + 1
-            if node.input[0] in producers and producers[node.input[0]].op_type in QUANTIZABLE:
-                violations.append(Violation("output", label, "quantizes the output of a Conv/Gemm/MatMul; TensorRT wants Q/DQ on inputs"))
             if scale is not None and len(scale.dims) > 0 and np.prod(scale.dims) > 1:
                 violations.append(Violation("per-tensor", label, "activation scales must be per tensor"))
             continue
