@@ -25,9 +25,8 @@ class ExportConfig:
             raise UserError(f"Unknown profile '{self.profile}'; choose one of {', '.join(PROFILES)}.")
         if self.buckets != "auto" and not (isinstance(self.buckets, int) and self.buckets >= 1):
             raise UserError(f"--buckets takes a positive count or 'auto', got {self.buckets!r}.")
-        if not self.fp32:
-            raise UserError("FP16 graphs (the TensorRT profile's default) are not implemented yet: pass --fp32 for "
-                            "graphs whose non-quantized parts stay in FP32.")  # fmt: skip
+        if self.profile == "ort-cpu" and not self.fp32:
+            object.__setattr__(self, "fp32", True)  # ONNX Runtime's CPU kernels are FP32: no FP16 variant
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,6 +24,7 @@ from .compact import compact
 from .config import ExportConfig
 from .graph import compute_node_names, export_fp_graph
 from .simplify import simplify
+from .precision import to_float16
 from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, quantize_weights
 
 KIND = "export"
@@ -95,6 +96,8 @@ def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig)
             prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
         insert_activation_qdq(graph, group, index, consumers, scale, zero_point, quantizer.fmt.symmetric, prescale,
                               per_consumer=config.profile == "ort-cpu", unsigned=unsigned)  # fmt: skip
+    if not config.fp32:
+        to_float16(graph)
     compact(graph)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
@@ -144,7 +147,7 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     table, estimated = choose_buckets(artifact.record.timesteps, artifact.act_steps(), config.buckets, config.auto_tolerance)
     source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
-    fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32", "n_buckets": len(table),
+    fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32" if config.fp32 else "fp16", "n_buckets": len(table),
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip

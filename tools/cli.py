@@ -162,7 +162,8 @@ def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_
 @click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration artifact directory.")
 @click.option("--buckets", default="4", show_default=True, help="Number of timestep buckets, or 'auto'.")
 @click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
-@click.option("--fp32", is_flag=True, help="Keep the non-quantized parts in FP32 (required for now: FP16 is not implemented).")
+@click.option("--fp32", is_flag=True, help="tensorrt profile: keep the non-quantized parts in FP32 instead of FP16 "
+              "(ort-cpu graphs are always FP32).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export directory to write.")
 def export_command(calib: Path, buckets: str, profile: str, fp32: bool, out: Path) -> None:
     """Export a calibration artifact to one Q/DQ ONNX graph per timestep bucket."""
