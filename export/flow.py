@@ -25,7 +25,7 @@ from .config import ExportConfig
 from .graph import compute_node_names, export_fp_graph
 from .simplify import simplify
 from .precision import to_float16
-from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, quantize_weights
+from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights
 
 KIND = "export"
 FORMAT_VERSION = "1.0"
@@ -102,6 +102,8 @@ def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     del model.graph.value_info[:]  # inferred shapes: not needed to run, and they cost bytes in every bucket graph
+    if config.profile == "tensorrt":  # ONNX Runtime's integer kernels take int8 weights only
+        pack_int4_weights(model, {row["layer"] for row in plan if row["weight_bits"] == 4})
     return model
 
 

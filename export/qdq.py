@@ -121,3 +121,36 @@ def insert_output_qdq(graph, name: str, index: int, node, scale: float, zero_poi
                 consumer.inputs[i] = dequantized
     graph.outputs = [dequantized if tensor is output else tensor for tensor in graph.outputs]
     return 1
+
+
+INT4_OPSET = 21  # the first opset whose DequantizeLinear takes INT4
+INT4_CONSUMERS = ("MatMul", "Gemm")  # TensorRT dequantizes INT4 weights only into GEMMs (weight-only INT4)
+
+
+def pack_int4_weights(model, layers: set[str]) -> int:
+    """Store the weights of `layers` (4-bit, feeding MatMul/Gemm) as packed INT4 instead of int8 containers,
+    without the zero point (0 by default), and raise the model's opset to 21; returns the weights packed.
+
+    Works on the final ModelProto: onnx-graphsurgeon cannot hold INT4 constants. Opsets 20 and 21 only widen
+    type lists of the ops these graphs use, so raising the version keeps their meaning.
+    """
+    import ml_dtypes
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    producers = {name: node for node in model.graph.node for name in node.output}
+    packed = 0
+    for node in model.graph.node:
+        if node.name not in layers or node.op_type not in INT4_CONSUMERS:
+            continue
+        dequantize = producers[node.input[1]]
+        weight = initializers[dequantize.input[0]]
+        values = numpy_helper.to_array(weight)
+        weight.CopyFrom(numpy_helper.from_array(values.astype(ml_dtypes.int4), weight.name))
+        del dequantize.input[2:]
+        packed += 1
+    if packed:
+        for opset in model.opset_import:
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = max(opset.version, INT4_OPSET)
+    return packed

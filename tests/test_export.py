@@ -257,3 +257,24 @@ def test_tensorrt_fp16_graphs_keep_the_timestep_embedding_in_fp32_and_track_thei
     full = run_bucket(exports[family, "tensorrt"] / "bucket_0.onnx", feeds)
     # tiny random weights amplify rounding flips at Q thresholds (digits: 1.3%); the end-to-end tolerance above
     assert np.linalg.norm(half - full) / np.linalg.norm(full) < 0.1
+
+
+@pytest.mark.parametrize("family", ["unet-cond", "dit"])
+def test_w4a8_stores_gemm_weights_as_int4_for_tensorrt_and_int8_containers_elsewhere(tiny_model_dirs, tmp_path, family):
+    calib = calibrate(tiny_model_dirs[family], CalibConfig.from_bits("W4A8", method="minmax", **TINY), tmp_path / "calib", progress=False)
+    for profile in ("tensorrt", "ort-cpu"):
+        out = export(calib, ExportConfig(buckets=2, profile=profile, fp32=True), tmp_path / profile)
+        check_buckets_against_torch(out, calib)
+        model = onnx.load(str(out / "bucket_0.onnx"))
+        initializers = {i.name: i for i in model.graph.initializer}
+        producer = {name: n for n in model.graph.node for name in n.output}
+        bits = {row["layer"]: row["weight_bits"] for row in load_artifact(calib).plan["layers"]}
+        layers = {n.name: (n.op_type, initializers[producer[n.input[1]].input[0]])
+                  for n in model.graph.node if bits.get(n.name) and n.op_type in QUANTIZED_OPS}  # fmt: skip
+        int4 = profile == "tensorrt"
+        four_bit_gemms = [w for name, (op, w) in layers.items() if op in ("MatMul", "Gemm") and bits[name] == 4]
+        assert four_bit_gemms and all((w.data_type == onnx.TensorProto.INT4) == int4 for w in four_bit_gemms)
+        for name, (op, w) in layers.items():
+            if w.data_type == onnx.TensorProto.INT8:  # 8-bit boundary layers, and 4-bit values in int8 containers
+                assert np.abs(numpy_helper.to_array(w).astype(int) + 0.5).max() <= 2 ** (bits[name] - 1)
+        assert model.opset_import[0].version == (21 if int4 else 19)
