@@ -19,7 +19,7 @@ from dilatequant.tools.environment import library_versions
 from dilatequant.tools.errors import MissingDependencyError, UserError
 from dilatequant.tools.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
 
-from .buckets import bucketed_model, choose_buckets
+from .buckets import BucketTable, bucketed_model, choose_buckets
 from .compact import compact
 from .config import ExportConfig
 from .graph import compute_node_names, export_fp_graph
@@ -139,6 +139,13 @@ def save_with_shared_weights(model, path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
+def model_fields(loaded, calibrated_range: tuple[int, int]) -> dict:
+    """What a runtime needs to sample through the graphs without the torch model: the model's family and
+    config (conditioning, shapes), its scheduler config, and the timestep range the scales were calibrated on."""
+    return {"model": {**loaded.denoiser.spec.to_dict(), "scheduler_config": loaded.scheduler_config},
+            "calibrated_range": list(calibrated_range)}  # fmt: skip
+
+
 def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     """Export a calibration artifact to K bucket graphs in `out` (written atomically)."""
     onnx, _ = require_onnx()
@@ -152,7 +159,8 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32" if config.fp32 else "fp16", "n_buckets": len(table),
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
-              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
+              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name},
+              **model_fields(artifact.model, (table.grid[0], table.grid[-1]))}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
         quantized_outputs = output_quantized_layers(graph, nodes, config.profile)
@@ -169,6 +177,38 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
                 template = onnx.load(str(staging / files["bucket_0"]), load_external_data=False)
             else:
                 onnx.save_model(template, str(staging / files[f"bucket_{k}"]))
+    return out
+
+
+def export_unquantized(model: str | Path, precision: str, out: str | Path) -> Path:
+    """The unquantized baseline: one graph for every timestep, in the layout of a bucketed export (so that
+    engines are built and profiled from it like from any other export)."""
+    onnx, gs = require_onnx()
+    if precision not in ("fp32", "fp16"):
+        raise UserError(f"--precision {precision} is not an unquantized precision; choose fp32 or fp16.")
+    out = Path(out)
+    check_replaceable(out, KIND)
+    loaded = load_model(model)
+    steps = loaded.scheduler_config.get("num_train_timesteps", 1000)
+    table = BucketTable(grid=(0,), starts=(0,), num_train_timesteps=steps)
+    fields = {"config": {"precision": precision}, "profile": "unquantized", "precision": precision, "n_buckets": 1,
+              "buckets": table.to_dict(), "graphs": {"bucket_0": "bucket_0.onnx"}, "weights_file": WEIGHTS_FILE,
+              "quantized_outputs": [], "source": {"model": loaded.source, "model_dir": str(loaded.model_dir)},
+              **model_fields(loaded, (0, steps - 1))}  # fmt: skip
+    with tempfile.TemporaryDirectory() as work:
+        export_fp_graph(loaded.denoiser, Path(work) / "fp.onnx", ExportConfig().opset)
+        graph = simplify(onnx.load(str(Path(work) / "fp.onnx")))
+    if precision == "fp16":
+        to_float16(graph)
+    compact(graph)
+    template = gs.export_onnx(graph.cleanup().toposort())
+    del template.graph.value_info[:]
+    metadata = {"bucket": "0", "timestep_range": f"0-{steps - 1}", "profile": "unquantized", "precision": precision,
+                "version": library_versions()["dilatequant"]}  # fmt: skip
+    with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+        for key, value in metadata.items():
+            template.metadata_props.add(key=f"dilatequant.{key}", value=value)
+        save_with_shared_weights(template, staging / "bucket_0.onnx")
     return out
 
 

@@ -166,11 +166,9 @@ def table(rows: list[dict], fp: dict) -> list[str]:
 
 
 def plot_ranges(ranges: dict, path: Path) -> None:
-    import matplotlib
+    from .plots import require_matplotlib, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = require_matplotlib()
     groups = sorted({g for variant in ranges.values() for g in variant}, key=RANGE_GROUPS.index)
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
     for axis, group in zip(axes[0], groups):
@@ -183,8 +181,7 @@ def plot_ranges(ranges: dict, path: Path) -> None:
         axis.invert_xaxis()
     axes[0][0].set_ylabel("activation clipping range (W8A8)")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 @main.command()

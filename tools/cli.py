@@ -14,6 +14,7 @@ from .errors import UserError
 
 MODEL_HELP = "Bundled model name (digits) or a local diffusers model/pipeline directory. Offline: no hub ids."
 CALIB_HELP = "Calibration artifact directory: run its fake-quant model (--model, if given, must be its source)."
+ENGINES_HELP = "Engine directory (dilatequant build): sample through its engines, one per timestep bucket."
 
 
 class Group(click.Group):
@@ -48,14 +49,22 @@ def sampler_options(command: Callable) -> Callable:
 
 
 def model_options(command: Callable) -> Callable:
-    """--model / --calib, resolved into (the model to run, its artifact or None)."""
+    """--model / --calib / --engines, resolved into (the model to run, its calibration artifact or None)."""
 
     @click.option("--model", default=None, help=MODEL_HELP + "  [default: digits]")
     @click.option("--calib", default=None, type=click.Path(path_type=Path), help=CALIB_HELP)
+    @click.option("--engines", default=None, type=click.Path(path_type=Path), help=ENGINES_HELP)
+    @click.option("--clamp", is_flag=True, help="With --engines: run timesteps outside the calibrated range with the nearest bucket.")
     @functools.wraps(command)
-    def wrapper(model: str | None, calib: Path | None, device, **kwargs):
+    def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, device, **kwargs):
         from .denoiser import load_model
 
+        if engines is not None:
+            if calib is not None or model is not None:
+                raise UserError("--engines runs an engine directory on its own; drop --model/--calib (use --ref for a reference).")
+            from dilatequant.engines.runtime import load_engine_model
+
+            return command(loaded=load_engine_model(engines, clamp), artifact=None, device=device, **kwargs)
         if calib is None:
             return command(loaded=load_model(model or "digits", device), artifact=None, device=device, **kwargs)
         from dilatequant.calibrate.artifact import load_artifact
@@ -159,23 +168,135 @@ def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_
 
 
 @cli.command("export")
-@click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration artifact directory.")
+@click.option("--calib", default=None, type=click.Path(path_type=Path), help="Calibration artifact directory to export.")
+@click.option("--model", default=None, help="Instead of --calib: export this model unquantized (the FP baseline). " + MODEL_HELP)
 @click.option("--buckets", default="4", show_default=True, help="Number of timestep buckets, or 'auto'.")
 @click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
 @click.option("--fp32", is_flag=True, help="tensorrt profile: keep the non-quantized parts in FP32 instead of FP16 "
               "(ort-cpu graphs are always FP32).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="With --model: the precision of the unquantized graph.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export directory to write.")
-def export_command(calib: Path, buckets: str, profile: str, fp32: bool, out: Path) -> None:
-    """Export a calibration artifact to one Q/DQ ONNX graph per timestep bucket."""
+def export_command(calib: Path | None, model: str | None, buckets: str, profile: str, fp32: bool, precision: str, out: Path) -> None:
+    """Export a calibration artifact to one Q/DQ ONNX graph per timestep bucket (or, with --model, one
+    unquantized graph: the baseline that engines are compared with)."""
     from dilatequant.export.config import ExportConfig
-    from dilatequant.export.flow import export
+    from dilatequant.export.flow import export, export_unquantized
 
+    if (calib is None) == (model is None):
+        raise UserError("Pass exactly one of --calib DIR (a quantized export) or --model MODEL (an unquantized baseline).")
+    start = time.perf_counter()
+    if model is not None:
+        path = export_unquantized(model, precision, out)
+        click.echo(f"wrote {path} (unquantized {precision}, {time.perf_counter() - start:.1f} s)")
+        return
     if buckets != "auto" and not buckets.isdigit():
         raise UserError(f"--buckets takes a positive count or 'auto', got '{buckets}'.")
     config = ExportConfig(buckets=buckets if buckets == "auto" else int(buckets), profile=profile, fp32=fp32)
-    start = time.perf_counter()
     path = export(calib, config, out)
     click.echo(f"wrote {path} ({profile}, {time.perf_counter() - start:.1f} s)")
+
+
+@cli.command("build")
+@click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="Export directory (dilatequant export).")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]))
+@click.option("--threads", default=0, show_default=True, help="onnxruntime: intra-op threads (0: one per core).")
+@click.option("--provider", default="auto", show_default=True,
+              help="onnxruntime: execution provider (auto: TensorRT, CUDA, then CPU, as installed).")
+@click.option("--batch", "batch", default="1,8,32", show_default=True, help="tensorrt: min,opt,max batch of the optimization profile.")
+@click.option("--dynamic-resolution", default=None, help="tensorrt: MIN,MAX image size instead of the model's fixed size.")
+@click.option("--optimization-level", default=3, show_default=True, help="tensorrt: builder optimization level 0-5.")
+@click.option("--refittable", is_flag=True, help="tensorrt: refittable engines.")
+@click.option("--strip-weights", is_flag=True, help="tensorrt: weight-stripped plans (refitted from the ONNX weights at load).")
+@click.option("--emit-trtexec", is_flag=True, help="tensorrt: write an equivalent trtexec script per bucket instead of building.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
+def build_command(export_dir: Path, backend: str, threads: int, provider: str, batch: str, dynamic_resolution: str | None,
+                  optimization_level: int, refittable: bool, strip_weights: bool, emit_trtexec: bool, out: Path) -> None:  # fmt: skip
+    """Build one engine per bucket graph of an export directory."""
+    from dilatequant.engines.config import BuildConfig
+    from dilatequant.engines.engine import build
+
+    min_batch, opt_batch, max_batch = parse_ints(batch, "--batch", 3)
+    sizes = parse_ints(dynamic_resolution, "--dynamic-resolution", 2) if dynamic_resolution else (16, 128)
+    config = BuildConfig(backend=backend, threads=threads, provider=provider, min_batch=min_batch, opt_batch=opt_batch,
+                         max_batch=max_batch, dynamic_resolution=dynamic_resolution is not None, min_size=sizes[0],
+                         max_size=sizes[1], optimization_level=optimization_level, refittable=refittable,
+                         strip_weights=strip_weights)  # fmt: skip
+    start = time.perf_counter()
+    if emit_trtexec:
+        if backend != "tensorrt":
+            raise UserError("--emit-trtexec writes TensorRT build scripts: add --backend tensorrt.")
+        from dilatequant.engines.trtexec import write_trtexec_scripts
+
+        scripts = write_trtexec_scripts(export_dir, config, out)
+        click.echo(f"wrote {len(scripts)} trtexec scripts to {out}; run {out / 'build_all.sh'} on the GPU machine")
+        return
+    path = build(export_dir, config, out)
+    click.echo(f"wrote {path} ({backend}, {time.perf_counter() - start:.1f} s)")
+
+
+def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != count:
+        raise UserError(f"{option} takes {count} comma-separated integers, got '{text}'.")
+    return values
+
+
+@cli.command("profile")
+@click.option("--engines", required=True, type=click.Path(path_type=Path), help="Engine directory to profile.")
+@click.option("--compare", multiple=True, type=click.Path(path_type=Path), help="Baseline engine directory (repeatable).")
+@click.option("--batch", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--runs", default=30, show_default=True, help="Timed calls per bucket and batch size (>= 30).")
+@click.option("--warmup", default=5, show_default=True, help="Untimed calls per bucket first.")
+@click.option("--sampling-steps", default=25, show_default=True, help="Steps of the timed end-to-end sampling loop.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="profile.json to write.")
+@click.option("--chart", default=None, type=click.Path(dir_okay=False, path_type=Path), help="PNG chart of p50 latency to write.")
+@click.option("--max-ratio", default=None, help="BATCH=RATIO: exit 1 if ratio_p50 to the first baseline exceeds RATIO at BATCH.")
+def profile_command(engines: Path, compare: tuple[Path, ...], batch: str, runs: int, warmup: int, sampling_steps: int,
+                    out: Path | None, chart: Path | None, max_ratio: str | None) -> None:  # fmt: skip
+    """Latency (p50/p95 per bucket and batch), sampling time per image and peak memory, side by side."""
+    from dilatequant.engines.profile import ProfileConfig, chart as save_chart, markdown_table, profile
+
+    from .atomic import atomic_write_text
+
+    limit = parse_max_ratio(max_ratio, bool(compare)) if max_ratio else None
+    batches = tuple(int(b) for b in batch.split(",") if b.strip().isdigit())
+    config = ProfileConfig(batches=batches, runs=runs, warmup=warmup, sampling_steps=sampling_steps)
+    report = profile(engines, list(compare), config, progress=lambda line: click.echo(line, err=True))
+    if out is not None:
+        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    if chart is not None:
+        save_chart(report, chart)
+    click.echo(markdown_table(report))
+    if limit is not None:
+        check_ratio(report, *limit)
+
+
+def parse_max_ratio(text: str, has_baseline: bool) -> tuple[str, float]:
+    batch, _, ratio = text.partition("=")
+    try:
+        value = float(ratio)
+    except ValueError:
+        value = None
+    if not batch.isdigit() or value is None:
+        raise UserError(f"--max-ratio takes BATCH=RATIO (e.g. 8=1.0), got '{text}'.")
+    if not has_baseline:
+        raise UserError("--max-ratio compares with a baseline: add --compare BASELINE_DIR.")
+    return batch, value
+
+
+def check_ratio(report: dict, batch: str, limit: float) -> None:
+    comparison = report["comparisons"][0]
+    ratio = comparison["ratio_p50"].get(batch)
+    if ratio is None:
+        raise UserError(f"--max-ratio names batch {batch}, which was not profiled; add it to --batch.")
+    verdict = "within" if ratio <= limit else "ABOVE"
+    click.echo(f"ratio_p50 at batch {batch}: {ratio:.3f} ({comparison['engines']} / {comparison['baseline']}), {verdict} the limit {limit}")
+    if ratio > limit:
+        raise SystemExit(1)
 
 
 @cli.command("lint")

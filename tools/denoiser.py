@@ -38,12 +38,49 @@ EXPECTED_LAYOUT = (
 )
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What sampling needs to know about a denoiser besides calling it: its family and diffusers config.
+    Plain data, so engine directories carry it and sample without the torch model."""
+
+    family: str
+    config: dict
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        size = self.config["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (self.config["in_channels"], height, width)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of class labels the model is conditioned on (None: unconditional or cross-attention)."""
+        if self.family == "unet":
+            return self.config.get("num_class_embeds")
+        if self.family == "dit":
+            return self.config.get("num_embeds_ada_norm")
+        return None
+
+    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample conditioning for class ids `labels` (class labels, or encoder states for cross-attention)."""
+        if self.family == "unet-cond":
+            dim = self.config["cross_attention_dim"]
+            states = [torch.randn(COND_TOKENS, dim, generator=torch.Generator().manual_seed(COND_SEED + int(label)))
+                      for label in labels]  # fmt: skip
+            return torch.stack(states)
+        return labels if self.num_classes else None
+
+    def to_dict(self) -> dict:
+        return {"family": self.family, "config": self.config}
+
+
 class Denoiser(nn.Module):
     """`eps = denoiser(x, t, cond)` for every family; `cond` comes from `conditioning(labels)`."""
 
     def __init__(self, model: nn.Module, family: str) -> None:
         super().__init__()
         self.model, self.family = model, family
+        self.spec = ModelSpec(family, json.loads(json.dumps(dict(model.config), default=str)))
 
     @property
     def config(self) -> Any:
@@ -51,27 +88,14 @@ class Denoiser(nn.Module):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        size = self.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.config.in_channels, height, width)
+        return self.spec.sample_shape
 
     @property
     def num_classes(self) -> int | None:
-        """Number of class labels the model is conditioned on (None: unconditional or cross-attention)."""
-        if self.family == "unet":
-            return self.config.num_class_embeds
-        if self.family == "dit":
-            return self.config.num_embeds_ada_norm
-        return None
+        return self.spec.num_classes
 
     def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample conditioning for class ids `labels` (class labels, or encoder states for cross-attention)."""
-        if self.family == "unet-cond":
-            dim = self.config.cross_attention_dim
-            states = [torch.randn(COND_TOKENS, dim, generator=torch.Generator().manual_seed(COND_SEED + int(label)))
-                      for label in labels]  # fmt: skip
-            return torch.stack(states)
-        return labels if self.num_classes else None
+        return self.spec.conditioning(labels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if self.family == "unet":

@@ -75,6 +75,10 @@ def inspect_path(spec: str | Path) -> dict:
         from dilatequant.export.flow import describe as describe_export
 
         return describe_export(spec)
+    if kind == "engines":
+        from dilatequant.engines.engine import describe as describe_engines
+
+        return describe_engines(spec)
     raise ArtifactError(f"{manifest} describes a '{kind}' artifact, which this dilatequant cannot inspect.")
 
 

@@ -1,0 +1,56 @@
+"""The one typed configuration of an engine build."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dilatequant.tools.errors import UserError
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """How to turn an export directory into engines.
+
+    onnxruntime: `threads` intra-op threads (0: ONNX Runtime's default, one per core); `provider` 'auto'
+    (TensorRT, then CUDA, then CPU: the first the installed onnxruntime offers), or an explicit one.
+    tensorrt: an optimization profile over the batch dimension (`min_batch` <= `opt_batch` <= `max_batch`;
+    resolution fixed to the model's, or free between `min_size` and `max_size` with `dynamic_resolution`),
+    `optimization_level` 0-5 (TensorRT's builder optimization level), `refittable` and `strip_weights`
+    (weight-stripped plans, refitted from the ONNX weights at load).
+    """
+
+    backend: str = "onnxruntime"
+    threads: int = 0
+    provider: str = "auto"
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    dynamic_resolution: bool = False
+    min_size: int = 16
+    max_size: int = 128
+    optimization_level: int = 3
+    refittable: bool = False
+    strip_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UserError(f"Unknown backend '{self.backend}'; choose one of {', '.join(BACKENDS)}.")
+        if self.threads < 0:
+            raise UserError(f"--threads must be >= 0 (0: one per core), got {self.threads}.")
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise UserError(f"Batch profile must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}.")
+        if not 0 <= self.optimization_level <= 5:
+            raise UserError(f"--optimization-level must be 0..5 (TensorRT's builder levels), got {self.optimization_level}.")
+        if self.dynamic_resolution and not 1 <= self.min_size <= self.max_size:
+            raise UserError(f"Resolution range must satisfy 1 <= min <= max, got {self.min_size}..{self.max_size}.")
+        if self.strip_weights and self.backend != "tensorrt":
+            raise UserError("--strip-weights is a TensorRT option; the onnxruntime backend keeps its weights.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BuildConfig:
+        return cls(**values)

@@ -1,0 +1,82 @@
+"""`build(export dir) -> engine dir` and `load(engine dir)`: one engine per timestep bucket.
+
+    ENGINES/manifest.json   kind "engines": backend and version, device, build options, buckets (bucket ->
+                            engine file, timestep range), the source export's manifest sha256, sha256 per file
+    ENGINES/<files>         whatever the backend writes (optimized ONNX graphs, TensorRT plans, a timing cache)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dilatequant.export.buckets import BucketTable
+from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
+from dilatequant.export.flow import KIND as EXPORT_KIND
+from dilatequant.tools.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file, staged_directory
+
+from .backend import BucketEngine, BuildContext, get_backend
+from .config import BuildConfig
+
+KIND = "engines"
+FORMAT_VERSION = "1.0"
+
+
+def build(export_dir: str | Path, config: BuildConfig, out: str | Path) -> Path:
+    """Build engines for every bucket graph of an export directory into `out` (written atomically)."""
+    export_dir, out = Path(export_dir), Path(out)
+    export_manifest = read_manifest(export_dir, EXPORT_KIND, EXPORT_FORMAT_VERSION)
+    backend = get_backend(config.backend)
+    table = BucketTable.from_dict(export_manifest["buckets"])
+    fields = {
+        "backend": backend.name, "backend_version": backend.version(), "device": backend.device(config),
+        "build": config.to_dict(), "profile": export_manifest["profile"], "precision": export_manifest["precision"],
+        "buckets": export_manifest["buckets"], "ranges": [list(r) for r in table.ranges()],
+        "model": export_manifest["model"], "calibrated_range": export_manifest["calibrated_range"],
+        "source": {"export": str(export_dir), "manifest_sha256": sha256_file(export_dir / MANIFEST_NAME),
+                   "source": export_manifest["source"]},
+    }  # fmt: skip
+    with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+        fields.update(backend.build(BuildContext(export_dir, export_manifest, staging, config)))
+    return out
+
+
+class EngineSet:
+    """The loaded engines of one engine directory: `run(k, x, t, cond)` runs bucket k's engine."""
+
+    def __init__(self, path: Path, manifest: dict, engines: list[BucketEngine]) -> None:
+        self.path, self.manifest, self.engines = path, manifest, engines
+        self.table = BucketTable.from_dict(manifest["buckets"])
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def run(self, bucket: int, x: np.ndarray, t: np.ndarray, cond: np.ndarray | None = None) -> np.ndarray:
+        engine = self.engines[bucket]
+        feeds = {"x": x, "t": t, **({"cond": cond} if cond is not None else {})}
+        missing = set(engine.input_dtypes) - set(feeds)
+        if missing:
+            raise ArtifactError(f"{self.path} engines take inputs {sorted(engine.input_dtypes)}; {sorted(missing)} not given "
+                                "(a conditional model needs cond).")  # fmt: skip
+        return engine.run({name: np.asarray(feeds[name]).astype(dtype, copy=False) for name, dtype in engine.input_dtypes.items()})
+
+
+def load(path: str | Path) -> EngineSet:
+    """Verify an engine directory (checksums, backend and its version) and load every bucket's engine."""
+    path = Path(path)
+    manifest = read_manifest(path, KIND, FORMAT_VERSION)
+    backend = get_backend(manifest["backend"])
+    installed = backend.version()
+    if installed != manifest["backend_version"]:
+        raise ArtifactError(f"{path} was built with {manifest['backend']} {manifest['backend_version']}, but {installed} is "
+                            "installed; engines are specific to the runtime version. Rebuild them with `dilatequant build`.")  # fmt: skip
+    return EngineSet(path, manifest, [backend.load(path, manifest, key) for key in manifest["engines"]])
+
+
+def describe(path: str | Path) -> dict:
+    """The `inspect` summary of an engine directory; verifies every checksum on the way."""
+    manifest = read_manifest(Path(path), KIND, FORMAT_VERSION)
+    keys = ("backend", "backend_version", "device", "profile", "precision", "ranges", "calibrated_range", "engines", "build")
+    return {"kind": KIND, "path": str(path), "format_version": manifest["format_version"], "checksums_verified": True,
+            **{key: manifest[key] for key in keys}, "total_bytes": sum(f["bytes"] for f in manifest["files"].values())}  # fmt: skip
