@@ -1,0 +1,164 @@
+"""engines/: build, load and run ONNX Runtime engines; the bucketed runtime; profile; error handling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dilatequant.calibrate.config import CalibConfig
+from dilatequant.calibrate.flow import calibrate
+from dilatequant.engines.config import BuildConfig
+from dilatequant.engines.engine import build, load
+from dilatequant.engines.runtime import EngineDenoiser, load_engine_model
+from dilatequant.export.config import ExportConfig
+from dilatequant.export.flow import export, export_unquantized
+from dilatequant.tools.cli import cli
+from dilatequant.tools.errors import UserError
+from dilatequant.tools.manifest import ArtifactError
+from dilatequant.tools.sampling import SamplerConfig, sample
+
+ort = pytest.importorskip("onnxruntime")
+TINY = {"samples": 32, "trajectories": 8, "steps": 5}
+FAMILIES = ["unet", "unet-cond", "dit"]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines-export")
+    out = {}
+    for family in FAMILIES:
+        calib = calibrate(tiny_model_dirs[family], CalibConfig.from_bits("W8A8", method="minmax", **TINY), root / f"{family}-cal",
+                          progress=False)  # fmt: skip
+        out[family] = export(calib, ExportConfig(buckets=2, profile="ort-cpu"), root / family)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(exports, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    return {family: build(path, BuildConfig(threads=1), root / family) for family, path in exports.items()}
+
+
+def inputs(denoiser: EngineDenoiser, t: list[int]):
+    x = torch.randn(len(t), *denoiser.sample_shape, generator=torch.Generator().manual_seed(0))
+    return x, torch.tensor(t), denoiser.conditioning(torch.arange(len(t)) % (denoiser.num_classes or 10))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engines_compute_what_the_exported_graphs_compute(exports, engines, family):
+    denoiser = load_engine_model(engines[family]).denoiser
+    manifest = json.loads((engines[family] / "manifest.json").read_text())
+    assert manifest["backend"] == "onnxruntime" and manifest["provider"] == "CPUExecutionProvider" and len(manifest["engines"]) == 2
+    for k, (low, high) in enumerate(manifest["ranges"]):
+        t = max(low, manifest["calibrated_range"][0])
+        x, tt, cond = inputs(denoiser, [t, t])
+        feeds = {"x": x.numpy(), "t": tt.numpy(), **({"cond": cond.numpy()} if cond is not None else {})}
+        graph = ort.InferenceSession(str(exports[family] / f"bucket_{k}.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(denoiser(x, tt, cond).numpy(), graph.run(None, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_mixed_timestep_batch_is_split_by_bucket_and_reassembled_in_order(engines):
+    denoiser = load_engine_model(engines["unet-cond"]).denoiser
+    low, high = denoiser.low, denoiser.high
+    t = [high, low, high, low + 1]
+    assert len({denoiser.engines.table.bucket_of(v) for v in t}) == 2
+    x, tt, cond = inputs(denoiser, t)
+    mixed = denoiser(x, tt, cond)
+    one_by_one = torch.cat([denoiser(x[i : i + 1], tt[i : i + 1], cond[i : i + 1]) for i in range(len(t))])
+    np.testing.assert_allclose(mixed.numpy(), one_by_one.numpy(), rtol=1e-5, atol=1e-6)
+    assert denoiser(x, torch.tensor(high), cond).shape == x.shape  # one t for the whole batch
+
+
+def test_timesteps_outside_the_calibrated_range_need_clamp(engines):
+    path = engines["unet"]
+    strict, clamped = load_engine_model(path).denoiser, load_engine_model(path, clamp=True).denoiser
+    x, _, cond = inputs(strict, [0])
+    below = torch.tensor([strict.low - 1])
+    with pytest.raises(UserError, match="outside the range .* --clamp"):
+        strict(x, below, cond)
+    # clamping picks the nearest bucket's scales; the model still sees the true timestep
+    nearest = strict.engines.run(strict.engines.table.bucket_of(strict.low), x.numpy(), below.numpy(), cond.numpy())
+    np.testing.assert_allclose(clamped(x, below, cond).numpy(), nearest, rtol=1e-6)
+
+
+def test_bad_inputs_are_refused_with_the_expected_shapes(engines):
+    denoiser = load_engine_model(engines["unet"]).denoiser
+    x, t, cond = inputs(denoiser, [denoiser.high, denoiser.high])
+    with pytest.raises(UserError, match="per sample; the engines .* take"):
+        denoiser(x[:, :, :4], t, cond)
+    with pytest.raises(UserError, match="Batch mismatch"):
+        denoiser(x, t[:1].repeat(3), cond)
+    with pytest.raises(ArtifactError, match="cond"):
+        denoiser.engines.run(0, x.numpy(), t.numpy(), None)
+
+
+def test_sampling_through_fp_engines_reproduces_torch_sampling(tiny_model_dirs, tmp_path):
+    """The runtime inside diffusers' scheduler loop: exact where the graph is exact (the FP export)."""
+    from dilatequant.tools.denoiser import load_model
+
+    engines = build(export_unquantized(tiny_model_dirs["unet-cond"], "fp32", tmp_path / "fp"), BuildConfig(threads=1), tmp_path / "e")
+    engine_model, torch_model = load_engine_model(engines), load_model(tiny_model_dirs["unet-cond"])
+    config, labels = SamplerConfig(steps=5, batch_size=3), torch.arange(4)
+    through_engines = sample(engine_model.denoiser, engine_model.scheduler_config, labels, config, progress=False)
+    through_torch = sample(torch_model.denoiser, torch_model.scheduler_config, labels, config, progress=False)
+    assert (through_engines - through_torch).norm() / through_torch.norm() < 1e-3
+
+
+def test_corrupt_or_foreign_engine_directories_are_refused(engines, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(engines["dit"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "backend_version": "0.1"}))
+    with pytest.raises(ArtifactError, match="built with onnxruntime 0.1.*Rebuild"):
+        load(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "device": "cpu (another CPU)"}))
+    with pytest.raises(ArtifactError, match="built on cpu \\(another CPU\\).*rebuild"):
+        load(copy)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with open(copy / "bucket_1.onnx", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\0\0\0\0")
+    with pytest.raises(ArtifactError, match="does not match its sha256"):
+        load(copy)
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        build(tmp_path, BuildConfig(), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(UserError, match="strip-weights is a TensorRT option"):
+        BuildConfig(strip_weights=True)
+
+
+def test_unquantized_export_is_one_bucket_over_every_timestep(tiny_model_dirs, tmp_path):
+    out = export_unquantized(tiny_model_dirs["dit"], "fp16", tmp_path / "fp")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["profile"] == "unquantized" and manifest["precision"] == "fp16" and manifest["n_buckets"] == 1
+    assert manifest["calibrated_range"] == [0, 999] and manifest["buckets"]["grid"] == [0]
+    with pytest.raises(UserError, match="not an unquantized precision"):
+        export_unquantized(tiny_model_dirs["dit"], "int8", tmp_path / "int8")
+
+
+def test_cli_build_profile_and_the_latency_gate(exports, tmp_path, tiny_model_dirs):
+    runner = CliRunner()
+    quantized, baseline = tmp_path / "q", tmp_path / "fp"
+    assert runner.invoke(cli, ["build", "--export", str(exports["unet"]), "--threads", "1", "--out", str(quantized)]).exit_code == 0
+    fp_export = export_unquantized(tiny_model_dirs["unet"], "fp32", tmp_path / "fp-export")
+    assert runner.invoke(cli, ["build", "--export", str(fp_export), "--out", str(baseline)]).exit_code == 0
+    summary = json.loads(runner.invoke(cli, ["inspect", str(quantized), "--json"]).stdout)
+    assert summary["kind"] == "engines" and summary["checksums_verified"] and len(summary["engines"]) == 2
+    args = ["profile", "--engines", str(quantized), "--compare", str(baseline), "--batch", "1,2", "--sampling-steps", "2",
+            "--warmup", "1", "--out", str(tmp_path / "profile.json"), "--chart", str(tmp_path / "profile.png")]  # fmt: skip
+    run = runner.invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert set(report["comparisons"][0]["ratio_p50"]) == {"1", "2"} and (tmp_path / "profile.png").stat().st_size > 1000
+    for entry in report["engines"].values():
+        assert entry["memory"]["peak_rss_mb"] > 0 and all(len(b["per_bucket"]) == entry["n_buckets"] for b in entry["batches"].values())
+        assert all(b["p95_ms"] >= b["p50_ms"] > 0 for b in entry["batches"].values())
+    assert "| q | onnxruntime |" in run.output
+    gate = runner.invoke(cli, [*args, "--max-ratio", "2=0.000001"])
+    assert gate.exit_code == 1 and "ABOVE the limit" in gate.output
+    refused = runner.invoke(cli, ["profile", "--engines", str(quantized), "--max-ratio", "8=1"])
+    assert refused.exit_code == 1 and "add --compare" in refused.output
