@@ -103,25 +103,37 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 
 @cli.command("eval")
 @click.option("--n", default=1000, show_default=True, help="Number of samples.")
-@click.option("--ref", default=None, help="Reference for psnr_vs_ref (same noise) [default with --calib: its FP source]. "
-              + MODEL_HELP)  # fmt: skip
+@click.option("--ref", default=None, help="Reference for psnr_vs_ref (same noise) [default with --calib: its FP source]: "
+              "an engine directory, or " + MODEL_HELP)  # fmt: skip
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="JSON file to write.")
 @sampler_options
 @model_options
 def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sampler, device) -> None:
     """Sample n images and report fid_digits, class_accuracy and psnr_vs_ref as JSON."""
     from .atomic import atomic_write_text
-    from .denoiser import load_model
     from .evaluate import evaluate
 
     if ref is None and artifact is not None:
         ref = artifact.record.source["spec"]
         artifact.check_source(ref)
-    reference = load_model(ref, device) if ref else None
+    reference = load_reference(ref, device) if ref else None
     text = json.dumps(evaluate(loaded, n, sampler, device, reference), indent=2) + "\n"
     if out is not None:
         atomic_write_text(out, text)
     click.echo(text, nl=False)
+
+
+def load_reference(spec: str, device):
+    """A reference to compare with: a model (zoo name or directory) or an engine directory."""
+    from .denoiser import load_model
+    from .manifest import MANIFEST_NAME
+
+    manifest = Path(spec) / MANIFEST_NAME
+    if manifest.is_file() and json.loads(manifest.read_text()).get("kind") == "engines":
+        from dilatequant.engines.runtime import load_engine_model
+
+        return load_engine_model(spec)
+    return load_model(spec, device)
 
 
 @cli.command("calibrate")

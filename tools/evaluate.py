@@ -59,5 +59,7 @@ def evaluate(
         reference_images = sample(reference.denoiser, reference.scheduler_config, labels, sampler, device, progress)
         result["reference"] = reference.source
     result.update(score(images, labels, reference_images))
+    if reference_images is not None:  # same labels and noise: the reference's own metrics, for paired comparisons
+        result["reference_metrics"] = score(reference_images, labels)
     result["versions"] = library_versions()
     return result
