@@ -311,6 +311,24 @@ def check_ratio(report: dict, batch: str, limit: float) -> None:
         raise SystemExit(1)
 
 
+@cli.command("demo")
+@click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for every artifact and report.html (an interrupted demo resumes there).")
+@click.option("--n", default=200, show_default=True, help="Images sampled per engine set for the quality numbers.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: one per core).")
+def demo_command(out: Path, n: int, threads: int) -> None:
+    """Calibrate digits (W8A8, quick), export 4 buckets, build ONNX Runtime engines, profile them against FP32,
+    sample both and write OUT/report.html."""
+    from .demo import DemoConfig, run_demo
+
+    start = time.perf_counter()
+    report = run_demo(out, DemoConfig(quality_n=n, threads=threads), echo=lambda line: click.echo(line, err=True))
+    summary = json.loads((Path(out) / "report.json").read_text())
+    for target in summary["targets"]:
+        click.echo(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['measured']}")
+    click.echo(f"wrote {report} ({time.perf_counter() - start:.0f} s)")
+
+
 @cli.command("lint")
 @click.argument("graph", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
