@@ -1,0 +1,28 @@
+"""dilatequant demo on digits with tiny settings: every stage runs, the report has its parts, a rerun resumes."""
+
+import json
+
+import pytest
+
+from dilatequant.tools.demo import DemoConfig, run_demo
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.mark.slow
+def test_demo_writes_a_complete_report_and_resumes(tmp_path):
+    config = DemoConfig(calibration={"method": "minmax", "samples": 32, "trajectories": 8, "steps": 8, "boundary": "fp"},
+                        quality_n=20, sampling_steps=4, batch_size=20, threads=2)  # fmt: skip
+    lines: list[str] = []
+    report = run_demo(tmp_path, config, echo=lines.append)
+    page = report.read_text()
+    record = json.loads((tmp_path / "report.json").read_text())
+    for figure in record["figures"].values():
+        assert (tmp_path / figure).stat().st_size > 1000 and f'src="{figure}"' in page
+    assert [t["target"].split()[0] for t in record["targets"]] == ["INT8", "class_accuracy", "fid_digits"]
+    assert set(record["quality"]) == {"fp32", "int8"} and record["quality"]["int8"]["psnr_vs_fp"] > 20
+    assert record["profile"]["comparisons"][0]["ratio_p50"].keys() == {"1", "8"}
+    assert "MISSED" in page or "met" in page
+    again: list[str] = []
+    run_demo(tmp_path, config, echo=again.append)
+    assert sum("reusing" in line for line in again) == 5 and not any("reusing" in line for line in lines)
