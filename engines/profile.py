@@ -118,7 +118,9 @@ def profile(engines: Path, baselines: list[Path], config: ProfileConfig, progres
 def summary(denoiser: EngineDenoiser) -> dict:
     manifest = denoiser.engines.manifest
     keys = ("backend", "backend_version", "device", "profile", "precision")
-    return {**{key: manifest[key] for key in keys}, "n_buckets": len(denoiser.engines), "threads": manifest["build"]["threads"]}
+    build = manifest["build"]
+    return {**{key: manifest[key] for key in keys}, "n_buckets": len(denoiser.engines), "threads": build["threads"],
+            "streams": build.get("streams", 1)}  # fmt: skip
 
 
 def compare(results: dict, name: str, baseline: str) -> dict:
@@ -130,17 +132,18 @@ def compare(results: dict, name: str, baseline: str) -> dict:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per engine directory and batch size."""
-    ratios = {(c["engines"], b): (c["baseline"], r) for c in report["comparisons"] for b, r in c["ratio_p50"].items()}
-    lines = ["| engines | backend | precision | buckets | batch | p50 ms | p95 ms | sampling s/image | ratio p50 | peak RSS MiB |",
+    """One row per engine directory and batch size; ratio columns for each baseline."""
+    ratios: dict[tuple[str, str], list[str]] = {}
+    for c in report["comparisons"]:
+        for batch, ratio in c["ratio_p50"].items():
+            ratios.setdefault((c["engines"], batch), []).append(f"{ratio:.2f}x {c['baseline']}")
+    lines = ["| engines | backend | graphs | buckets | batch | p50 ms | p95 ms | sampling s/image | p50 vs baseline | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, entry in report["engines"].items():
         for batch, row in entry["batches"].items():
-            ratio = ratios.get((name, batch))
-            ratio_text = f"{ratio[1]:.2f}x {ratio[0]}" if ratio else ""
             lines.append(f"| {name} | {entry['backend']} | {entry['profile']}/{entry['precision']} | {entry['n_buckets']} | {batch} | "
-                         f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['sampling_seconds_per_image']:.3f} | {ratio_text} | "
-                         f"{entry['memory']['peak_rss_mb']:.0f} |")  # fmt: skip
+                         f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['sampling_seconds_per_image']:.3f} | "
+                         f"{'; '.join(ratios.get((name, batch), []))} | {entry['memory']['peak_rss_mb']:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -162,3 +162,13 @@ def test_cli_build_profile_and_the_latency_gate(exports, tmp_path, tiny_model_di
     assert gate.exit_code == 1 and "ABOVE the limit" in gate.output
     refused = runner.invoke(cli, ["profile", "--engines", str(quantized), "--max-ratio", "8=1"])
     assert refused.exit_code == 1 and "add --compare" in refused.output
+
+
+def test_streams_split_the_batch_and_give_the_same_result(exports, engines, tmp_path):
+    streamed = load_engine_model(build(exports["dit"], BuildConfig(threads=1, streams=2), tmp_path / "streams")).denoiser
+    single = load_engine_model(engines["dit"]).denoiser
+    assert len(streamed.engines.engines[0].sessions) == 2
+    x, t, cond = inputs(single, [single.high] * 5)  # an uneven split: 2 + 3
+    np.testing.assert_allclose(streamed(x, t, cond).numpy(), single(x, t, cond).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="--streams must be >= 1"):
+        BuildConfig(streams=0)

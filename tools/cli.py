@@ -212,7 +212,10 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 @cli.command("build")
 @click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="Export directory (dilatequant export).")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]))
-@click.option("--threads", default=0, show_default=True, help="onnxruntime: intra-op threads (0: one per core).")
+@click.option("--threads", default=0, show_default=True,
+              help="onnxruntime: intra-op threads per session (0: the cores divided among the streams).")
+@click.option("--streams", default=1, show_default=True,
+              help="onnxruntime: sessions per bucket, each running a slice of the batch concurrently.")
 @click.option("--provider", default="auto", show_default=True,
               help="onnxruntime: execution provider (auto: TensorRT, CUDA, then CPU, as installed).")
 @click.option("--batch", "batch", default="1,8,32", show_default=True, help="tensorrt: min,opt,max batch of the optimization profile.")
@@ -222,7 +225,7 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 @click.option("--strip-weights", is_flag=True, help="tensorrt: weight-stripped plans (refitted from the ONNX weights at load).")
 @click.option("--emit-trtexec", is_flag=True, help="tensorrt: write an equivalent trtexec script per bucket instead of building.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
-def build_command(export_dir: Path, backend: str, threads: int, provider: str, batch: str, dynamic_resolution: str | None,
+def build_command(export_dir: Path, backend: str, threads: int, streams: int, provider: str, batch: str, dynamic_resolution: str | None,
                   optimization_level: int, refittable: bool, strip_weights: bool, emit_trtexec: bool, out: Path) -> None:  # fmt: skip
     """Build one engine per bucket graph of an export directory."""
     from dilatequant.engines.config import BuildConfig
@@ -230,7 +233,7 @@ def build_command(export_dir: Path, backend: str, threads: int, provider: str, b
 
     min_batch, opt_batch, max_batch = parse_ints(batch, "--batch", 3)
     sizes = parse_ints(dynamic_resolution, "--dynamic-resolution", 2) if dynamic_resolution else (16, 128)
-    config = BuildConfig(backend=backend, threads=threads, provider=provider, min_batch=min_batch, opt_batch=opt_batch,
+    config = BuildConfig(backend=backend, threads=threads, streams=streams, provider=provider, min_batch=min_batch, opt_batch=opt_batch,
                          max_batch=max_batch, dynamic_resolution=dynamic_resolution is not None, min_size=sizes[0],
                          max_size=sizes[1], optimization_level=optimization_level, refittable=refittable,
                          strip_weights=strip_weights)  # fmt: skip
@@ -315,14 +318,15 @@ def check_ratio(report: dict, batch: str, limit: float) -> None:
 @click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for every artifact and report.html (an interrupted demo resumes there).")
 @click.option("--n", default=200, show_default=True, help="Images sampled per engine set for the quality numbers.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads (0: one per core).")
-def demo_command(out: Path, n: int, threads: int) -> None:
+@click.option("--streams", default=2, show_default=True, help="ONNX Runtime sessions per bucket, each running a slice of the batch.")
+@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads per session (0: cores / streams).")
+def demo_command(out: Path, n: int, streams: int, threads: int) -> None:
     """Calibrate digits (W8A8, quick), export 4 buckets, build ONNX Runtime engines, profile them against FP32,
     sample both and write OUT/report.html."""
     from .demo import DemoConfig, run_demo
 
     start = time.perf_counter()
-    report = run_demo(out, DemoConfig(quality_n=n, threads=threads), echo=lambda line: click.echo(line, err=True))
+    report = run_demo(out, DemoConfig(quality_n=n, streams=streams, threads=threads), echo=lambda line: click.echo(line, err=True))
     summary = json.loads((Path(out) / "report.json").read_text())
     for target in summary["targets"]:
         click.echo(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['measured']}")

@@ -38,6 +38,7 @@ class DemoConfig:
     sampling_steps: int = 25
     batch_size: int = 50
     threads: int = 0
+    streams: int = 2
     runs: int = 30
     seed: int = 0
 
@@ -85,7 +86,7 @@ def artifacts(config: DemoConfig, out: Path, stages: Stages) -> dict[str, Path]:
 
     paths = {name: out / name for name in ("calibration", "export-int8", "export-fp32", "engines-int8", "engines-fp32")}
     calib_config = CalibConfig.from_bits("W8A8", **config.calibration)
-    build_config = BuildConfig(threads=config.threads)
+    build_config = BuildConfig(threads=config.threads, streams=config.streams)
     stages.run("calibrate", paths["calibration"], CALIB_KIND, CALIB_VERSION,
                lambda: calibrate(config.model, calib_config, paths["calibration"]))  # fmt: skip
     stages.run("export int8", paths["export-int8"], EXPORT_KIND, EXPORT_VERSION,
