@@ -12,28 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.tools.denoiser import LoadedModel, ModelSpec
+from dilatequant.tools.denoiser import LoadedModel, ModelSpec, SpecMixin
 from dilatequant.tools.errors import UserError
 
 from .engine import EngineSet, load
 
 
-class EngineDenoiser:
+class EngineDenoiser(SpecMixin):
     def __init__(self, engines: EngineSet, clamp: bool = False) -> None:
         self.engines, self.clamp = engines, clamp
         self.spec = ModelSpec(engines.manifest["model"]["family"], engines.manifest["model"]["config"])
         self.low, self.high = engines.manifest["calibrated_range"]
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return self.spec.sample_shape
-
-    @property
-    def num_classes(self) -> int | None:
-        return self.spec.num_classes
-
-    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return self.spec.conditioning(labels)
 
     def buckets_of(self, t: torch.Tensor) -> torch.Tensor:
         """Bucket index per sample; timesteps outside the calibrated range are refused unless clamping."""

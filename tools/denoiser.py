@@ -74,17 +74,10 @@ class ModelSpec:
         return {"family": self.family, "config": self.config}
 
 
-class Denoiser(nn.Module):
-    """`eps = denoiser(x, t, cond)` for every family; `cond` comes from `conditioning(labels)`."""
+class SpecMixin:
+    """What samplers need besides the call, read from `self.spec` (torch denoisers and engines alike)."""
 
-    def __init__(self, model: nn.Module, family: str) -> None:
-        super().__init__()
-        self.model, self.family = model, family
-        self.spec = ModelSpec(family, json.loads(json.dumps(dict(model.config), default=str)))
-
-    @property
-    def config(self) -> Any:
-        return self.model.config
+    spec: ModelSpec
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -96,6 +89,19 @@ class Denoiser(nn.Module):
 
     def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
         return self.spec.conditioning(labels)
+
+
+class Denoiser(SpecMixin, nn.Module):
+    """`eps = denoiser(x, t, cond)` for every family; `cond` comes from `conditioning(labels)`."""
+
+    def __init__(self, model: nn.Module, family: str) -> None:
+        super().__init__()
+        self.model, self.family = model, family
+        self.spec = ModelSpec(family, json.loads(json.dumps(dict(model.config), default=str)))
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if self.family == "unet":
