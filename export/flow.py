@@ -186,15 +186,8 @@ def export_unquantized(model: str | Path, precision: str, out: str | Path) -> Pa
     onnx, gs = require_onnx()
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision {precision} is not an unquantized precision; choose fp32 or fp16.")
-    out = Path(out)
-    check_replaceable(out, KIND)
+    check_replaceable(Path(out), KIND)
     loaded = load_model(model)
-    steps = loaded.scheduler_config.get("num_train_timesteps", 1000)
-    table = BucketTable(grid=(0,), starts=(0,), num_train_timesteps=steps)
-    fields = {"config": {"precision": precision}, "profile": "unquantized", "precision": precision, "n_buckets": 1,
-              "buckets": table.to_dict(), "graphs": {"bucket_0": "bucket_0.onnx"}, "weights_file": WEIGHTS_FILE,
-              "quantized_outputs": [], "source": {"model": loaded.source, "model_dir": str(loaded.model_dir)},
-              **model_fields(loaded, (0, steps - 1))}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         export_fp_graph(loaded.denoiser, Path(work) / "fp.onnx", ExportConfig().opset)
         graph = simplify(onnx.load(str(Path(work) / "fp.onnx")))
@@ -203,12 +196,27 @@ def export_unquantized(model: str | Path, precision: str, out: str | Path) -> Pa
     compact(graph)
     template = gs.export_onnx(graph.cleanup().toposort())
     del template.graph.value_info[:]
-    metadata = {"bucket": "0", "timestep_range": f"0-{steps - 1}", "profile": "unquantized", "precision": precision,
+    return export_single_graph(template, loaded, "unquantized", precision, out)
+
+
+def export_single_graph(model, loaded, profile: str, precision: str, out: str | Path, source: dict | None = None) -> Path:
+    """Write one graph (an onnx ModelProto, for every timestep) as a one-bucket export directory: the FP
+    baseline, or a graph quantized by another tool (`profile` names it) that engines and profile then take."""
+    out = Path(out)
+    check_replaceable(out, KIND)
+    steps = loaded.scheduler_config.get("num_train_timesteps", 1000)
+    table = BucketTable(grid=(0,), starts=(0,), num_train_timesteps=steps)
+    source = {"model": loaded.source, "model_dir": str(loaded.model_dir), **(source or {})}
+    fields = {"config": {"precision": precision}, "profile": profile, "precision": precision, "n_buckets": 1,
+              "buckets": table.to_dict(), "graphs": {"bucket_0": "bucket_0.onnx"}, "weights_file": WEIGHTS_FILE,
+              "quantized_outputs": [], "source": source, **model_fields(loaded, (0, steps - 1))}  # fmt: skip
+    metadata = {"bucket": "0", "timestep_range": f"0-{steps - 1}", "profile": profile, "precision": precision,
                 "version": library_versions()["dilatequant"]}  # fmt: skip
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+        del model.metadata_props[:]
         for key, value in metadata.items():
-            template.metadata_props.add(key=f"dilatequant.{key}", value=value)
-        save_with_shared_weights(template, staging / "bucket_0.onnx")
+            model.metadata_props.add(key=f"dilatequant.{key}", value=value)
+        save_with_shared_weights(model, staging / "bucket_0.onnx")
     return out
 
 
