@@ -1,0 +1,201 @@
+"""dilatequant side by side with ONNX Runtime's quantize_static and NVIDIA ModelOpt on `digits`, in one run.
+
+    python -m dilatequant.tools.bench --out bench [--quick]
+
+Every entry is deployed the same way: its ONNX graph(s) -> ONNX Runtime CPU engines (`engines/`), sampled
+through the engines with the same sampler, steps, seeds and n (quality: fid_digits, class_accuracy,
+psnr_vs_fp against the FP32 engine), and profiled together in one process with interleaved rounds (p50 at
+batch 1 and 8). Also recorded: calibration (or quantization) wall time and bytes on disk. Peers calibrate on
+dilatequant's calibration samples. Results: OUT/bench.json, OUT/bench.md, OUT/bench.png.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import click
+
+from .atomic import atomic_write_text
+
+QUICK = {"n": 20, "steps": 5, "samples": 32, "trajectories": 8, "sampling_steps": 2}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str = "digits"
+    n: int = 1000
+    steps: int = 25
+    seed: int = 0
+    samples: int = 512
+    trajectories: int = 32
+    buckets: int = 4
+    bkd_iters: int = 0
+    boundary: str = "fp"
+    streams: int = 2
+    threads: int = 0
+    runs: int = 30
+    sampling_steps: int = 25
+    batch_size: int = 50
+
+
+def dilatequant_entries(config: BenchConfig) -> dict[str, tuple[str, dict, int]]:
+    """name -> (bits, extra CalibConfig fields, buckets)."""
+    return {
+        "dilatequant-w8a8-k1": ("W8A8", {}, 1),
+        f"dilatequant-w8a8-k{config.buckets}": ("W8A8", {}, config.buckets),
+        f"dilatequant-w8a8-nowd-k{config.buckets}": ("W8A8", {"dilation": False}, config.buckets),
+        f"dilatequant-w4a8-k{config.buckets}": ("W4A8", {}, config.buckets),
+    }
+
+
+def timed(work):
+    """(result, seconds) of calling `work`."""
+    start = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - start
+
+
+def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path], dict[str, float]]:
+    """Every entry's export directory (one graph, or one per bucket for dilatequant) and its calibration (or
+    quantization) seconds; entries that share a calibration each count it."""
+    from dilatequant.calibrate.artifact import load_artifact
+    from dilatequant.calibrate.config import CalibConfig
+    from dilatequant.calibrate.flow import calibrate
+    from dilatequant.export.config import ExportConfig
+    from dilatequant.export.flow import export, export_single_graph, export_unquantized
+
+    from .denoiser import load_model
+    from .peers import MODELOPT_VARIANTS, ORT_VARIANTS, calibration_batches, modelopt_quantize, ort_quantize
+
+    exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
+    calibrations: dict[tuple, tuple[Path, float]] = {}
+    for name, (bits, extra, buckets) in dilatequant_entries(config).items():
+        key = (bits, tuple(sorted(extra.items())))
+        if key not in calibrations:
+            echo(f"[{name}] calibrating {bits} {extra or ''}")
+            calib = CalibConfig.from_bits(bits, bkd_iters=config.bkd_iters, samples=config.samples, trajectories=config.trajectories,
+                                          steps=config.steps, boundary=config.boundary, seed=config.seed, **extra)  # fmt: skip
+            calibrations[key] = timed(lambda: calibrate(config.model, calib, out / f"calib-{len(calibrations)}", progress=False))
+        path, calibration_seconds = calibrations[key]
+        exports[name], export_seconds = timed(lambda: export(path, ExportConfig(buckets=buckets, profile="ort-cpu"), out / name))
+        seconds[name] = calibration_seconds + export_seconds
+    data = load_artifact(calibrations[("W8A8", ())][0]).calibration_data()
+    fp32_graph = exports["fp32"] / "bucket_0.onnx"
+    peers = {name: lambda loaded, batches, m=method, a=activation: ort_quantize(fp32_graph, batches, m, a)
+             for name, (method, activation) in ORT_VARIANTS.items()}  # fmt: skip
+    peers.update({name: lambda loaded, batches, c=c: modelopt_quantize(loaded, batches, c) for name, c in MODELOPT_VARIANTS.items()})
+    for name, quantize in peers.items():
+        echo(f"[{name}] quantizing")
+        loaded = load_model(config.model)  # fresh: ModelOpt edits the torch model in place
+        batches = calibration_batches(data, loaded)
+        graph, seconds[name] = timed(lambda: quantize(loaded, batches))
+        exports[name] = export_single_graph(graph, loaded, name, "fp32", out / name)
+    return exports, seconds
+
+
+def quality(engines: dict[str, Path], config: BenchConfig, echo) -> dict[str, dict]:
+    """Sample every entry's engines from the same noise; metrics, and PSNR against the FP32 engine's images."""
+    from dilatequant.engines.runtime import load_engine_model
+
+    from .evaluate import labels_for, score
+    from .metrics import psnr_vs_ref
+    from .sampling import SamplerConfig, sample
+
+    sampler = SamplerConfig(steps=config.steps, seed=config.seed, batch_size=config.batch_size)
+    results, reference = {}, None
+    for name, path in engines.items():
+        echo(f"[{name}] sampling {config.n} images")
+        model = load_engine_model(path)
+        labels = labels_for(model, config.n)
+        images = sample(model.denoiser, model.scheduler_config, labels, sampler, progress=False)
+        reference = images if reference is None else reference
+        results[name] = {**score(images, labels), "psnr_vs_fp": round(psnr_vs_ref(images, reference), 2) if name != "fp32" else None}
+    return results
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name != "manifest.json")
+
+
+def run_bench(config: BenchConfig, out: Path, echo=print) -> dict:
+    from dilatequant.engines.config import BuildConfig
+    from dilatequant.engines.engine import build
+    from dilatequant.engines.profile import ProfileConfig, profile
+
+    from .environment import library_versions
+
+    exports, seconds = make_exports(config, out / "work", echo)
+    engines = {name: build(path, BuildConfig(threads=config.threads, streams=config.streams), out / "work" / f"engines-{name}")
+               for name, path in exports.items()}  # fmt: skip
+    scores = quality(engines, config, echo)
+    echo("[latency] all entries, interleaved")
+    latency = profile(engines["fp32"], [p for n, p in engines.items() if n != "fp32"],
+                      ProfileConfig(runs=config.runs, sampling_steps=config.sampling_steps, sampling_repeats=1), progress=echo)  # fmt: skip
+    rows = {}
+    for name, path in engines.items():
+        batches = latency["engines"][path.name]["batches"]
+        rows[name] = {**scores[name], "p50_ms_batch1": batches["1"]["p50_ms"], "p50_ms_batch8": batches["8"]["p50_ms"],
+                      "calibration_seconds": round(seconds[name], 1), "bytes_on_disk": directory_bytes(exports[name]),
+                      "graphs": len(json.loads((exports[name] / "manifest.json").read_text())["graphs"])}  # fmt: skip
+    return {"config": asdict(config), "rows": rows, "device": latency["engines"][engines["fp32"].name]["device"],
+            "versions": {**library_versions(), **peer_versions()}}  # fmt: skip
+
+
+def peer_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for package in ("onnxruntime", "onnx", "nvidia-modelopt"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def markdown(report: dict) -> str:
+    lines = ["| entry | graphs | fid_digits | class_accuracy | psnr_vs_fp (dB) | p50 ms b1 | p50 ms b8 | calibration s | MB on disk |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, row in report["rows"].items():
+        psnr = "—" if row["psnr_vs_fp"] is None else f"{row['psnr_vs_fp']:.1f}"
+        lines.append(f"| {name} | {row['graphs']} | {row['fid_digits']:.2f} | {row['class_accuracy']:.3f} | {psnr} | "
+                     f"{row['p50_ms_batch1']:.1f} | {row['p50_ms_batch8']:.1f} | {row['calibration_seconds']:.1f} | "
+                     f"{row['bytes_on_disk'] / 1e6:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def scatter(report: dict, path: Path) -> None:
+    """fid_digits against p50 latency at batch 8, one point per entry."""
+    from .plots import require_matplotlib, save_figure
+
+    plt = require_matplotlib()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for name, row in report["rows"].items():
+        color = "tab:red" if name.startswith("dilatequant") else "black" if name == "fp32" else "tab:blue"
+        axis.scatter(row["p50_ms_batch8"], row["fid_digits"], color=color)
+        axis.annotate(name, (row["p50_ms_batch8"], row["fid_digits"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.set_xlabel("ONNX Runtime p50 latency at batch 8 (ms)")
+    axis.set_ylabel(f"fid_digits (n = {report['config']['n']})")
+    save_figure(figure, path)
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--quick", is_flag=True, help=f"Tiny settings ({QUICK}) that only keep the script working.")
+@click.option("--n", default=1000, show_default=True, help="Images sampled per entry (same seed for all).")
+@click.option("--bkd-iters", default=0, show_default=True, help="dilatequant: distillation iterations per block.")
+def main(out: Path, quick: bool, n: int, bkd_iters: int) -> None:
+    config = BenchConfig(n=n, bkd_iters=bkd_iters)
+    config = replace(config, **QUICK) if quick else config
+    report = run_bench(config, out, echo=lambda line: click.echo(line, err=True))
+    atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "bench.md", markdown(report) + "\n")
+    scatter(report, out / "bench.png")
+    click.echo(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The quantizers a user would pick instead of dilatequant, each producing one ONNX graph with Q/DQ that runs in
+ONNX Runtime: ONNX Runtime's `quantize_static` (QDQ, per-channel weights) and NVIDIA ModelOpt (torch
+`mtq.quantize`, exported with Q/DQ). They calibrate on the same inputs as dilatequant: the (x_t, t, class)
+samples of a calibration artifact. Both are optional (`bench` extra) and imported on use.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .denoiser import LoadedModel
+from .errors import MissingDependencyError
+
+# name -> (calibration method, activation type) for ONNX Runtime's quantize_static
+ORT_VARIANTS = {
+    "ort-minmax-int8": ("MinMax", "QInt8"),
+    "ort-minmax-uint8": ("MinMax", "QUInt8"),
+    "ort-percentile-int8": ("Percentile", "QInt8"),
+    "ort-percentile-uint8": ("Percentile", "QUInt8"),
+}
+# name -> ModelOpt config
+MODELOPT_VARIANTS = {"modelopt-int8": "INT8_DEFAULT_CFG", "modelopt-int8-smoothquant": "INT8_SMOOTHQUANT_CFG"}
+CALIBRATION_BATCH = 16
+
+
+def calibration_batches(data, loaded: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """The artifact's calibration samples as (x, t, cond) batches."""
+    batches = []
+    for start in range(0, len(data.x), CALIBRATION_BATCH):
+        rows = slice(start, start + CALIBRATION_BATCH)
+        batches.append((data.x[rows], data.t[rows], loaded.denoiser.conditioning(data.labels[rows])))
+    return batches
+
+
+def ort_quantize(fp32_graph: Path, batches: list, method: str, activation: str) -> object:
+    """quantize_static on the FP32 graph: QDQ format, per-channel int8 weights, Conv/MatMul/Gemm; returns the
+    quantized onnx ModelProto (weights loaded)."""
+    try:
+        import onnx
+        from onnxruntime import quantization as q
+    except ImportError as exc:
+        raise MissingDependencyError("ONNX Runtime quantize_static", exc.name or "onnxruntime", "export") from exc
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"x": x.numpy(), "t": t.numpy(), **({"cond": c.numpy()} if c is not None else {})} for x, t, c in batches])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "quantized.onnx"
+        q.quantize_static(str(fp32_graph), str(path), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          op_types_to_quantize=["Conv", "MatMul", "Gemm"], activation_type=getattr(q.QuantType, activation),
+                          weight_type=q.QuantType.QInt8, calibrate_method=getattr(q.CalibrationMethod, method),
+                          use_external_data_format=True)  # fmt: skip
+        return onnx.load(str(path))
+
+
+def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str) -> object:
+    """ModelOpt's INT8 recipe on the torch model, calibrated on `batches`, exported to ONNX with Q/DQ (its own
+    exporter path: TorchScript); returns the onnx ModelProto."""
+    try:
+        import modelopt.torch.quantization as mtq
+        import onnx
+    except ImportError as exc:
+        raise MissingDependencyError("NVIDIA ModelOpt", exc.name or "nvidia-modelopt", "bench") from exc
+    from dilatequant.export.graph import INPUT_NAMES, OUTPUT_NAME, ExportWrapper
+
+    denoiser = loaded.denoiser
+
+    def forward_loop(model) -> None:
+        with torch.no_grad():
+            for x, t, cond in batches:
+                model(x, t, cond)
+
+    mtq.quantize(denoiser, getattr(mtq, config_name), forward_loop)
+    x, t, cond = batches[0]
+    args = (x[:2], t[:2]) if cond is None else (x[:2], t[:2], cond[:2])
+    names = list(INPUT_NAMES[: len(args)])
+    with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(work) / "modelopt.onnx"
+        torch.onnx.export(ExportWrapper(denoiser).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME], opset_version=19,
+                          dynamo=False, dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]})  # fmt: skip
+        return onnx.load(str(path))
