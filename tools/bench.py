@@ -168,17 +168,23 @@ def markdown(report: dict) -> str:
 
 
 def scatter(report: dict, path: Path) -> None:
-    """fid_digits against p50 latency at batch 8, one point per entry."""
+    """Quality (fid_digits, and paired PSNR against FP32) against p50 latency at batch 8, one marker per entry."""
     from .plots import require_matplotlib, save_figure
 
     plt = require_matplotlib()
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for name, row in report["rows"].items():
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    markers = "osD^vP*Xph<>"
+    for i, (name, row) in enumerate(report["rows"].items()):
         color = "tab:red" if name.startswith("dilatequant") else "black" if name == "fp32" else "tab:blue"
-        axis.scatter(row["p50_ms_batch8"], row["fid_digits"], color=color)
-        axis.annotate(name, (row["p50_ms_batch8"], row["fid_digits"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    axis.set_xlabel("ONNX Runtime p50 latency at batch 8 (ms)")
-    axis.set_ylabel(f"fid_digits (n = {report['config']['n']})")
+        style = {"color": color, "marker": markers[i % len(markers)], "label": name, "s": 36}
+        axes[0].scatter(row["p50_ms_batch8"], row["fid_digits"], **style)
+        if row["psnr_vs_fp"] is not None:
+            axes[1].scatter(row["p50_ms_batch8"], row["psnr_vs_fp"], **style)
+    axes[0].set_ylabel(f"fid_digits (n = {report['config']['n']}; lower is better)")
+    axes[1].set_ylabel("PSNR vs FP32, same noise (dB)")
+    for axis in axes:
+        axis.set_xlabel("ONNX Runtime p50 latency at batch 8 (ms)")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     save_figure(figure, path)
 
 
