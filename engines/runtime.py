@@ -31,7 +31,7 @@ class EngineDenoiser(SpecMixin):
             raise UserError(f"Timestep {int(t[outside][0])} is outside the range the engines in {self.engines.path} were "
                             f"calibrated on ({self.low}..{self.high}). Sample with the calibrated schedule, or pass --clamp "
                             "to use the nearest bucket's scales.")  # fmt: skip
-        return torch.tensor([self.engines.table.bucket_of(float(v)) for v in t.clamp(self.low, self.high)])
+        return self.engines.table.buckets_of(t.clamp(self.low, self.high))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         t = t.reshape(-1).expand(len(x)) if t.numel() == 1 else t

@@ -53,6 +53,11 @@ class BucketTable:
         """The bucket of timestep t: a t between two grid values goes with the nearer one (ties go down)."""
         return bisect.bisect_left(self.boundaries, float(t))
 
+    def buckets_of(self, t: torch.Tensor) -> torch.Tensor:
+        """`bucket_of` for every element of `t` at once (long tensor of t's shape, on the CPU)."""
+        boundaries = torch.tensor(self.boundaries, dtype=torch.float64)
+        return torch.bucketize(torch.as_tensor(t).detach().cpu().double(), boundaries, right=False)
+
     def rows(self, k: int) -> list[int]:
         """Indices into `grid` of bucket k's calibrated timesteps."""
         end = self.starts[k + 1] if k + 1 < len(self.starts) else len(self.grid)
@@ -130,7 +135,7 @@ class BucketIndex(TimestepIndex):
         self.table = table
 
     def lookup(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.table.bucket_of(float(v)) for v in torch.as_tensor(t).flatten()], dtype=torch.long)
+        return self.table.buckets_of(torch.as_tensor(t).flatten())
 
 
 def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: torch.device | str = "cpu",

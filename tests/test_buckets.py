@@ -26,6 +26,8 @@ def test_buckets_are_total_monotone_and_cover_the_range(table):
     assert all(lo <= hi for lo, hi in ranges) and all(a[1] + 1 == b[0] for a, b in zip(ranges, ranges[1:]))
     buckets = [table.bucket_of(t) for t in range(1000)]
     assert buckets == sorted(buckets) and set(buckets) == set(range(len(table)))
+    halves = torch.arange(0, 1000, 0.5)  # the vectorised lookup agrees everywhere, boundaries (x.5) included
+    assert table.buckets_of(halves).tolist() == [table.bucket_of(float(t)) for t in halves]
     for k, (lo, hi) in enumerate(ranges):
         assert table.bucket_of(lo) == k and table.bucket_of(hi) == k
         assert all(lo <= table.grid[r] <= hi for r in table.rows(k))  # calibrated timesteps land in their bucket
