@@ -159,14 +159,14 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32" if config.fp32 else "fp16", "n_buckets": len(table),
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
-              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name},
-              **model_fields(artifact.model, (table.grid[0], table.grid[-1]))}  # fmt: skip
+              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
         quantized_outputs = output_quantized_layers(graph, nodes, config.profile)
         bucketed = bucketed_model(artifact, table, quantized_outputs=quantized_outputs)
         template = quantize_graph(graph, nodes, artifact, bucketed, config)
-    fields["quantized_outputs"] = sorted(quantized_outputs)
+    # the bucketed model's spec and scheduler: `artifact.model` would rebuild the fake-quant model once more
+    fields.update(quantized_outputs=sorted(quantized_outputs), **model_fields(bucketed, (table.grid[0], table.grid[-1])))
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         for k, (low, high) in enumerate(table.ranges()):
             metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
