@@ -5,9 +5,9 @@ kernels, constant-folded, with its initializers in a file beside it), so loading
 optimized graph is specific to the ONNX Runtime version and, at the highest level, to the CPU's instruction
 set: both are recorded, and `load` refuses a mismatch rather than run something slower or wrong.
 
-K sessions share one CPU memory arena. Measured on `digits` W8A8 (8 buckets, batch 8, 2 threads): each
-session's own arena held ~40 MB of activation memory after one run, 515 MB for K = 8; with the shared
-arena K = 8 takes 119 MB (K = 1: 79 MB). Sharing the byte-identical initializers (the weights) through
+K sessions share one CPU memory arena. Measured on `digits` W8A8 (batch 8, 2 threads): loading and running
+K = 1 / 4 / 8 buckets added 110 / 119 / 135 MB (`engines/memory.py`); a probe with one arena per session
+took 515 MB for K = 8. Sharing the byte-identical initializers (the weights) through
 `SessionOptions.add_initializer` was measured too and saved nothing (337 vs 340 MB): the weights are 5 MB.
 """
 
@@ -39,6 +39,7 @@ def require_onnxruntime():
     return onnxruntime
 
 
+@functools.cache
 def cpu_name() -> str:
     """CPU model and the instruction-set extensions ONNX Runtime's kernels choose between."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -128,8 +129,8 @@ def check_device(engine_dir: Path, manifest: dict, device: str) -> None:
 
 @functools.cache
 def register_shared_arena() -> None:
-    """One CPU memory arena for every session of the process (sessions opt in with use_env_allocators):
-    only one bucket runs at a time, so K sessions need one session's activation memory, not K."""
+    """One CPU memory arena for every session of the process (sessions opt in with use_env_allocators): one
+    bucket runs at a time, so K sessions need one bucket's activation memory (times its streams), not K."""
     ort = require_onnxruntime()
     memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))

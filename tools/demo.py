@@ -29,7 +29,7 @@ FID_RATIO = 1.15
 @dataclass(frozen=True)
 class DemoConfig:
     """`calibration`: CalibConfig fields on top of W8A8 (quick: min/max initialisation, no distillation, FP boundary
-    layers, a 25-step grid; measured on the GPU machine through the engines: 44.6 dB PSNR vs the FP32 engine)."""
+    layers, a 25-step grid; measured through ONNX Runtime engines, n = 2000: 44.3 dB PSNR vs the FP32 engine)."""
 
     model: str = "digits"
     buckets: int = 4
