@@ -106,13 +106,13 @@ def quality(engines: dict[str, Path], config: BenchConfig, echo) -> dict[str, di
 
     sampler = SamplerConfig(steps=config.steps, seed=config.seed, batch_size=config.batch_size)
     results, reference = {}, None
-    for name, path in engines.items():
+    for name in ["fp32", *(n for n in engines if n != "fp32")]:  # FP32 first: the others' PSNR reference
         echo(f"[{name}] sampling {config.n} images")
-        model = load_engine_model(path)
+        model = load_engine_model(engines[name])
         labels = labels_for(model, config.n)
         images = sample(model.denoiser, model.scheduler_config, labels, sampler, progress=False)
+        results[name] = {**score(images, labels), "psnr_vs_fp": None if reference is None else round(psnr_vs_ref(images, reference), 2)}
         reference = images if reference is None else reference
-        results[name] = {**score(images, labels), "psnr_vs_fp": round(psnr_vs_ref(images, reference), 2) if name != "fp32" else None}
     return results
 
 
