@@ -1,7 +1,8 @@
 """The quantizers a user would pick instead of dilatequant, each producing one ONNX graph with Q/DQ that runs in
 ONNX Runtime: ONNX Runtime's `quantize_static` (QDQ, per-channel weights) and NVIDIA ModelOpt (torch
 `mtq.quantize`, exported with Q/DQ). They calibrate on the same inputs as dilatequant: the (x_t, t, class)
-samples of a calibration artifact. Both are optional (`bench` extra) and imported on use.
+samples of a calibration artifact. Both are imported on use: onnxruntime comes with the `export` extra,
+ModelOpt with `bench`.
 """
 
 from __future__ import annotations
