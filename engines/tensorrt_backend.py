@@ -6,7 +6,8 @@
     ENGINES/bucket_<k>.fusion.json   the Q/DQ fusion audit read from it: Q/DQ left as layers of their own, INT8 layers
     ENGINES/timing.cache             TensorRT's tactic timing cache, loaded before and saved after every bucket
 
-Written for TensorRT 10 and 11 and polygraphy 0.49+. tensorrt and polygraphy are imported on first use: importing this
+Written for TensorRT 10 and 11 and polygraphy 0.49+, and not yet run against TensorRT: it cannot be installed on
+the machines this project is developed on (its `tensorrt`-marked tests skip there). tensorrt and polygraphy are imported on first use: importing this
 module needs neither, and a use that needs them raises MissingDependencyError naming the `tensorrt` extra.
 """
 
