@@ -7,8 +7,9 @@
     ENGINES/timing.cache             TensorRT's tactic timing cache, loaded before and saved after every bucket
 
 Written for TensorRT 10 and 11 and polygraphy 0.49+, and not yet run against TensorRT: it cannot be installed on
-the machines this project is developed on (its `tensorrt`-marked tests skip there). tensorrt and polygraphy are imported on first use: importing this
-module needs neither, and a use that needs them raises MissingDependencyError naming the `tensorrt` extra.
+the machines this project is developed on (its `tensorrt`-marked tests skip there). tensorrt and polygraphy are
+imported on first use: importing this module needs neither, and a use that needs them raises
+MissingDependencyError naming the `tensorrt` extra.
 """
 
 from __future__ import annotations
