@@ -16,7 +16,11 @@ import numpy as np
 
 from .config import BuildConfig
 
-MODULES = {"onnxruntime": "dilatequant.engines.onnxruntime_backend", "tensorrt": "dilatequant.engines.tensorrt_backend"}
+MODULES = {
+    "onnxruntime": "dilatequant.engines.onnxruntime_backend",
+    "tensorrt": "dilatequant.engines.tensorrt_backend",
+    "torch": "dilatequant.engines.torch_backend",
+}
 
 
 @dataclass(frozen=True)

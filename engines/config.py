@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from dilatequant.tools.errors import UserError
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,7 @@ class BuildConfig:
     sessions per bucket that each run a slice of the batch concurrently (on the 2-core CPU, 2 streams x 1
     thread ran INT8 digits at 0.42x FP32 vs 0.50x for 1 x 2 threads: integer kernels scale poorly over
     threads); `provider` 'auto' (TensorRT, then CUDA, then CPU: the first the installed onnxruntime offers).
+    torch: the reference executor (`provider` auto, cpu, cuda or cuda:N; one stream).
     tensorrt: an optimization profile over the batch dimension (`min_batch` <= `opt_batch` <= `max_batch`;
     resolution fixed to the model's, or free between `min_size` and `max_size` with `dynamic_resolution`),
     `optimization_level` 0-5 (TensorRT's builder optimization level), `refittable` and `strip_weights`
@@ -50,6 +51,8 @@ class BuildConfig:
             raise UserError(f"--optimization-level must be 0..5 (TensorRT's builder levels), got {self.optimization_level}.")
         if self.dynamic_resolution and not 1 <= self.min_size <= self.max_size:
             raise UserError(f"Resolution range must satisfy 1 <= min <= max, got {self.min_size}..{self.max_size}.")
+        if self.backend == "torch" and self.streams != 1:
+            raise UserError("--streams is an onnxruntime option; the torch backend runs one stream.")
         if self.strip_weights and self.backend != "tensorrt":
             raise UserError("--strip-weights is a TensorRT option; the onnxruntime backend keeps its weights.")
 

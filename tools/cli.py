@@ -211,13 +211,15 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 
 @cli.command("build")
 @click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="Export directory (dilatequant export).")
-@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]))
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+              help="torch: a reference executor of the Q/DQ graphs (GPU quality runs without TensorRT), not for latency.")
 @click.option("--threads", default=0, show_default=True,
               help="onnxruntime: intra-op threads per session (0: the cores divided among the streams).")
 @click.option("--streams", default=1, show_default=True,
               help="onnxruntime: sessions per bucket, each running a slice of the batch concurrently.")
 @click.option("--provider", default="auto", show_default=True,
-              help="onnxruntime: execution provider (auto: TensorRT, CUDA, then CPU, as installed).")
+              help="onnxruntime: execution provider (auto: TensorRT, CUDA, then CPU, as installed); "
+                   "torch: auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True, help="tensorrt: min,opt,max batch of the optimization profile.")
 @click.option("--dynamic-resolution", default=None, help="tensorrt: MIN,MAX image size instead of the model's fixed size.")
 @click.option("--optimization-level", default=3, show_default=True, help="tensorrt: builder optimization level 0-5.")
