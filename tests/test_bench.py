@@ -1,11 +1,14 @@
-"""tools/bench --quick: every entry is deployed, sampled, profiled and tabled (keeps the benchmark script working)."""
+"""tools/bench --quick: every entry is deployed, sampled, profiled and tabled (keeps the benchmark script working);
+the torch-backend variant, entry subsets and merging split runs."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 from click.testing import CliRunner
 
-from dilatequant.tools.bench import main
+from dilatequant.tools.bench import BenchConfig, main, merge_reports
+from dilatequant.tools.errors import UserError
 from dilatequant.tools.peers import MODELOPT_VARIANTS, ORT_VARIANTS
 
 pytest.importorskip("onnxruntime")
@@ -26,3 +29,46 @@ def test_quick_bench_covers_every_entry(tmp_path):
     assert all(r["p50_ms_batch8"] > r["p50_ms_batch1"] > 0 and r["bytes_on_disk"] > 0 for r in rows.values())
     assert all(rows[name]["calibration_seconds"] > 0 for name in expected - {"fp32"})
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "| dilatequant-w8a8-k4 | 4 |" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_bench_on_the_torch_backend_measures_quality_of_a_subset(tmp_path):
+    run = CliRunner().invoke(main, ["--out", str(tmp_path), "--quick", "--backend", "torch", "--entries", "ort-minmax-uint8"],
+                             catch_exceptions=False)  # fmt: skip
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["rows"]
+    assert set(rows) == {"fp32", "ort-minmax-uint8"} and rows["ort-minmax-uint8"]["psnr_vs_fp"] > 15
+    assert all(r["p50_ms_batch1"] is None and r["p50_ms_batch8"] is None for r in rows.values())  # no latency from a reference executor
+    engines = json.loads((tmp_path / "work" / "engines-ort-minmax-uint8" / "manifest.json").read_text())
+    assert engines["backend"] == "torch" and not (tmp_path / "bench.png").exists()
+    assert "| ort-minmax-uint8 | 1 |" in (tmp_path / "bench.md").read_text() and "| — | — |" in (tmp_path / "bench.md").read_text()
+
+
+def fake_report(entries: list[str], fp32_fid: float = 3.0) -> dict:
+    row = {"fid_digits": 3.1, "class_accuracy": 0.99, "psnr_vs_fp": 40.0, "p50_ms_batch1": None, "p50_ms_batch8": None,
+           "calibration_seconds": 1.0, "bytes_on_disk": 1, "graphs": 1}  # fmt: skip
+    config = {**asdict(BenchConfig(backend="torch", n=5000)), "entries": entries}
+    return {"config": config, "device": "cuda (GPU)", "versions": {},
+            "rows": {"fp32": {**row, "fid_digits": fp32_fid, "psnr_vs_fp": None}, **{name: row for name in entries}}}  # fmt: skip
+
+
+def test_runs_split_by_entries_merge_into_one_table_in_entry_order(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(fake_report(["modelopt-int8"])))
+    second.write_text(json.dumps(fake_report(["dilatequant-w8a8-k4"])))
+    run = CliRunner().invoke(main, ["--out", str(tmp_path / "m"), "--merge", str(first), "--merge", str(second)], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    merged = json.loads((tmp_path / "m" / "bench.json").read_text())
+    assert list(merged["rows"]) == ["fp32", "dilatequant-w8a8-k4", "modelopt-int8"] and merged["merged_runs"] == 2
+
+
+def test_merge_refuses_runs_whose_references_or_settings_differ():
+    with pytest.raises(UserError, match="FP32 rows differ"):
+        merge_reports([fake_report(["modelopt-int8"]), fake_report(["dilatequant-w8a8-k4"], fp32_fid=3.5)])
+    other = fake_report(["dilatequant-w8a8-k4"])
+    other["config"]["n"] = 1000
+    with pytest.raises(UserError, match="differ in --entries alone"):
+        merge_reports([fake_report(["modelopt-int8"]), other])
+    with pytest.raises(UserError, match="Unknown bench entries nope; choose from fp32, dilatequant-w8a8-k1"):
+        BenchConfig(entries=("nope",))

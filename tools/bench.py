@@ -1,6 +1,11 @@
 """dilatequant side by side with ONNX Runtime's quantize_static and NVIDIA ModelOpt on `digits`, in one run.
 
     python -m dilatequant.tools.bench --out bench [--quick]
+    python -m dilatequant.tools.bench --out bench-gpu --backend torch --device cuda --n 5000 --bkd-iters 400
+
+With `--backend torch` the same graphs are sampled by the torch reference executor (engines/torch_graph.py:
+Q/DQ as fake quantization) on `--device`, for quality at large n on a GPU without TensorRT; latency is then
+not measured. `--entries` runs a subset (FP32, the PSNR reference, is always run).
 
 Every entry is deployed the same way: its ONNX graph(s) -> ONNX Runtime CPU engines (`engines/`), sampled
 through the engines with the same sampler, steps, seeds and n (quality: fid_digits, class_accuracy,
@@ -19,6 +24,7 @@ from pathlib import Path
 import click
 
 from .atomic import atomic_write_text
+from .errors import UserError
 
 QUICK = {"n": 20, "steps": 5, "samples": 32, "trajectories": 8, "sampling_steps": 2}
 
@@ -39,6 +45,19 @@ class BenchConfig:
     runs: int = 30
     sampling_steps: int = 25
     batch_size: int = 50
+    backend: str = "onnxruntime"  # or "torch": quality only
+    device: str = "cpu"  # where dilatequant calibrates and torch engines run
+    entries: tuple[str, ...] = ()  # a subset of entry_names(); () runs all
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("onnxruntime", "torch"):
+            raise UserError(f"--backend {self.backend}: the bench runs onnxruntime (latency and quality) or torch (quality).")
+        unknown = sorted(set(self.entries) - set(entry_names(self)))
+        if unknown:
+            raise UserError(f"Unknown bench entries {', '.join(unknown)}; choose from {', '.join(entry_names(self))}.")
+
+    def selected(self, name: str) -> bool:
+        return not self.entries or name == "fp32" or name in self.entries
 
 
 def dilatequant_entries(config: BenchConfig) -> dict[str, tuple[str, dict, int]]:
@@ -51,6 +70,12 @@ def dilatequant_entries(config: BenchConfig) -> dict[str, tuple[str, dict, int]]
     }
 
 
+def entry_names(config: BenchConfig) -> list[str]:
+    from .peers import MODELOPT_VARIANTS, ORT_VARIANTS
+
+    return ["fp32", *dilatequant_entries(config), *ORT_VARIANTS, *MODELOPT_VARIANTS]
+
+
 def timed(work):
     """(result, seconds) of calling `work`."""
     start = time.perf_counter()
@@ -61,7 +86,6 @@ def timed(work):
 def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path], dict[str, float]]:
     """Every entry's export directory (one graph, or one per bucket for dilatequant) and its calibration (or
     quantization) seconds; entries that share a calibration each count it."""
-    from dilatequant.calibrate.artifact import load_artifact
     from dilatequant.calibrate.config import CalibConfig
     from dilatequant.calibrate.flow import calibrate
     from dilatequant.export.config import ExportConfig
@@ -73,20 +97,24 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
     exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
     calibrations: dict[tuple, tuple[Path, float]] = {}
     for name, (bits, extra, buckets) in dilatequant_entries(config).items():
+        if not config.selected(name):
+            continue
         key = (bits, tuple(sorted(extra.items())))
         if key not in calibrations:
             echo(f"[{name}] calibrating {bits} {extra or ''}")
             calib = CalibConfig.from_bits(bits, bkd_iters=config.bkd_iters, samples=config.samples, trajectories=config.trajectories,
                                           steps=config.steps, boundary=config.boundary, seed=config.seed, **extra)  # fmt: skip
-            calibrations[key] = timed(lambda: calibrate(config.model, calib, out / f"calib-{len(calibrations)}", progress=False))
+            work = out / f"calib-{len(calibrations)}"
+            calibrations[key] = timed(lambda: calibrate(config.model, calib, work, device=config.device, progress=False))
         path, calibration_seconds = calibrations[key]
         exports[name], export_seconds = timed(lambda: export(path, ExportConfig(buckets=buckets, profile="ort-cpu"), out / name))
         seconds[name] = calibration_seconds + export_seconds
-    data = load_artifact(calibrations[("W8A8", ())][0]).calibration_data()
     fp32_graph = exports["fp32"] / "bucket_0.onnx"
     peers = {name: lambda loaded, batches, m=method, a=activation: ort_quantize(fp32_graph, batches, m, a)
              for name, (method, activation) in ORT_VARIANTS.items()}  # fmt: skip
     peers.update({name: lambda loaded, batches, c=c: modelopt_quantize(loaded, batches, c) for name, c in MODELOPT_VARIANTS.items()})
+    peers = {name: quantize for name, quantize in peers.items() if config.selected(name)}
+    data = peer_calibration_data(config, calibrations, echo) if peers else None
     for name, quantize in peers.items():
         echo(f"[{name}] quantizing")
         loaded = load_model(config.model)  # fresh: ModelOpt edits the torch model in place
@@ -94,6 +122,27 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
         graph, seconds[name] = timed(lambda: quantize(loaded, batches))
         exports[name] = export_single_graph(graph, loaded, name, "fp32", out / name)
     return exports, seconds
+
+
+def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
+    """The calibration samples peers get: the W8A8 calibration's, or (no dilatequant W8A8 entry selected) the
+    same samples recorded on their own."""
+    import torch
+
+    from dilatequant.calibrate.artifact import load_artifact
+    from dilatequant.calibrate.calib_data import CalibrationData, collect
+    from dilatequant.calibrate.config import CalibConfig
+
+    from .denoiser import load_model
+    from .sampling import default_batch_size
+
+    if ("W8A8", ()) in calibrations:
+        return load_artifact(calibrations[("W8A8", ())][0]).calibration_data()
+    echo("[peers] recording calibration samples")
+    calib = CalibConfig.from_bits("W8A8", samples=config.samples, trajectories=config.trajectories, steps=config.steps, seed=config.seed)
+    loaded, device = load_model(config.model, config.device), torch.device(config.device)
+    data = collect(loaded.denoiser, loaded.scheduler_config, calib, device, default_batch_size(device), False)
+    return CalibrationData(data.x.cpu(), data.t.cpu(), data.labels.cpu())
 
 
 def quality(engines: dict[str, Path], config: BenchConfig, echo) -> dict[str, dict]:
@@ -128,20 +177,23 @@ def run_bench(config: BenchConfig, out: Path, echo=print) -> dict:
     from .environment import library_versions
 
     exports, seconds = make_exports(config, out / "work", echo)
-    engines = {name: build(path, BuildConfig(threads=config.threads, streams=config.streams), out / "work" / f"engines-{name}")
-               for name, path in exports.items()}  # fmt: skip
+    build_config = (BuildConfig(threads=config.threads, streams=config.streams) if config.backend == "onnxruntime"
+                    else BuildConfig(backend="torch", provider=config.device))  # fmt: skip
+    engines = {name: build(path, build_config, out / "work" / f"engines-{name}") for name, path in exports.items()}
     scores = quality(engines, config, echo)
-    echo("[latency] all entries, interleaved")
-    latency = profile(engines["fp32"], [p for n, p in engines.items() if n != "fp32"],
-                      ProfileConfig(runs=config.runs, sampling_steps=config.sampling_steps, sampling_repeats=1), progress=echo)  # fmt: skip
+    latency = None
+    if config.backend == "onnxruntime":
+        echo("[latency] all entries, interleaved")
+        latency = profile(engines["fp32"], [p for n, p in engines.items() if n != "fp32"],
+                          ProfileConfig(runs=config.runs, sampling_steps=config.sampling_steps, sampling_repeats=1), progress=echo)  # fmt: skip
     rows = {}
     for name, path in engines.items():
-        batches = latency["engines"][path.name]["batches"]
-        rows[name] = {**scores[name], "p50_ms_batch1": batches["1"]["p50_ms"], "p50_ms_batch8": batches["8"]["p50_ms"],
+        batches = latency["engines"][path.name]["batches"] if latency else {}
+        rows[name] = {**scores[name], "p50_ms_batch1": batches.get("1", {}).get("p50_ms"), "p50_ms_batch8": batches.get("8", {}).get("p50_ms"),
                       "calibration_seconds": round(seconds[name], 1), "bytes_on_disk": directory_bytes(exports[name]),
                       "graphs": len(json.loads((exports[name] / "manifest.json").read_text())["graphs"])}  # fmt: skip
-    return {"config": asdict(config), "rows": rows, "device": latency["engines"][engines["fp32"].name]["device"],
-            "versions": {**library_versions(), **peer_versions()}}  # fmt: skip
+    device = json.loads((engines["fp32"] / "manifest.json").read_text())["device"]
+    return {"config": asdict(config), "rows": rows, "device": device, "versions": {**library_versions(), **peer_versions()}}
 
 
 def peer_versions() -> dict[str, str]:
@@ -160,11 +212,32 @@ def markdown(report: dict) -> str:
     lines = ["| entry | graphs | fid_digits | class_accuracy | psnr_vs_fp (dB) | p50 ms b1 | p50 ms b8 | calibration s | MB on disk |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in report["rows"].items():
-        psnr = "—" if row["psnr_vs_fp"] is None else f"{row['psnr_vs_fp']:.1f}"
-        lines.append(f"| {name} | {row['graphs']} | {row['fid_digits']:.2f} | {row['class_accuracy']:.3f} | {psnr} | "
-                     f"{row['p50_ms_batch1']:.1f} | {row['p50_ms_batch8']:.1f} | {row['calibration_seconds']:.1f} | "
-                     f"{row['bytes_on_disk'] / 1e6:.2f} |")  # fmt: skip
+        psnr, b1, b8 = (number(row[key]) for key in ("psnr_vs_fp", "p50_ms_batch1", "p50_ms_batch8"))
+        lines.append(f"| {name} | {row['graphs']} | {row['fid_digits']:.2f} | {row['class_accuracy']:.3f} | {psnr} | {b1} | {b8} | "
+                     f"{row['calibration_seconds']:.1f} | {row['bytes_on_disk'] / 1e6:.2f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from runs of the same configuration that differ only in --entries (runs split to fit a
+    time limit). Their FP32 rows must agree: they are each run's PSNR reference."""
+    first = reports[0]
+    settings = {key: value for key, value in first["config"].items() if key != "entries"}
+    rows = {}
+    for report in reports:
+        if {k: v for k, v in report["config"].items() if k != "entries"} != settings or report["device"] != first["device"]:
+            raise UserError("Only bench runs that differ in --entries alone (same settings, same device) can be merged.")
+        if report["rows"]["fp32"] != first["rows"]["fp32"]:
+            raise UserError("The runs' FP32 rows differ, so their PSNRs have different references; they cannot be merged.")
+        rows.update(report["rows"])
+    order = entry_names(BenchConfig(buckets=settings["buckets"]))
+    entries = [name for name in order if name in rows and name != "fp32"]
+    return {**first, "config": {**first["config"], "entries": entries}, "rows": {name: rows[name] for name in order if name in rows},
+            "merged_runs": len(reports)}  # fmt: skip
+
+
+def number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
 
 
 def scatter(report: dict, path: Path) -> None:
@@ -193,14 +266,32 @@ def scatter(report: dict, path: Path) -> None:
 @click.option("--quick", is_flag=True, help=f"Tiny settings ({QUICK}) that only keep the script working.")
 @click.option("--n", default=1000, show_default=True, help="Images sampled per entry (same seed for all).")
 @click.option("--bkd-iters", default=0, show_default=True, help="dilatequant: distillation iterations per block.")
-def main(out: Path, quick: bool, n: int, bkd_iters: int) -> None:
-    config = BenchConfig(n=n, bkd_iters=bkd_iters)
-    config = replace(config, **QUICK) if quick else config
-    report = run_bench(config, out, echo=lambda line: click.echo(line, err=True))
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch"]),
+              help="torch: sample the graphs with the torch reference executor (quality only, no latency).")
+@click.option("--device", default="cpu", show_default=True, help="Where dilatequant calibrates and torch engines run (cpu, cuda).")
+@click.option("--entries", default="", help="Comma-separated subset of the entries (FP32 always runs).")
+@click.option("--merge", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Instead of running: combine these bench.json files (runs that differ only in --entries) into OUT.")
+def main(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str, merge: tuple[Path, ...]) -> None:
+    if merge:
+        report = merge_reports([json.loads(path.read_text()) for path in merge])
+    else:
+        report = run(out, quick, n, bkd_iters, backend, device, entries)
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "bench.md", markdown(report) + "\n")
-    scatter(report, out / "bench.png")
+    if report["config"]["backend"] == "onnxruntime":
+        scatter(report, out / "bench.png")
     click.echo(markdown(report))
+
+
+def run(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str) -> dict:
+    from .sampling import default_batch_size
+
+    batch_size = max(BenchConfig.batch_size, default_batch_size(device))
+    config = BenchConfig(n=n, bkd_iters=bkd_iters, backend=backend, device=device, batch_size=batch_size,
+                         entries=tuple(e for e in entries.split(",") if e))  # fmt: skip
+    config = replace(config, **QUICK) if quick else config
+    return run_bench(config, out, echo=lambda line: click.echo(line, err=True))
 
 
 if __name__ == "__main__":
