@@ -14,6 +14,7 @@ import numpy as np
 
 from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
+from dilatequant.calibrate.structure import input_groups
 from dilatequant.tools.denoiser import load_model
 from dilatequant.tools.environment import library_versions
 from dilatequant.tools.errors import MissingDependencyError, UserError
@@ -59,12 +60,16 @@ def fp_graph(artifact, config: ExportConfig, work: Path):
     fp_path = work / "fp.onnx"
     export_fp_graph(load_model(artifact.path / "model").denoiser, fp_path, config.opset)
     graph = simplify(onnx.load(str(fp_path)))
-    layers = [row["layer"] for row in artifact.plan["layers"] if row["weight_bits"]]
+    return graph, name_layer_nodes(graph, [row["layer"] for row in artifact.plan["layers"] if row["weight_bits"]])
+
+
+def name_layer_nodes(graph, layers: list[str]) -> dict:
+    """Rename each layer's Conv/Gemm/MatMul node after the layer (names survive compact()); layer -> node."""
     by_name = {node.name: node for node in graph.nodes}
     names = compute_node_names([(n.name, n.op) for n in graph.nodes], layers)
     for layer, name in names.items():
         by_name[name].name = layer
-    return graph, {layer: by_name[name] for layer, name in names.items()}
+    return {layer: by_name[name] for layer, name in names.items()}
 
 
 def output_quantized_layers(graph, nodes: dict, profile: str) -> frozenset[str]:
@@ -191,6 +196,8 @@ def export_unquantized(model: str | Path, precision: str, out: str | Path) -> Pa
     with tempfile.TemporaryDirectory() as work:
         export_fp_graph(loaded.denoiser, Path(work) / "fp.onnx", ExportConfig().opset)
         graph = simplify(onnx.load(str(Path(work) / "fp.onnx")))
+    # nodes named after their layers, so other tools can address them (e.g. quantize_static's nodes_to_exclude)
+    name_layer_nodes(graph, [layer for group in input_groups(loaded.denoiser.model) for layer in group.layers])
     if precision == "fp16":
         to_float16(graph)
     compact(graph)

@@ -5,11 +5,14 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+from dilatequant.export.flow import export_unquantized
 from dilatequant.tools.bench import BenchConfig, main, merge_reports
+from dilatequant.tools.denoiser import load_model
 from dilatequant.tools.errors import UserError
-from dilatequant.tools.peers import MODELOPT_VARIANTS, ORT_VARIANTS
+from dilatequant.tools.peers import MODELOPT_VARIANTS, ORT_VARIANTS, boundary_layers, modelopt_quantize, ort_quantize
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt")
@@ -23,6 +26,7 @@ def test_quick_bench_covers_every_entry(tmp_path):
     rows = report["rows"]
     expected = {"fp32", "dilatequant-w8a8-k1", "dilatequant-w8a8-k4", "dilatequant-w8a8-nowd-k4", "dilatequant-w4a8-k4",
                 *ORT_VARIANTS, *MODELOPT_VARIANTS}  # fmt: skip
+    assert {"ort-percentile-uint8-fp-boundary", "modelopt-int8-fp-boundary"} <= expected
     assert set(rows) == expected
     assert rows["fp32"]["psnr_vs_fp"] is None and all(r["psnr_vs_fp"] > 15 for n, r in rows.items() if n != "fp32")
     assert rows["dilatequant-w8a8-k4"]["graphs"] == 4 and rows["ort-minmax-int8"]["graphs"] == 1
@@ -72,3 +76,24 @@ def test_merge_refuses_runs_whose_references_or_settings_differ():
         merge_reports([fake_report(["modelopt-int8"]), other])
     with pytest.raises(UserError, match="Unknown bench entries nope; choose from fp32, dilatequant-w8a8-k1"):
         BenchConfig(entries=("nope",))
+
+
+def fp_input_layers(model) -> set[str]:
+    """Names of the Conv/Gemm/MatMul nodes of a Q/DQ graph whose activation input is not dequantized."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    return {n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+            and not (n.input[0] in producers and producers[n.input[0]].op_type == "DequantizeLinear")}  # fmt: skip
+
+
+def test_fp_boundary_peers_leave_exactly_dilatequants_boundary_layers_unquantized(tiny_model_dirs, tmp_path):
+    loaded = load_model(tiny_model_dirs["unet-cond"])
+    boundary = boundary_layers(loaded)
+    assert {"conv_in", "conv_out", "time_embedding.linear_1"} <= set(boundary)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, *loaded.denoiser.sample_shape, generator=generator)
+    batches = [(x, torch.full((4,), 500), loaded.denoiser.conditioning(torch.arange(4) % 4))]
+    graph = export_unquantized(tiny_model_dirs["unet-cond"], "fp32", tmp_path / "fp") / "bucket_0.onnx"
+    assert fp_input_layers(ort_quantize(graph, batches, "MinMax", "QUInt8", boundary)) == set(boundary)
+    assert fp_input_layers(ort_quantize(graph, batches, "MinMax", "QUInt8", [])) == set()
+    modelopt = fp_input_layers(modelopt_quantize(loaded, batches, "INT8_DEFAULT_CFG", boundary))
+    assert {f"/denoiser/model/{layer.replace('.', '/')}/{'Conv' if 'conv' in layer else 'Gemm'}" for layer in boundary} <= modelopt

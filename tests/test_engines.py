@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from torch import nn
 
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
@@ -15,11 +16,13 @@ from dilatequant.engines.runtime import EngineDenoiser, load_engine_model
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
 from dilatequant.tools.cli import cli
+from dilatequant.tools.denoiser import load_model
 from dilatequant.tools.errors import UserError
 from dilatequant.tools.manifest import ArtifactError
 from dilatequant.tools.sampling import SamplerConfig, sample
 
 ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 FAMILIES = ["unet", "unet-cond", "dit"]
 
@@ -136,6 +139,9 @@ def test_unquantized_export_is_one_bucket_over_every_timestep(tiny_model_dirs, t
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["profile"] == "unquantized" and manifest["precision"] == "fp16" and manifest["n_buckets"] == 1
     assert manifest["calibrated_range"] == [0, 999] and manifest["buckets"]["grid"] == [0]
+    graph = onnx.load(str(out / "bucket_0.onnx"), load_external_data=False)  # layer nodes named after their layers
+    layers = {name for name, m in load_model(tiny_model_dirs["dit"]).denoiser.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert {n.name for n in graph.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name} == layers
     with pytest.raises(UserError, match="not an unquantized precision"):
         export_unquantized(tiny_model_dirs["dit"], "int8", tmp_path / "int8")
 

@@ -110,9 +110,10 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
         exports[name], export_seconds = timed(lambda: export(path, ExportConfig(buckets=buckets, profile="ort-cpu"), out / name))
         seconds[name] = calibration_seconds + export_seconds
     fp32_graph = exports["fp32"] / "bucket_0.onnx"
-    peers = {name: lambda loaded, batches, m=method, a=activation: ort_quantize(fp32_graph, batches, m, a)
-             for name, (method, activation) in ORT_VARIANTS.items()}  # fmt: skip
-    peers.update({name: lambda loaded, batches, c=c: modelopt_quantize(loaded, batches, c) for name, c in MODELOPT_VARIANTS.items()})
+    peers = {name: lambda loaded, batches, m=method, a=activation, fp=fp: ort_quantize(fp32_graph, batches, m, a, excluded(loaded, fp))
+             for name, (method, activation, fp) in ORT_VARIANTS.items()}  # fmt: skip
+    peers.update({name: lambda loaded, batches, c=c, fp=fp: modelopt_quantize(loaded, batches, c, excluded(loaded, fp))
+                  for name, (c, fp) in MODELOPT_VARIANTS.items()})  # fmt: skip
     peers = {name: quantize for name, quantize in peers.items() if config.selected(name)}
     data = peer_calibration_data(config, calibrations, echo) if peers else None
     for name, quantize in peers.items():
@@ -122,6 +123,12 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
         graph, seconds[name] = timed(lambda: quantize(loaded, batches))
         exports[name] = export_single_graph(graph, loaded, name, "fp32", out / name)
     return exports, seconds
+
+
+def excluded(loaded, fp_boundary: bool) -> list[str]:
+    from .peers import boundary_layers
+
+    return boundary_layers(loaded) if fp_boundary else []
 
 
 def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):

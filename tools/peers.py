@@ -7,6 +7,7 @@ ModelOpt with `bench`.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import warnings
 from pathlib import Path
@@ -16,16 +17,29 @@ import torch
 from .denoiser import LoadedModel
 from .errors import MissingDependencyError
 
-# name -> (calibration method, activation type) for ONNX Runtime's quantize_static
+# name -> (calibration method, activation type, keep the boundary layers FP) for ONNX Runtime's quantize_static
 ORT_VARIANTS = {
-    "ort-minmax-int8": ("MinMax", "QInt8"),
-    "ort-minmax-uint8": ("MinMax", "QUInt8"),
-    "ort-percentile-int8": ("Percentile", "QInt8"),
-    "ort-percentile-uint8": ("Percentile", "QUInt8"),
+    "ort-minmax-int8": ("MinMax", "QInt8", False),
+    "ort-minmax-uint8": ("MinMax", "QUInt8", False),
+    "ort-percentile-int8": ("Percentile", "QInt8", False),
+    "ort-percentile-uint8": ("Percentile", "QUInt8", False),
+    "ort-percentile-uint8-fp-boundary": ("Percentile", "QUInt8", True),
 }
-# name -> ModelOpt config
-MODELOPT_VARIANTS = {"modelopt-int8": "INT8_DEFAULT_CFG", "modelopt-int8-smoothquant": "INT8_SMOOTHQUANT_CFG"}
+# name -> (ModelOpt config, keep the boundary layers FP)
+MODELOPT_VARIANTS = {
+    "modelopt-int8": ("INT8_DEFAULT_CFG", False),
+    "modelopt-int8-smoothquant": ("INT8_SMOOTHQUANT_CFG", False),
+    "modelopt-int8-fp-boundary": ("INT8_DEFAULT_CFG", True),
+}
 CALIBRATION_BATCH = 16
+
+
+def boundary_layers(loaded: LoadedModel) -> list[str]:
+    """conv_in, conv_out, the time (and class) embedding...: what dilatequant's `--boundary fp` keeps FP, so
+    that a peer can be run with the same exclusions."""
+    from dilatequant.calibrate.structure import input_groups
+
+    return [layer for group in input_groups(loaded.denoiser.model) if group.boundary for layer in group.layers]
 
 
 def calibration_batches(data, loaded: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -37,9 +51,10 @@ def calibration_batches(data, loaded: LoadedModel) -> list[tuple[torch.Tensor, t
     return batches
 
 
-def ort_quantize(fp32_graph: Path, batches: list, method: str, activation: str) -> object:
-    """quantize_static on the FP32 graph: QDQ format, per-channel int8 weights, Conv/MatMul/Gemm; returns the
-    quantized onnx ModelProto (weights loaded)."""
+def ort_quantize(fp32_graph: Path, batches: list, method: str, activation: str, exclude: list[str]) -> object:
+    """quantize_static on the FP32 graph: QDQ format, per-channel int8 weights, Conv/MatMul/Gemm, the nodes of
+    the `exclude` layers left FP (the FP export names layer nodes after their layers); returns the quantized
+    onnx ModelProto (weights loaded)."""
     try:
         import onnx
         from onnxruntime import quantization as q
@@ -58,13 +73,14 @@ def ort_quantize(fp32_graph: Path, batches: list, method: str, activation: str) 
         q.quantize_static(str(fp32_graph), str(path), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
                           op_types_to_quantize=["Conv", "MatMul", "Gemm"], activation_type=getattr(q.QuantType, activation),
                           weight_type=q.QuantType.QInt8, calibrate_method=getattr(q.CalibrationMethod, method),
-                          use_external_data_format=True)  # fmt: skip
+                          nodes_to_exclude=exclude, use_external_data_format=True)  # fmt: skip
         return onnx.load(str(path))
 
 
-def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str) -> object:
-    """ModelOpt's INT8 recipe on the torch model, calibrated on `batches`, exported to ONNX with Q/DQ (its own
-    exporter path: TorchScript); returns the onnx ModelProto."""
+def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str, exclude: list[str]) -> object:
+    """ModelOpt's INT8 recipe on the torch model, calibrated on `batches`, the quantizers of the `exclude`
+    layers disabled, exported to ONNX with Q/DQ (its own exporter path: TorchScript); returns the onnx
+    ModelProto."""
     try:
         import modelopt.torch.quantization as mtq
         import onnx
@@ -79,7 +95,10 @@ def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str) -> o
             for x, t, cond in batches:
                 model(x, t, cond)
 
-    mtq.quantize(denoiser, getattr(mtq, config_name), forward_loop)
+    config = copy.deepcopy(getattr(mtq, config_name))
+    # appended entries override earlier ones; the Denoiser holds the diffusers model as `model`
+    config["quant_cfg"] += [{"quantizer_name": f"*model.{layer}.*", "enable": False} for layer in exclude]
+    mtq.quantize(denoiser, config, forward_loop)
     x, t, cond = batches[0]
     args = (x[:2], t[:2]) if cond is None else (x[:2], t[:2], cond[:2])
     names = list(INPUT_NAMES[: len(args)])
