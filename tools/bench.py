@@ -3,15 +3,17 @@
     python -m dilatequant.tools.bench --out bench [--quick]
     python -m dilatequant.tools.bench --out bench-gpu --backend torch --device cuda --n 5000 --bkd-iters 400
 
-With `--backend torch` the same graphs are sampled by the torch reference executor (engines/torch_graph.py:
-Q/DQ as fake quantization) on `--device`, for quality at large n on a GPU without TensorRT; latency is then
-not measured. `--entries` runs a subset (FP32, the PSNR reference, is always run).
-
 Every entry is deployed the same way: its ONNX graph(s) -> ONNX Runtime CPU engines (`engines/`), sampled
 through the engines with the same sampler, steps, seeds and n (quality: fid_digits, class_accuracy,
 psnr_vs_fp against the FP32 engine), and profiled together in one process with interleaved rounds (p50 at
 batch 1 and 8). Also recorded: calibration (or quantization) wall time and bytes on disk. Peers calibrate on
-dilatequant's calibration samples. Results: OUT/bench.json, OUT/bench.md, OUT/bench.png.
+dilatequant's calibration samples; two peer rows keep dilatequant's FP boundary layers for a like-for-like
+comparison. Results: OUT/bench.json, OUT/bench.md, OUT/bench.png.
+
+With `--backend torch` the same graphs are sampled by the torch reference executor (engines/torch_graph.py:
+Q/DQ as fake quantization) on `--device`, for quality at large n on a GPU without TensorRT; latency is then
+not measured. `--entries` runs a subset (FP32, the PSNR reference, always runs) and `--merge` joins the
+bench.json files of runs split that way.
 """
 
 from __future__ import annotations
