@@ -7,7 +7,9 @@ without either installed; a missing one raises MissingDependencyError naming the
 
 from __future__ import annotations
 
+import functools
 import importlib
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +59,24 @@ class Backend(Protocol):
 
     def load(self, engine_dir: Path, manifest: dict, bucket: str) -> BucketEngine:
         """Load the engine of one bucket of a verified engine directory."""
+
+
+@functools.cache
+def cpu_name() -> str:
+    """CPU model and the instruction-set extensions CPU kernels choose between (the device of CPU engines)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"cpu ({model}; {' '.join(extensions) or 'no avx2'})"
 
 
 def get_backend(name: str) -> Backend:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 from dilatequant.tools.errors import MissingDependencyError
 from dilatequant.tools.manifest import ArtifactError
 
-from .backend import BuildContext
+from .backend import BuildContext, cpu_name
 from .config import BuildConfig
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -37,24 +36,6 @@ def require_onnxruntime():
     except ImportError as exc:
         raise MissingDependencyError("ONNX Runtime engines", "onnxruntime", "export") from exc
     return onnxruntime
-
-
-@functools.cache
-def cpu_name() -> str:
-    """CPU model and the instruction-set extensions ONNX Runtime's kernels choose between."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    extensions = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"cpu ({model}; {' '.join(extensions) or 'no avx2'})"
 
 
 def choose_provider(requested: str) -> str:

@@ -17,9 +17,8 @@ import torch
 
 from dilatequant.tools.manifest import ArtifactError
 
-from .backend import BuildContext
+from .backend import BuildContext, cpu_name
 from .config import BuildConfig
-from .onnxruntime_backend import cpu_name
 from .torch_graph import TorchGraph
 
 

@@ -86,7 +86,9 @@ def gemm(a, b, c=None, alpha=1.0, beta=1.0, transA=0, transB=0):
 
 
 def resize(x, roi=None, scales=None, sizes=None, mode="nearest", coordinate_transformation_mode="half_pixel",
-           nearest_mode="round_prefer_floor", **_):  # fmt: skip
+           nearest_mode="round_prefer_floor", axes=None, **_):  # fmt: skip
+    if axes is not None:
+        raise ArtifactError("Resize with `axes` is not supported by the torch backend (scales/sizes must cover every axis).")
     if mode != "nearest" or coordinate_transformation_mode != "asymmetric" or nearest_mode != "floor":
         raise ArtifactError(f"Resize mode={mode}/{coordinate_transformation_mode}/{nearest_mode} is not supported by the torch "
                             "backend (only nearest/asymmetric/floor, what diffusers' upsamplers export).")  # fmt: skip

@@ -58,6 +58,13 @@ class BenchConfig:
         if unknown:
             raise UserError(f"Unknown bench entries {', '.join(unknown)}; choose from {', '.join(entry_names(self))}.")
 
+    def calibration(self, bits: str, **extra):
+        """The CalibConfig of a dilatequant entry; its (x_t, t, class) samples are what every peer calibrates on."""
+        from dilatequant.calibrate.config import CalibConfig
+
+        return CalibConfig.from_bits(bits, bkd_iters=self.bkd_iters, samples=self.samples, trajectories=self.trajectories,
+                                     steps=self.steps, boundary=self.boundary, seed=self.seed, **extra)  # fmt: skip
+
     def selected(self, name: str) -> bool:
         return not self.entries or name == "fp32" or name in self.entries
 
@@ -88,13 +95,12 @@ def timed(work):
 def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path], dict[str, float]]:
     """Every entry's export directory (one graph, or one per bucket for dilatequant) and its calibration (or
     quantization) seconds; entries that share a calibration each count it."""
-    from dilatequant.calibrate.config import CalibConfig
     from dilatequant.calibrate.flow import calibrate
     from dilatequant.export.config import ExportConfig
     from dilatequant.export.flow import export, export_single_graph, export_unquantized
 
     from .denoiser import load_model
-    from .peers import MODELOPT_VARIANTS, ORT_VARIANTS, calibration_batches, modelopt_quantize, ort_quantize
+    from .peers import MODELOPT_VARIANTS, ORT_VARIANTS, calibration_batches, quantize_peer
 
     exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
     calibrations: dict[tuple, tuple[Path, float]] = {}
@@ -104,33 +110,21 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
         key = (bits, tuple(sorted(extra.items())))
         if key not in calibrations:
             echo(f"[{name}] calibrating {bits} {extra or ''}")
-            calib = CalibConfig.from_bits(bits, bkd_iters=config.bkd_iters, samples=config.samples, trajectories=config.trajectories,
-                                          steps=config.steps, boundary=config.boundary, seed=config.seed, **extra)  # fmt: skip
+            calib = config.calibration(bits, **extra)
             work = out / f"calib-{len(calibrations)}"
             calibrations[key] = timed(lambda: calibrate(config.model, calib, work, device=config.device, progress=False))
         path, calibration_seconds = calibrations[key]
         exports[name], export_seconds = timed(lambda: export(path, ExportConfig(buckets=buckets, profile="ort-cpu"), out / name))
         seconds[name] = calibration_seconds + export_seconds
-    fp32_graph = exports["fp32"] / "bucket_0.onnx"
-    peers = {name: lambda loaded, batches, m=method, a=activation, fp=fp: ort_quantize(fp32_graph, batches, m, a, excluded(loaded, fp))
-             for name, (method, activation, fp) in ORT_VARIANTS.items()}  # fmt: skip
-    peers.update({name: lambda loaded, batches, c=c, fp=fp: modelopt_quantize(loaded, batches, c, excluded(loaded, fp))
-                  for name, (c, fp) in MODELOPT_VARIANTS.items()})  # fmt: skip
-    peers = {name: quantize for name, quantize in peers.items() if config.selected(name)}
+    peers = [name for name in [*ORT_VARIANTS, *MODELOPT_VARIANTS] if config.selected(name)]
     data = peer_calibration_data(config, calibrations, echo) if peers else None
-    for name, quantize in peers.items():
+    for name in peers:
         echo(f"[{name}] quantizing")
         loaded = load_model(config.model)  # fresh: ModelOpt edits the torch model in place
         batches = calibration_batches(data, loaded)
-        graph, seconds[name] = timed(lambda: quantize(loaded, batches))
+        graph, seconds[name] = timed(lambda: quantize_peer(name, loaded, batches, exports["fp32"] / "bucket_0.onnx"))
         exports[name] = export_single_graph(graph, loaded, name, "fp32", out / name)
     return exports, seconds
-
-
-def excluded(loaded, fp_boundary: bool) -> list[str]:
-    from .peers import boundary_layers
-
-    return boundary_layers(loaded) if fp_boundary else []
 
 
 def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
@@ -140,7 +134,6 @@ def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
 
     from dilatequant.calibrate.artifact import load_artifact
     from dilatequant.calibrate.calib_data import CalibrationData, collect
-    from dilatequant.calibrate.config import CalibConfig
 
     from .denoiser import load_model
     from .sampling import default_batch_size
@@ -148,7 +141,7 @@ def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
     if ("W8A8", ()) in calibrations:
         return load_artifact(calibrations[("W8A8", ())][0]).calibration_data()
     echo("[peers] recording calibration samples")
-    calib = CalibConfig.from_bits("W8A8", samples=config.samples, trajectories=config.trajectories, steps=config.steps, seed=config.seed)
+    calib = config.calibration("W8A8")
     loaded, device = load_model(config.model, config.device), torch.device(config.device)
     data = collect(loaded.denoiser, loaded.scheduler_config, calib, device, default_batch_size(device), False)
     return CalibrationData(data.x.cpu(), data.t.cpu(), data.labels.cpu())

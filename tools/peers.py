@@ -108,3 +108,13 @@ def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str, excl
         torch.onnx.export(ExportWrapper(denoiser).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME], opset_version=19,
                           dynamo=False, dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT_NAME]})  # fmt: skip
         return onnx.load(str(path))
+
+
+def quantize_peer(name: str, loaded: LoadedModel, batches: list, fp32_graph: Path) -> object:
+    """The ModelProto of peer `name` (a key of ORT_VARIANTS or MODELOPT_VARIANTS): ORT quantizes the FP32
+    graph, ModelOpt the torch model (in place: pass a freshly loaded one)."""
+    if name in ORT_VARIANTS:
+        method, activation, fp_boundary = ORT_VARIANTS[name]
+        return ort_quantize(fp32_graph, batches, method, activation, boundary_layers(loaded) if fp_boundary else [])
+    config_name, fp_boundary = MODELOPT_VARIANTS[name]
+    return modelopt_quantize(loaded, batches, config_name, boundary_layers(loaded) if fp_boundary else [])
