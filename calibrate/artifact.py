@@ -112,6 +112,11 @@ class CalibrationArtifact:
         suffix = f"{SEPARATOR}act_step"
         return torch.stack([v for k, v in sorted(self.tensors.items()) if k.endswith(suffix)])
 
+    def act_table(self, group: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One input group's calibrated (steps, zero points), a row per value of `record.timesteps` (one row
+        without TPQ)."""
+        return self.tensors[f"{group}{SEPARATOR}act_step"], self.tensors[f"{group}{SEPARATOR}act_zero_point"]
+
     def rebuild(self, index: TimestepIndex, device: torch.device | str = "cpu") -> LoadedModel:
         """The fake-quant model again, with activation tables of `index`'s rows (to be initialised by the caller
         when they differ from the calibrated grid)."""

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .calib_data import CalibrationData
 from .quant_model import QuantizedDenoiser
-from .quantizer import ActQuantizer, asymmetric_step_and_zero, fake_quantize, symmetric_step
+from .quantizer import ActQuantizer, IntFormat, asymmetric_step_and_zero, fake_quantize, symmetric_step
 
 MSE_FRACTIONS = torch.linspace(0.3, 1.0, 15)
 # The MSE search runs on a subset: ~5 samples per row of a 50-step grid, each with thousands of values,
@@ -126,9 +126,11 @@ def run_over(quantized: QuantizedDenoiser, data: CalibrationData, batch_size: in
 
 
 def initialise_activations(quantized: QuantizedDenoiser, data: CalibrationData, method: str, percentile: float,
-                           batch_size: int, device: torch.device, progress: bool = True) -> dict[str, dict]:  # fmt: skip
-    """Set every activation table from the calibration data; returns per-group range statistics."""
-    quantizers = quantized.act_quantizers()
+                           batch_size: int, device: torch.device, progress: bool = True,
+                           only: set[str] | None = None) -> dict[str, dict]:  # fmt: skip
+    """Set every activation table (or those of the groups in `only`) from the calibration data; returns
+    per-group range statistics."""
+    quantizers = {name: q for name, q in quantized.act_quantizers().items() if only is None or name in only}
     observers = {name: RowObserver(q, percentile if method == "percentile" else None) for name, q in quantizers.items()}
     quantized.set_quantization(activations=False, weights=False)
     with hooked(quantizers, "observe", observers):
@@ -140,3 +142,54 @@ def initialise_activations(quantized: QuantizedDenoiser, data: CalibrationData, 
         observer.finish(method)
     quantized.set_quantization(activations=True, weights=True)
     return {name: observer.range_reduction() for name, observer in observers.items()}
+
+
+Candidates = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per row of a quantizer's table: the (steps, zero points) it may take, one candidate per element."""
+
+
+def covering_grid(steps: torch.Tensor, zero_points: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one grid (step, zero point) whose range covers every candidate's range."""
+    if fmt.symmetric:
+        return steps.max(), torch.zeros(())
+    return asymmetric_step_and_zero(((fmt.qmin - zero_points) * steps).min(), ((fmt.qmax - zero_points) * steps).max(), fmt)
+
+
+class CandidateObserver:
+    """Per row, the summed quantization error of each of the row's candidates on the quantizer's inputs."""
+
+    def __init__(self, quantizer: ActQuantizer, candidates: Candidates) -> None:
+        self.quantizer, self.candidates = quantizer, candidates
+        self.error = [torch.zeros(len(steps), dtype=torch.float64) for steps, _ in candidates]
+
+    def observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().cpu()
+        rows = self.quantizer.index.rows_for(len(x)).cpu() if len(self.candidates) > 1 else torch.zeros(len(x), dtype=torch.long)
+        for row in rows.unique().tolist():
+            steps, zeros = self.candidates[row]
+            if len(steps) > 1:
+                flat = x[rows == row].flatten()[None]
+                error = (fake_quantize(flat, steps[:, None], zeros[:, None], self.quantizer.fmt) - flat).pow(2).sum(1)
+                self.error[row] += error.double()
+
+    def finish(self) -> list[int]:
+        """Write each row's least-error candidate (the first one for rows without data); returns the choices."""
+        chosen = [int(error.argmin()) for error in self.error]
+        with torch.no_grad():
+            for row, ((steps, zeros), k) in enumerate(zip(self.candidates, chosen)):
+                self.quantizer.step[row], self.quantizer.zero_point[row] = steps[k], zeros[k]
+        return chosen
+
+
+def select_rows(quantized: QuantizedDenoiser, data: CalibrationData, candidates: dict[str, Candidates], batch_size: int,
+                device: torch.device, progress: bool = True) -> dict[str, list[int]]:  # fmt: skip
+    """Give every row of the groups in `candidates` the candidate with the least quantization error on the
+    calibration samples of that row (MSE over the same subset as the MSE initialisation); returns the choice
+    per group and row."""
+    quantizers = quantized.act_quantizers()
+    observers = {name: CandidateObserver(quantizers[name], rows) for name, rows in candidates.items()}
+    quantized.set_quantization(activations=False, weights=False)
+    with hooked({name: quantizers[name] for name in candidates}, "observe", observers):
+        run_over(quantized, data.subset(MSE_SAMPLES), batch_size, device, "choose calibrated rows", progress)
+    quantized.set_quantization(activations=True, weights=True)
+    return {name: observer.finish() for name, observer in observers.items()}

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from dilatequant.tools.errors import UserError
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+FIDELITY_MODES = ("fail", "warn", "off")
+INTEGER_KERNELS = ("auto", "u8s8", "u8u8")
 
 
 @dataclass(frozen=True)
@@ -16,12 +18,16 @@ class BuildConfig:
     onnxruntime: `threads` intra-op threads per session (0: the cores divided among the streams); `streams`
     sessions per bucket that each run a slice of the batch concurrently (on the 2-core CPU, 2 streams x 1
     thread ran INT8 digits at 0.42x FP32 vs 0.50x for 1 x 2 threads: integer kernels scale poorly over
-    threads); `provider` 'auto' (TensorRT, then CUDA, then CPU: the first the installed onnxruntime offers).
+    threads); `provider` 'auto' (TensorRT, then CUDA, then CPU: the first the installed onnxruntime offers);
+    `integer_kernels` 'auto' (u8u8 where this CPU's u8s8 kernels saturate, else u8s8), or forced.
     torch: the reference executor (`provider` auto, cpu, cuda or cuda:N; one stream).
     tensorrt: an optimization profile over the batch dimension (`min_batch` <= `opt_batch` <= `max_batch`;
     resolution fixed to the model's, or free between `min_size` and `max_size` with `dynamic_resolution`),
     `optimization_level` 0-5 (TensorRT's builder optimization level), `refittable` and `strip_weights`
     (weight-stripped plans, refitted from the ONNX weights at load).
+    Every build checks its engines against the graphs (engines/fidelity.py): `fidelity` 'fail' refuses to
+    write engines with a layer whose relative error exceeds `fidelity_bound`, 'warn' writes and says so,
+    'off' skips the check.
     """
 
     backend: str = "onnxruntime"
@@ -37,6 +43,9 @@ class BuildConfig:
     optimization_level: int = 3
     refittable: bool = False
     strip_weights: bool = False
+    integer_kernels: str = "auto"
+    fidelity: str = "fail"
+    fidelity_bound: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -53,6 +62,14 @@ class BuildConfig:
             raise UserError(f"Resolution range must satisfy 1 <= min <= max, got {self.min_size}..{self.max_size}.")
         if self.backend == "torch" and self.streams != 1:
             raise UserError("--streams is an onnxruntime option; the torch backend runs one stream.")
+        if self.integer_kernels not in INTEGER_KERNELS:
+            raise UserError(f"--integer-kernels must be one of {', '.join(INTEGER_KERNELS)}, got '{self.integer_kernels}'.")
+        if self.integer_kernels != "auto" and self.backend != "onnxruntime":
+            raise UserError("--integer-kernels is an onnxruntime option.")
+        if self.fidelity not in FIDELITY_MODES:
+            raise UserError(f"--fidelity must be one of {', '.join(FIDELITY_MODES)}, got '{self.fidelity}'.")
+        if not self.fidelity_bound > 0:
+            raise UserError(f"--fidelity-bound must be > 0 (a relative error, e.g. 1e-2), got {self.fidelity_bound}.")
         if self.strip_weights and self.backend != "tensorrt":
             raise UserError("--strip-weights is a TensorRT option; the onnxruntime backend keeps its weights.")
 
@@ -61,4 +78,5 @@ class BuildConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> BuildConfig:
+        """A recorded config; engine directories written before the fidelity gate have no fidelity fields."""
         return cls(**values)

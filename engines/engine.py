@@ -3,6 +3,9 @@
     ENGINES/manifest.json   kind "engines": backend and version, device, build options, buckets (bucket ->
                             engine file, timestep range), the source export's manifest sha256, sha256 per file
     ENGINES/<files>         whatever the backend writes (optimized ONNX graphs, TensorRT plans, a timing cache)
+
+The manifest's `fidelity` records how far each engine is from its graph (engines/fidelity.py); a build whose
+worst layer exceeds the bound is refused (BuildConfig.fidelity 'fail') or written with `passed: false` ('warn').
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from dilatequant.tools.manifest import MANIFEST_NAME, ArtifactError, read_manife
 
 from .backend import BucketEngine, BuildContext, get_backend
 from .config import BuildConfig
+from .fidelity import check_engines
+
+
+class FidelityError(ArtifactError):
+    """Built engines compute something else than their graphs; nothing was written."""
 
 KIND = "engines"
 FORMAT_VERSION = "1.0"
@@ -39,6 +47,12 @@ def build(export_dir: str | Path, config: BuildConfig, out: str | Path) -> Path:
     }  # fmt: skip
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         fields.update(backend.build(BuildContext(export_dir, export_manifest, staging, config)))
+        if config.fidelity != "off":
+            fields["fidelity"] = check_engines(export_dir, export_manifest, staging, fields, backend, config)
+            if config.fidelity == "fail" and not fields["fidelity"]["passed"]:
+                raise FidelityError(f"The {backend.name} engines built from {export_dir} do not compute what the graphs say: "
+                                    f"{'; '.join(fields['fidelity']['failures'])}. Nothing was written. On ONNX Runtime "
+                                    "try --integer-kernels u8u8; --fidelity warn writes the engines anyway.")  # fmt: skip
     return out
 
 

@@ -5,6 +5,12 @@ kernels, constant-folded, with its initializers in a file beside it), so loading
 optimized graph is specific to the ONNX Runtime version and, at the highest level, to the CPU's instruction
 set: both are recorded, and `load` refuses a mismatch rather than run something slower or wrong.
 
+Integer kernels: on x86 CPUs without VNNI, ONNX Runtime's u8s8 GEMM adds pairs of u8 x s8 products into a
+saturating int16 and drifts from the graph (engines/fidelity.py says why). The build probes the CPU's kernel
+(`u8s8_saturates`) and, where it saturates, sets ONNX Runtime's `session.x64quantprecision`, which stores the
+weights as uint8 (zero point 128: the same grid) so the exact u8u8 kernels run. VNNI CPUs keep u8s8: there
+the flag is not needed, and it would change their kernels too.
+
 K sessions share one CPU memory arena. Measured on `digits` W8A8 (batch 8, 2 threads): loading and running
 K = 1 / 4 / 8 buckets added 110 / 119 / 135 MB (`engines/memory.py`); a probe with one arena per session
 took 515 MB for K = 8. Sharing the byte-identical initializers (the weights) through
@@ -56,6 +62,14 @@ def intra_op_threads(config: BuildConfig) -> int:
     return max(1, (os.cpu_count() or 1) // config.streams)
 
 
+PRECISE_INTEGER_KERNELS = "session.x64quantprecision"
+
+
+def precise_kernels(config: BuildConfig) -> bool:
+    """Whether the engines run ONNX Runtime's exact u8u8 integer kernels (config 'auto': where u8s8 saturates)."""
+    return u8s8_saturates() if config.integer_kernels == "auto" else config.integer_kernels == "u8u8"
+
+
 def session_options(config: BuildConfig, optimize: bool):
     ort = require_onnxruntime()
     options = ort.SessionOptions()
@@ -63,7 +77,39 @@ def session_options(config: BuildConfig, optimize: bool):
     options.log_severity_level = 3  # ORT's optimizer warns about every Unsqueeze it cannot remove
     level = ort.GraphOptimizationLevel
     options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
+    if precise_kernels(config):
+        options.add_session_config_entry(PRECISE_INTEGER_KERNELS, "1")
     return options
+
+
+@functools.cache
+def u8s8_saturates() -> bool:
+    """Whether this CPU's fused u8s8 kernels saturate: one Conv whose input codes and weights sit at the edges
+    of their ranges (every int16 pair overflows), fused by ONNX Runtime vs run op by op. Asked of the kernel
+    itself rather than of /proc/cpuinfo, which VMs and emulators may report differently from CPUID."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    ort = require_onnxruntime()
+    channels = 32
+    weight = np.full((channels, channels, 1, 1), 127, np.int8)
+    constants = {"w": weight, "ws": np.full(channels, 0.01, np.float32), "wz": np.zeros(channels, np.int8),
+                 "s": np.float32(0.02), "z": np.uint8(128), "ys": np.float32(2.0), "yz": np.uint8(128)}  # fmt: skip
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0), helper.make_node("Conv", ["xd", "wd"], ["c"]),
+             helper.make_node("QuantizeLinear", ["c", "ys", "yz"], ["cq"]), helper.make_node("DequantizeLinear", ["cq", "ys", "yz"], ["y"])]  # fmt: skip
+    shape = [1, channels, 2, 2]
+    graph = helper.make_graph(nodes, "u8s8_probe", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])  # fmt: skip
+    payload = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9).SerializeToString()
+    x = np.full(shape, 2.5, np.float32)  # codes 253: every pair of products is 2 * 253 * 127 = 64,262
+    outputs = []
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level, options.log_severity_level = level, 3
+        outputs.append(ort.InferenceSession(payload, options, providers=[CPU_PROVIDER]).run(None, {"x": x})[0])
+    return not np.array_equal(*outputs)
 
 
 class OnnxRuntimeBackend:
@@ -85,9 +131,19 @@ class OnnxRuntimeBackend:
             options.optimized_model_filepath = str(context.staging / f"{key}.onnx")
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{key}.bin")
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            ort.InferenceSession(str(context.export_dir / graph), options, providers=[provider])
+            graph_input = optimizer_input(context.export_dir / graph, options, precise_kernels(context.config))
+            ort.InferenceSession(graph_input, options, providers=[provider])
             engines[key] = f"{key}.onnx"
-        return {"engines": engines, "provider": provider}
+        kernels = "u8u8" if precise_kernels(context.config) else "u8s8"
+        return {"engines": engines, "provider": provider, "integer_kernels": kernels, "u8s8_saturates": u8s8_saturates()}
+
+    def optimized_session(self, graph: bytes | Path, optimized_path: Path, config: BuildConfig):
+        """A CPU session over `graph` (serialized, or a file) optimized as the engines are, its optimized graph
+        saved at `optimized_path`."""
+        options = session_options(config, optimize=True)
+        options.optimized_model_filepath = str(optimized_path)
+        payload = optimizer_input(graph, options, precise_kernels(config)) if isinstance(graph, Path) else graph
+        return require_onnxruntime().InferenceSession(payload, options, providers=[CPU_PROVIDER])
 
     def load(self, engine_dir: Path, manifest: dict, bucket: str) -> OnnxRuntimeEngine:
         check_device(engine_dir, manifest, self.device(BuildConfig(provider=manifest["provider"])))
@@ -100,6 +156,30 @@ class OnnxRuntimeBackend:
         path = str(engine_dir / manifest["engines"][bucket])
         sessions = [ort.InferenceSession(path, options, providers=[manifest["provider"]]) for _ in range(config.streams)]
         return OnnxRuntimeEngine(sessions)
+
+
+def optimizer_input(graph: Path, options, precise: bool) -> str | bytes:
+    """What ONNX Runtime optimizes: the graph file, or — with the precise kernels on — the graph with a
+    zero-point initializer of its own for every weight. ONNX Runtime 1.31's pass that converts weights to
+    uint8 adds one converted zero point per layer under the shared name and fails ('Attempt to replace the
+    existing tensor') when layers share one, as compact() makes them. Rewritten in memory, weights left in
+    the export's files."""
+    if not precise:
+        return str(graph)
+    import onnx
+
+    model = onnx.load(str(graph), load_external_data=False)
+    initializers, uses = {i.name: i for i in model.graph.initializer}, {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in initializers and len(node.input) > 2:
+            name = node.input[2]
+            uses[name] = uses.get(name, 0) + 1
+            if uses[name] > 1:
+                copy = model.graph.initializer.add()
+                copy.CopyFrom(initializers[name])
+                copy.name = node.input[2] = f"{name}#{uses[name]}"
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(graph.parent))
+    return model.SerializeToString()
 
 
 def check_device(engine_dir: Path, manifest: dict, device: str) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from dilatequant.calibrate.artifact import CalibrationArtifact
-from dilatequant.calibrate.initialise import initialise_activations
+from dilatequant.calibrate.initialise import Candidates, covering_grid, initialise_activations, select_rows
+from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.timesteps import TimestepIndex
 from dilatequant.tools.denoiser import LoadedModel
 from dilatequant.tools.errors import UserError
@@ -139,14 +140,53 @@ class BucketIndex(TimestepIndex):
 
 
 def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: torch.device | str = "cpu",
-                   quantized_outputs: frozenset[str] = frozenset()) -> LoadedModel:  # fmt: skip
-    """The artifact's fake-quant model with one activation row per bucket, each re-derived from the
-    calibration samples whose timesteps fall in that bucket (same initialisation method as calibration).
-    The layers in `quantized_outputs` get bucketed 8-bit output quantizers too, calibrated the same way."""
+                   quantized_outputs: frozenset[str] = frozenset(), scales: str = "calibrated") -> LoadedModel:  # fmt: skip
+    """The artifact's fake-quant model with one activation row per bucket.
+
+    scales 'calibrated' (the default): each bucket takes the calibrated rows of its timesteps — exactly when it
+    holds one timestep; otherwise, of its rows and the grid covering all of them, the one with the least
+    quantization error on the bucket's calibration samples (the covering grid for min-max recipes, which
+    equals min-max over the bucket's samples). So what distillation learned reaches the graphs.
+    'rederived': every bucket re-initialised from its calibration samples (the calibration's initialisation
+    method), ignoring the learned rows. The layers in `quantized_outputs` get bucketed 8-bit output
+    quantizers, which calibration did not have; they are initialised from the bucket's samples either way.
+    """
     loaded = artifact.rebuild(BucketIndex(table), device)
-    config = artifact.config
-    loaded.denoiser.quantize_outputs(quantized_outputs, 8, config.act_symmetric)
+    config, denoiser = artifact.config, loaded.denoiser
+    denoiser.quantize_outputs(quantized_outputs, 8, config.act_symmetric)
+    data, device = artifact.calibration_data(), torch.device(device)
+    batch_size = default_batch_size(device)
     method = "minmax" if config.method == "minmax" else config.act_init
-    initialise_activations(loaded.denoiser, artifact.calibration_data(), method, config.percentile,
-                           default_batch_size(torch.device(device)), torch.device(device), progress=False)  # fmt: skip
+    inputs = [name for name in denoiser.act_quantizers() if not name.endswith(OUTPUT_SUFFIX)]
+    new = None if scales == "rederived" else set(denoiser.act_quantizers()) - set(inputs)
+    if new is None or new:
+        initialise_activations(denoiser, data, method, config.percentile, batch_size, device, progress=False, only=new)
+    if scales == "calibrated":
+        candidates = {name: bucket_candidates(artifact, table, name, denoiser.act_quantizers()[name].fmt) for name in inputs}
+        if method == "minmax":  # the covering grid (candidate 0) is min-max over the bucket's samples
+            for name, rows in candidates.items():
+                write_rows(denoiser.act_quantizers()[name], [(steps[:1], zeros[:1]) for steps, zeros in rows])
+        else:
+            select_rows(denoiser, data, candidates, batch_size, device, progress=False)
     return loaded
+
+
+def bucket_candidates(artifact: CalibrationArtifact, table: BucketTable, group: str, fmt) -> Candidates:
+    """Per bucket: the grid covering its calibrated rows, then the rows themselves (one row: just that row)."""
+    steps, zeros = artifact.act_table(group)
+    position = {t: i for i, t in enumerate(artifact.record.timesteps)}
+    candidates = []
+    for k in range(len(table)):
+        rows = sorted({position[table.grid[r]] for r in table.rows(k)}) if len(steps) > 1 else [0]
+        if len(rows) == 1:
+            candidates.append((steps[rows], zeros[rows]))
+            continue
+        cover_step, cover_zero = covering_grid(steps[rows], zeros[rows], fmt)
+        candidates.append((torch.cat([cover_step.reshape(1), steps[rows]]), torch.cat([cover_zero.reshape(1), zeros[rows]])))
+    return candidates
+
+
+def write_rows(quantizer, candidates: Candidates) -> None:
+    with torch.no_grad():
+        for row, (steps, zeros) in enumerate(candidates):
+            quantizer.step[row], quantizer.zero_point[row] = steps[0], zeros[0]

@@ -3,6 +3,8 @@
     OUT/manifest.json        kind "export": profile, bucket table, files, sha256, source artifact
     OUT/bucket_<k>.onnx      graph k: identical structure, only activation scales differ
     OUT/weights.bin          the external data every bucket graph references
+    OUT/check_inputs.safetensors  a few calibration inputs per bucket (x, t, labels): what the engines'
+                             fidelity check runs the graphs on
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
+from dilatequant.calibrate.calib_data import CalibrationData
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.structure import input_groups
 from dilatequant.tools.denoiser import load_model
@@ -31,6 +35,8 @@ from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output
 KIND = "export"
 FORMAT_VERSION = "1.0"
 WEIGHTS_FILE = "weights.bin"
+CHECK_INPUTS_FILE = "check_inputs.safetensors"
+CHECK_SAMPLES_PER_BUCKET = 4
 # ONNX Runtime fuses these into QLinearConv / QGemm only when their output is quantized too (measured, ORT 1.31)
 FUSED_WITH_OUTPUT = ("Conv", "Gemm")
 
@@ -144,6 +150,14 @@ def save_with_shared_weights(model, path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
+def check_inputs(artifact, table: BucketTable) -> CalibrationData:
+    """The first CHECK_SAMPLES_PER_BUCKET calibration inputs of every bucket (the data is in random order)."""
+    data = artifact.calibration_data()
+    buckets = table.buckets_of(data.t)
+    rows = torch.cat([(buckets == k).nonzero().flatten()[:CHECK_SAMPLES_PER_BUCKET] for k in range(len(table))])
+    return CalibrationData(data.x[rows], data.t[rows], data.labels[rows])
+
+
 def model_fields(loaded, calibrated_range: tuple[int, int]) -> dict:
     """What a runtime needs to sample through the graphs without the torch model: the model's family and
     config (conditioning, shapes), its scheduler config, and the timestep range the scales were calibrated on."""
@@ -162,17 +176,18 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32" if config.fp32 else "fp16", "n_buckets": len(table),
-              "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE,
+              "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE, "check_inputs": CHECK_INPUTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
         quantized_outputs = output_quantized_layers(graph, nodes, config.profile)
-        bucketed = bucketed_model(artifact, table, quantized_outputs=quantized_outputs)
+        bucketed = bucketed_model(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
         template = quantize_graph(graph, nodes, artifact, bucketed, config)
     # the bucketed model's spec and scheduler: `artifact.model` would rebuild the fake-quant model once more
     fields.update(quantized_outputs=sorted(quantized_outputs), **model_fields(bucketed, (table.grid[0], table.grid[-1])))
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+        (staging / CHECK_INPUTS_FILE).write_bytes(check_inputs(artifact, table).to_bytes())
         for k, (low, high) in enumerate(table.ranges()):
             metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
                         "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip

@@ -32,6 +32,9 @@ def test_quick_bench_covers_every_entry(tmp_path):
     assert rows["dilatequant-w8a8-k4"]["graphs"] == 4 and rows["ort-minmax-int8"]["graphs"] == 1
     assert all(r["p50_ms_batch8"] > r["p50_ms_batch1"] > 0 and r["bytes_on_disk"] > 0 for r in rows.values())
     assert all(rows[name]["calibration_seconds"] > 0 for name in expected - {"fp32"})
+    # every entry's engines were checked against their graphs; FP32 has no quantized layer to check
+    assert rows["fp32"]["worst_layer_vs_graph"] is None and rows["fp32"]["end_to_end_vs_graph"] < 1e-4
+    assert all(r["worst_layer_vs_graph"] < 1e-2 for n, r in rows.items() if n.startswith("dilatequant"))
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "| dilatequant-w8a8-k4 | 4 |" in (tmp_path / "bench.md").read_text()
 
 

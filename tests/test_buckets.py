@@ -7,7 +7,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dilatequant.export.buckets import BucketTable, choose_buckets, optimal_partitions, segment_costs
+from dilatequant.calibrate.artifact import load_artifact
+from dilatequant.calibrate.config import CalibConfig
+from dilatequant.calibrate.flow import calibrate
+from dilatequant.calibrate.initialise import run_over
+from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
+from dilatequant.calibrate.quantizer import fake_quantize
+from dilatequant.export.buckets import BucketTable, bucket_candidates, bucketed_model, choose_buckets, optimal_partitions, segment_costs
+from dilatequant.export.config import ExportConfig
 from dilatequant.tools.errors import UserError
 
 
@@ -67,3 +74,61 @@ def test_choose_buckets_splits_where_ranges_jump_and_auto_meets_the_tolerance():
 def test_too_many_buckets_is_a_user_error():
     with pytest.raises(UserError, match="--buckets 6 is outside 1..5"):
         choose_buckets([0, 1, 2, 3, 4], torch.ones(1, 5), 6)
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_model_dirs, tmp_path_factory):
+    """A tiny UNet calibrated with MSE initialisation and a short distillation (which moves the steps)."""
+    config = CalibConfig.from_bits("W8A8", samples=16, trajectories=4, steps=4, bkd_iters=20)
+    return load_artifact(calibrate(tiny_model_dirs["unet"], config, tmp_path_factory.mktemp("distilled") / "c", progress=False))
+
+
+def input_tables(loaded) -> dict:
+    return {name: q for name, q in loaded.denoiser.act_quantizers().items() if not name.endswith(OUTPUT_SUFFIX)}
+
+
+def test_one_timestep_per_bucket_deploys_exactly_the_calibrated_rows(distilled):
+    grid = distilled.record.timesteps
+    table = BucketTable(tuple(sorted(grid)), tuple(range(len(grid))))
+    calibrated, rederived = input_tables(bucketed_model(distilled, table)), input_tables(bucketed_model(distilled, table, scales="rederived"))
+    position = {t: i for i, t in enumerate(grid)}
+    for name, quantizer in calibrated.items():
+        steps, zeros = distilled.act_table(name)
+        rows = [position[t] for t in table.grid]
+        assert torch.equal(quantizer.step.detach(), steps[rows]) and torch.equal(quantizer.zero_point.detach(), zeros[rows])
+    # what distillation learned is exactly what re-deriving from the data loses
+    assert any(not torch.equal(calibrated[n].step.detach(), rederived[n].step.detach()) for n in calibrated)
+
+
+def test_fewer_buckets_take_the_least_error_candidate_of_their_rows(distilled):
+    table = BucketTable(tuple(sorted(distilled.record.timesteps)), (0, 2))
+    loaded = bucketed_model(distilled, table)
+    quantizers, seen = input_tables(loaded), {}
+    hooks = [q.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append((o.detach(), m.index.rows_for(len(o)))))
+             for name, q in quantizers.items()]  # fmt: skip
+    loaded.denoiser.set_quantization(activations=False, weights=False)
+    run_over(loaded.denoiser, distilled.calibration_data(), 16, torch.device("cpu"), "", progress=False)
+    for hook in hooks:
+        hook.remove()
+    for name, quantizer in quantizers.items():
+        x, rows = (torch.cat(parts) for parts in zip(*seen[name]))
+        for k, (steps, zeros) in enumerate(bucket_candidates(distilled, table, name, quantizer.fmt)):
+            assert len(steps) == 3  # the grid covering the bucket's two calibrated rows, and the rows
+            flat = x[rows == k].flatten()
+            errors = torch.stack([(fake_quantize(flat, s, z, quantizer.fmt) - flat).pow(2).sum() for s, z in zip(steps, zeros)])
+            chosen = (steps == quantizer.step[k].detach()) & (zeros == quantizer.zero_point[k].detach())
+            assert chosen.any() and errors[chosen].min() <= errors.min() * (1 + 1e-6)
+
+
+def test_minmax_recipes_deploy_min_max_over_the_bucket_either_way(tiny_model_dirs, tmp_path):
+    config = CalibConfig.from_bits("W8A8", method="minmax", samples=16, trajectories=4, steps=4)
+    artifact = load_artifact(calibrate(tiny_model_dirs["unet"], config, tmp_path / "c", progress=False))
+    table = BucketTable(tuple(sorted(artifact.record.timesteps)), (0, 1))
+    calibrated, rederived = input_tables(bucketed_model(artifact, table)), input_tables(bucketed_model(artifact, table, scales="rederived"))
+    for name in calibrated:
+        torch.testing.assert_close(calibrated[name].step.detach(), rederived[name].step.detach(), rtol=1e-6, atol=0)
+
+
+def test_an_unknown_scale_source_is_refused():
+    with pytest.raises(UserError, match="Unknown --scales 'learned'; choose one of calibrated, rederived"):
+        ExportConfig(scales="learned")

@@ -144,6 +144,9 @@ def test_cli_calibrate_inspect_and_eval(tiny_model_dirs, tmp_path):
     assert summary["n_quantized_layers"] > 10 and 0 < summary["dilation"]["unsaturated_share"] <= 1
     record = json.loads(invoke("eval", "--calib", out, "--n", 4, "--steps", 4, "--device", "cpu").stdout)
     assert record["reference"] == str(tiny_model_dirs["dit"]) and record["psnr_vs_ref"] > 10
+    # a calibration artifact as the reference is its fake-quant model: against itself, the same images
+    itself = json.loads(invoke("eval", "--calib", out, "--ref", out, "--n", 4, "--steps", 4, "--device", "cpu").stdout)
+    assert itself["psnr_vs_ref"] > 100 and itself["reference_metrics"] is not None
     grid = tmp_path / "grid.png"
     assert invoke("sample", "--calib", out, "--n", 4, "--steps", 2, "--device", "cpu", "--out", grid).exit_code == 0
     mismatch = invoke("sample", "--calib", out, "--model", tiny_model_dirs["unet"], "--out", grid)

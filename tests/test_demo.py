@@ -22,6 +22,9 @@ def test_demo_writes_a_complete_report_and_resumes(tmp_path):
     assert [t["target"].split()[0] for t in record["targets"]] == ["INT8", "class_accuracy", "fid_digits"]
     assert set(record["quality"]) == {"fp32", "int8"} and record["quality"]["int8"]["psnr_vs_fp"] > 20
     assert record["profile"]["comparisons"][0]["ratio_p50"].keys() == {"1", "8"}
+    fidelity = record["fidelity"]  # the build's check of the INT8 engines against their graphs, on the page
+    assert fidelity["passed"] and fidelity["integer_kernels"] in ("u8s8", "u8u8") and "The build's fidelity check passed" in page
+    assert all(f"<td>{b['bucket']}</td><td>{b['samples']}</td><td>{b['end_to_end_rel_error']:.2%}</td>" in page for b in fidelity["buckets"])
     for target in record["targets"]:  # every target's measurement and verdict is on the page
         verdict = "met" if target["met"] else "MISSED"
         assert f"<td>{target['measured']}</td><td>{verdict}</td>" in page.replace("&lt;", "<").replace("&gt;", ">")

@@ -34,11 +34,26 @@ TINY_CONFIGS: dict[str, tuple[str, dict, str | None]] = {
 }  # fmt: skip
 
 
+# The shape family of the model on which ONNX Runtime's u8s8 kernels drifted (issue 11: 3 channels, 4 classes,
+# 2 layers per block, 32 norm groups, attention at two resolutions), at 16x16 and half its widths (64, 128, 192).
+RGB_UNET = ("UNet2DModel", dict(
+    sample_size=16, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(32, 64, 96),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, attention_head_dim=32,
+    num_class_embeds=4,
+), None)  # fmt: skip
+
+
 def build_tiny_model(family: str, root: Path) -> Path:
     """Save a seeded tiny model of `family` under `root` (model dir, or pipeline layout) with a DDPM scheduler."""
+    return build_model(TINY_CONFIGS[family], root)
+
+
+def build_model(spec: tuple[str, dict, str | None], root: Path) -> Path:
+    """Save a seeded model (diffusers class, config, pipeline subfolder or None) with a DDPM scheduler."""
     import diffusers
 
-    class_name, config, subfolder = TINY_CONFIGS[family]
+    class_name, config, subfolder = spec
     torch.manual_seed(0)
     model = getattr(diffusers, class_name)(**config)
     model.save_pretrained(root / subfolder if subfolder else root, safe_serialization=True)

@@ -191,7 +191,10 @@ def run_bench(config: BenchConfig, out: Path, echo=print) -> dict:
     rows = {}
     for name, path in engines.items():
         batches = latency["engines"][path.name]["batches"] if latency else {}
+        fidelity = json.loads((path / "manifest.json").read_text())["fidelity"]
+        worst = max((b["worst_layers"][0]["rel_error"] for b in fidelity["buckets"] if b["worst_layers"]), default=None)
         rows[name] = {**scores[name], "p50_ms_batch1": batches.get("1", {}).get("p50_ms"), "p50_ms_batch8": batches.get("8", {}).get("p50_ms"),
+                      "worst_layer_vs_graph": worst, "end_to_end_vs_graph": max(b["end_to_end_rel_error"] for b in fidelity["buckets"]),
                       "calibration_seconds": round(seconds[name], 1), "bytes_on_disk": directory_bytes(exports[name]),
                       "graphs": len(json.loads((exports[name] / "manifest.json").read_text())["graphs"])}  # fmt: skip
     device = json.loads((engines["fp32"] / "manifest.json").read_text())["device"]
@@ -211,12 +214,14 @@ def peer_versions() -> dict[str, str]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| entry | graphs | fid_digits | class_accuracy | psnr_vs_fp (dB) | p50 ms b1 | p50 ms b8 | calibration s | MB on disk |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| entry | graphs | fid_digits | class_accuracy | psnr_vs_fp (dB) | p50 ms b1 | p50 ms b8 | calibration s | MB on disk "
+             "| engine vs graph: worst layer / end to end |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, row in report["rows"].items():
         psnr, b1, b8 = (number(row[key]) for key in ("psnr_vs_fp", "p50_ms_batch1", "p50_ms_batch8"))
+        fidelity = (f"{row['worst_layer_vs_graph'] or 0:.1e} / {row['end_to_end_vs_graph']:.1%}" if "end_to_end_vs_graph" in row
+                    else "not recorded")  # rows of runs before the fidelity check  # fmt: skip
         lines.append(f"| {name} | {row['graphs']} | {row['fid_digits']:.2f} | {row['class_accuracy']:.3f} | {psnr} | {b1} | {b8} | "
-                     f"{row['calibration_seconds']:.1f} | {row['bytes_on_disk'] / 1e6:.2f} |")  # fmt: skip
+                     f"{row['calibration_seconds']:.1f} | {row['bytes_on_disk'] / 1e6:.2f} | {fidelity} |")  # fmt: skip
     return "\n".join(lines)
 
 

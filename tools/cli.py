@@ -10,6 +10,9 @@ from typing import Callable
 
 import click
 
+from dilatequant.engines.config import FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
+from dilatequant.export.config import SCALE_SOURCES, ExportConfig
+
 from .errors import UserError
 
 MODEL_HELP = "Bundled model name (digits) or a local diffusers model/pipeline directory. Offline: no hub ids."
@@ -104,7 +107,7 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 @cli.command("eval")
 @click.option("--n", default=1000, show_default=True, help="Number of samples.")
 @click.option("--ref", default=None, help="Reference for psnr_vs_ref (same noise) [default with --calib: its FP source]: "
-              "an engine directory, or " + MODEL_HELP)  # fmt: skip
+              "an engine directory, a calibration artifact (its fake-quant model), or " + MODEL_HELP)  # fmt: skip
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="JSON file to write.")
 @sampler_options
 @model_options
@@ -124,15 +127,21 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
 
 
 def load_reference(spec: str, device):
-    """A reference to compare with: a model (zoo name or directory) or an engine directory."""
+    """A reference to compare with: a model (zoo name or directory), a calibration artifact (its fake-quant
+    model) or an engine directory."""
     from .denoiser import load_model
     from .manifest import MANIFEST_NAME
 
     manifest = Path(spec) / MANIFEST_NAME
-    if manifest.is_file() and json.loads(manifest.read_text()).get("kind") == "engines":
+    kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
+    if kind == "engines":
         from dilatequant.engines.runtime import load_engine_model
 
         return load_engine_model(spec)
+    if kind == "calibration":
+        from dilatequant.calibrate.artifact import load_artifact
+
+        return load_artifact(spec, device).model
     return load_model(spec, device)
 
 
@@ -188,11 +197,13 @@ def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_
               "(ort-cpu graphs are always FP32).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="With --model: the precision of the unquantized graph.")
+@click.option("--scales", default=ExportConfig.scales, show_default=True, type=click.Choice(SCALE_SOURCES),
+              help="Activation scales per bucket: the calibrated (learned) rows, or re-derived from the bucket's samples.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export directory to write.")
-def export_command(calib: Path | None, model: str | None, buckets: str, profile: str, fp32: bool, precision: str, out: Path) -> None:
+def export_command(calib: Path | None, model: str | None, buckets: str, profile: str, fp32: bool, precision: str, scales: str,
+                   out: Path) -> None:  # fmt: skip
     """Export a calibration artifact to one Q/DQ ONNX graph per timestep bucket (or, with --model, one
     unquantized graph: the baseline that engines are compared with)."""
-    from dilatequant.export.config import ExportConfig
     from dilatequant.export.flow import export, export_unquantized
 
     if (calib is None) == (model is None):
@@ -204,7 +215,7 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
         return
     if buckets != "auto" and not buckets.isdigit():
         raise UserError(f"--buckets takes a positive count or 'auto', got '{buckets}'.")
-    config = ExportConfig(buckets=buckets if buckets == "auto" else int(buckets), profile=profile, fp32=fp32)
+    config = ExportConfig(buckets=buckets if buckets == "auto" else int(buckets), profile=profile, fp32=fp32, scales=scales)
     path = export(calib, config, out)
     click.echo(f"wrote {path} ({profile}, {time.perf_counter() - start:.1f} s)")
 
@@ -226,19 +237,27 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 @click.option("--refittable", is_flag=True, help="tensorrt: refittable engines.")
 @click.option("--strip-weights", is_flag=True, help="tensorrt: weight-stripped plans (refitted from the ONNX weights at load).")
 @click.option("--emit-trtexec", is_flag=True, help="tensorrt: write an equivalent trtexec script per bucket instead of building.")
+@click.option("--integer-kernels", default=BuildConfig.integer_kernels, show_default=True, type=click.Choice(INTEGER_KERNELS),
+              help="onnxruntime: u8u8 (exact everywhere) or u8s8 (faster, saturates on x86 CPUs without VNNI); auto picks by probing the CPU.")
+@click.option("--fidelity", default=BuildConfig.fidelity, show_default=True, type=click.Choice(FIDELITY_MODES),
+              help="Check every quantized layer of the engines against the graph: refuse (fail), write anyway (warn) or skip (off).")
+@click.option("--fidelity-bound", default=BuildConfig.fidelity_bound, show_default=True,
+              help="Largest relative error of one quantized layer's output against the graph run op by op.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
 def build_command(export_dir: Path, backend: str, threads: int, streams: int, provider: str, batch: str, dynamic_resolution: str | None,
-                  optimization_level: int, refittable: bool, strip_weights: bool, emit_trtexec: bool, out: Path) -> None:  # fmt: skip
-    """Build one engine per bucket graph of an export directory."""
-    from dilatequant.engines.config import BuildConfig
+                  optimization_level: int, refittable: bool, strip_weights: bool, emit_trtexec: bool, integer_kernels: str,
+                  fidelity: str, fidelity_bound: float, out: Path) -> None:  # fmt: skip
+    """Build one engine per bucket graph of an export directory, and check the engines against the graphs."""
     from dilatequant.engines.engine import build
+    from dilatequant.engines.fidelity import summary
 
     min_batch, opt_batch, max_batch = parse_ints(batch, "--batch", 3)
     sizes = parse_ints(dynamic_resolution, "--dynamic-resolution", 2) if dynamic_resolution else (16, 128)
     config = BuildConfig(backend=backend, threads=threads, streams=streams, provider=provider, min_batch=min_batch, opt_batch=opt_batch,
                          max_batch=max_batch, dynamic_resolution=dynamic_resolution is not None, min_size=sizes[0],
                          max_size=sizes[1], optimization_level=optimization_level, refittable=refittable,
-                         strip_weights=strip_weights)  # fmt: skip
+                         strip_weights=strip_weights, integer_kernels=integer_kernels, fidelity=fidelity,
+                         fidelity_bound=fidelity_bound)  # fmt: skip
     start = time.perf_counter()
     if emit_trtexec:
         if backend != "tensorrt":
@@ -249,6 +268,9 @@ def build_command(export_dir: Path, backend: str, threads: int, streams: int, pr
         click.echo(f"wrote {len(scripts)} trtexec scripts to {out}; run {out / 'build_all.sh'} on the GPU machine")
         return
     path = build(export_dir, config, out)
+    report = json.loads((path / "manifest.json").read_text()).get("fidelity")
+    if report is not None:
+        click.echo(summary(report))
     click.echo(f"wrote {path} ({backend}, {time.perf_counter() - start:.1f} s)")
 
 
@@ -340,10 +362,15 @@ def demo_command(out: Path, n: int, streams: int, threads: int) -> None:
 @click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
 @click.option("--allow-residual-add", is_flag=True, help="tensorrt: also accept Q/DQ on residual Add inputs.")
 @click.option("--min-fused", default=0.95, show_default=True, help="ort-cpu: fail below this share of fused integer kernels.")
-def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused: float) -> None:
-    """Check a Q/DQ graph against a profile's rules; non-zero exit on any violation."""
+@click.option("--fidelity-bound", default=BuildConfig.fidelity_bound, show_default=True,
+              help="ort-cpu: fail when a quantized layer's fused kernel is further than this from the graph (relative error).")
+def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused: float, fidelity_bound: float) -> None:
+    """Check a Q/DQ graph against a profile's rules; non-zero exit on any violation. ort-cpu: which layers ONNX
+    Runtime fuses into integer kernels on this CPU and, for a graph of an export directory, whether each fused
+    kernel computes what the graph says (on the export's recorded inputs)."""
     import onnx
 
+    from dilatequant.engines.fidelity import check_graph
     from dilatequant.export.lint import lint_tensorrt, ort_fusion
 
     if profile == "tensorrt":
@@ -354,11 +381,18 @@ def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused:
         if violations:
             raise SystemExit(1)
         return
+    config = BuildConfig(fidelity_bound=fidelity_bound)
     report = ort_fusion(graph)
+    layers = check_graph(graph, config)
+    report["fidelity"] = ("skipped: the graph is not a bucket graph of an export directory (no inputs to run it on)" if layers is None
+                          else {"layer_bound": fidelity_bound, "worst_layers": [layer.describe() for layer in layers[:5]]})  # fmt: skip
     click.echo(json.dumps(report, indent=2))
     if report["fused_share"] < min_fused:
         raise click.ClickException(f"only {report['fused_share']:.0%} of the quantized Conv/MatMul/Gemm became integer "
                                    f"kernels (target {min_fused:.0%}); left in float: {', '.join(report['left_in_float'][:10])}")  # fmt: skip
+    if layers and layers[0].rel_error > fidelity_bound:
+        raise click.ClickException(f"layer {layers[0].describe()} is above the bound {fidelity_bound:.0e}: ONNX Runtime's "
+                                   "kernel on this CPU does not compute what the graph says")  # fmt: skip
 
 
 @cli.command("inspect")

@@ -172,7 +172,9 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), echo: Callable[
     atomic_write_text(out / "profile.json", json.dumps(latency, indent=2) + "\n")
     chart(latency, out / "latency.png")
     quality = sample_both(config, paths, out, stages)
-    record = {"model": config.model, "n_buckets": config.buckets, "profile": latency, "quality": quality,
+    engines_manifest = json.loads((paths["engines-int8"] / "manifest.json").read_text())
+    fidelity = {**engines_manifest["fidelity"], "integer_kernels": engines_manifest["integer_kernels"], "device": engines_manifest["device"]}
+    record = {"model": config.model, "n_buckets": config.buckets, "profile": latency, "quality": quality, "fidelity": fidelity,
               "targets": targets(latency, quality), "figures": figures(paths, out), "stage_seconds": stages.seconds,
               "settings": json.dumps(asdict(config)), "versions": library_versions(),
               "quality_note": f"n = {config.quality_n} is a quick look: fid_digits moves by about 15% between seeds at "

@@ -65,6 +65,17 @@ def latency_rows(profile: dict) -> list[list]:
     return rows
 
 
+def fidelity_section(fidelity: dict) -> str:
+    """The build's check of the INT8 engines against their graphs (engines/fidelity.py)."""
+    rows = [[b["bucket"], b["samples"], f"{b['end_to_end_rel_error']:.2%}", html.escape(b["worst_layers"][0]["layer"]),
+             b["worst_layers"][0]["kernel"], f"{b['worst_layers'][0]['rel_error']:.1e}"] for b in fidelity["buckets"]]  # fmt: skip
+    verdict = "passed" if fidelity["passed"] else "FAILED: " + html.escape("; ".join(fidelity["failures"]))
+    return f"""<h2>Engines vs their graphs</h2><p>The build's fidelity check {verdict}. Reference: {html.escape(fidelity['reference'])};
+integer kernels <code>{fidelity['integer_kernels']}</code> on {html.escape(fidelity['device'])}. Each quantized layer is run
+alone (bound {fidelity['layer_bound']:.0e}); end to end, single code flips compound (bound {fidelity['end_to_end_bound']:.0%}).</p>
+{table(rows, ["bucket", "inputs", "end to end", "worst layer", "its kernel", "its error"])}"""
+
+
 def render(report: dict) -> str:
     """The HTML page for a demo run's `report` record (see tools/demo.py)."""
     quality, profile = report["quality"], report["profile"]
@@ -90,6 +101,7 @@ profile <code>ort-cpu</code>), built into ONNX Runtime engines and compared with
 <img src="{report['figures']['scales']}" alt="per-timestep activation scales with bucket boundaries">
 <p>Estimated quantization error of the best partition into K buckets (1.0 = a scale per timestep):</p>
 <img src="{report['figures']['error_by_k']}" alt="estimated error per K">
+{fidelity_section(report["fidelity"])}
 <h2>Latency</h2>{latency}<img src="{report['figures']['latency']}" alt="latency chart">
 <p>p50/p95 over {profile['settings']['runs']} timed calls per bucket after {profile['settings']['warmup']} warm-ups,
 rotating the order of engine sets each round; sampling time covers the full {profile['settings']['sampling_steps']}-step
