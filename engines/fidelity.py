@@ -117,10 +117,8 @@ def with_outputs(model, names: list[str]):
     return extended
 
 
-def chain(model, source: str, output: str) -> list:
+def chain(model, producers: dict, initializers: dict, source: str, output: str) -> list:
     """The nodes (in graph order) that compute `output` from `source` and initializers."""
-    initializers = {i.name for i in model.graph.initializer}
-    producers = {name: node for node in model.graph.node for name in node.output}
     needed, pending = set(), [output]
     while pending:
         name = pending.pop()
@@ -130,6 +128,10 @@ def chain(model, source: str, output: str) -> list:
     return [node for node in model.graph.node if id(node) in needed]
 
 
+def prefixed(prefix: str, names) -> list[str]:
+    return [prefix + name if name else name for name in names]  # '' marks an omitted optional input
+
+
 def isolated_layers(model, layers: list[QuantizedLayer], source_types: dict[str, int]):
     """One model holding every layer's chain (source -> Q/DQ -> layer -> Q/DQ -> output) side by side, each
     with its own input 'L<i>/<source>' and output 'L<i>/<output>', so one session runs them all in isolation."""
@@ -137,15 +139,15 @@ def isolated_layers(model, layers: list[QuantizedLayer], source_types: dict[str,
     from onnx import helper
 
     initializers = {i.name: i for i in model.graph.initializer}
+    producers = {name: node for node in model.graph.node for name in node.output}
     graph = helper.make_graph([], "isolated_layers", [], [])
     for i, layer in enumerate(layers):
         prefix = f"L{i}/"
-        renamed = lambda name: prefix + name if name else name  # noqa: E731 - '' marks an omitted optional input
-        for node in chain(model, layer.source, layer.output):
+        for node in chain(model, producers, initializers, layer.source, layer.output):
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = prefix + (node.name or node.output[0])
-            copy.input[:], copy.output[:] = map(renamed, node.input), map(renamed, node.output)
+            copy.input[:], copy.output[:] = prefixed(prefix, node.input), prefixed(prefix, node.output)
             graph.node.append(copy)
             for name in node.input:
                 if name in initializers:

@@ -1,13 +1,16 @@
 """Where do ONNX Runtime's engines leave the graph they were built from? (issue 11's bisection)
 
     python -m dilatequant.tools.fidelity_study --export EXPORT --out study.json [--kernels auto u8s8 u8u8]
+                                               [--fp-outputs fp.npz]
 
 For every bucket graph of an export and each integer-kernel choice (auto: as `dilatequant build` picks;
 u8s8: ONNX Runtime's default; u8u8: `session.x64quantprecision`), on the export's recorded calibration
 inputs: the one-step relative error against the FP model (the calibration artifact's dilated model, equal
 to the original) of the graph run op by op (ONNX Runtime, no optimization), of the torch executor
 (engines/torch_graph.py) and of the optimized session, and every quantized layer alone (engines/fidelity.py),
-worst first. Run it under `qemu-x86_64 -cpu EPYC-Rome` to see an AVX2 CPU without VNNI from any x86 machine.
+worst first. Run it under `qemu-x86_64 -cpu EPYC-Rome` to see an AVX2 CPU without VNNI from any x86 machine;
+as the emulator runs ~100x slower, `--fp-outputs` saves (on a first, native run) and then reuses the outputs
+that do not depend on the CPU's integer kernels: the FP model's, the op-by-op reference's and the torch executor's.
 """
 
 from __future__ import annotations
@@ -39,14 +42,23 @@ def fp_outputs(export_dir: Path, manifest: dict, feeds: dict[str, np.ndarray]) -
         return denoiser(torch.from_numpy(feeds["x"]), torch.from_numpy(feeds["t"]), cond).numpy()
 
 
-def study_bucket(export_dir: Path, manifest: dict, key: str, feeds: dict, kernels: list[str], work: Path) -> dict:
+def kernel_free_outputs(export_dir: Path, manifest: dict, key: str, feeds: dict) -> dict[str, np.ndarray]:
+    """The outputs that do not depend on the CPU's integer kernels: FP model, op-by-op reference, torch executor."""
+    graph = export_dir / manifest["graphs"][key]
+    return {"fp": fp_outputs(export_dir, manifest, feeds), "reference (op by op)": reference_session(str(graph)).run(None, feeds)[0],
+            "torch executor": TorchGraph(graph)(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()}  # fmt: skip
+
+
+def study_bucket(export_dir: Path, manifest: dict, key: str, feeds: dict, kernels: list[str], work: Path,
+                 cache: dict[str, np.ndarray]) -> dict:  # fmt: skip
     import onnx
 
     graph = export_dir / manifest["graphs"][key]
     feeds = reference_feeds(onnx.load(str(graph), load_external_data=False), feeds)
-    fp = fp_outputs(export_dir, manifest, feeds)
-    row = {"bucket": key, "vs_fp": {"reference (op by op)": relative_error(reference_session(str(graph)).run(None, feeds)[0], fp),
-                                    "torch executor": relative_error(TorchGraph(graph)(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy(), fp)},
+    if f"{key}/fp" not in cache:
+        cache.update({f"{key}/{name}": value for name, value in kernel_free_outputs(export_dir, manifest, key, feeds).items()})
+    fp = cache[f"{key}/fp"]
+    row = {"bucket": key, "vs_fp": {name: relative_error(cache[f"{key}/{name}"], fp) for name in ("reference (op by op)", "torch executor")},
            "kernels": {}}  # fmt: skip
     for name in kernels:
         session = functools.partial(BACKEND.optimized_session, config=BuildConfig(integer_kernels=name))
@@ -62,12 +74,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, required=True)
     parser.add_argument("--kernels", nargs="+", default=list(INTEGER_KERNELS), choices=INTEGER_KERNELS)
+    parser.add_argument("--fp-outputs", type=Path, default=None, help="npz of the kernel-independent outputs: read if present, else written")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     manifest = read_manifest(args.export, "export", "1.0")
     feeds = bucket_feeds(args.export, manifest)
+    cache = dict(np.load(args.fp_outputs)) if args.fp_outputs and args.fp_outputs.exists() else {}
     with tempfile.TemporaryDirectory() as work:
-        rows = [study_bucket(args.export, manifest, key, feeds[key], args.kernels, Path(work)) for key in manifest["graphs"]]
+        rows = [study_bucket(args.export, manifest, key, feeds[key], args.kernels, Path(work), cache) for key in manifest["graphs"]]
+    if args.fp_outputs and not args.fp_outputs.exists():
+        np.savez(args.fp_outputs, **cache)
     report = {"export": str(args.export), "cpu": cpu_name(), "u8s8_saturates": u8s8_saturates(), "buckets": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     for row in rows:
