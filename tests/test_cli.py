@@ -81,3 +81,16 @@ def test_cuda_without_gpu_is_a_clear_error(monkeypatch):
 def test_eval_refuses_a_reference_of_another_shape(tiny_model_dirs):
     result = invoke("eval", "--model", "digits", "--ref", tiny_model_dirs["dit"], "--n", 4, "--steps", 1, "--device", "cpu")
     assert result.exit_code == 1 and "PSNR needs the same shape" in result.output
+
+
+def test_paired_images_sample_to_files_and_compare_them(tiny_model_dirs, tmp_path):
+    from dilatequant.tools.paired_images import compare, sample_variant
+
+    model = str(tiny_model_dirs["unet"])
+    sample_variant(model, 2, 2, tmp_path / "a.pt")
+    sample_variant(model, 2, 2, tmp_path / "b.pt")  # same seed: the same images
+    sample_variant(model, 2, 3, tmp_path / "c.pt")
+    same = compare(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert same["psnr_db"] > 100 and same["n"] == 2 and same["steps"] == 2
+    with pytest.raises(SystemExit, match="different settings"):
+        compare(tmp_path / "a.pt", tmp_path / "c.pt")
