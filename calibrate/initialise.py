@@ -175,10 +175,15 @@ class CandidateObserver:
     def finish(self) -> list[int]:
         """Write each row's least-error candidate (the first one for rows without data); returns the choices."""
         chosen = [int(error.argmin()) for error in self.error]
-        with torch.no_grad():
-            for row, ((steps, zeros), k) in enumerate(zip(self.candidates, chosen)):
-                self.quantizer.step[row], self.quantizer.zero_point[row] = steps[k], zeros[k]
+        write_candidates(self.quantizer, self.candidates, chosen)
         return chosen
+
+
+def write_candidates(quantizer: ActQuantizer, candidates: Candidates, chosen: list[int]) -> None:
+    """Row r of the quantizer's table takes candidate chosen[r] of candidates[r]."""
+    with torch.no_grad():
+        for row, ((steps, zeros), k) in enumerate(zip(candidates, chosen)):
+            quantizer.step[row], quantizer.zero_point[row] = steps[k], zeros[k]
 
 
 def select_rows(quantized: QuantizedDenoiser, data: CalibrationData, candidates: dict[str, Candidates], batch_size: int,

@@ -184,18 +184,26 @@ OptimizedSession = Callable[[bytes, Path], object]
 """(model bytes, path to save the optimized graph at) -> an inference session optimized like the engine."""
 
 
+def reference_run(model, feeds: dict[str, np.ndarray], layers: list[QuantizedLayer]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One op-by-op run of the whole graph: its output, and every layer's source tensor and input codes."""
+    reference = reference_session(with_outputs(model, [name for layer in layers for name in (layer.source, layer.codes)]))
+    values = reference.run(None, feeds)
+    return values[0], dict(zip([o.name for o in reference.get_outputs()], values))
+
+
 def check_layers(model, feeds: dict[str, np.ndarray], optimized_session: OptimizedSession, work: Path) -> list[LayerFidelity]:
     """Each quantized layer of `model` alone, optimized like the engine vs run op by op, on the inputs the
     reference run of the whole graph gives it for `feeds`; worst first."""
+    layers = quantized_layers(model)
+    return layer_errors(model, layers, reference_run(model, feeds, layers)[1], optimized_session, work) if layers else []
+
+
+def layer_errors(model, layers: list[QuantizedLayer], tensors: dict[str, np.ndarray], optimized_session: OptimizedSession,
+                 work: Path) -> list[LayerFidelity]:  # fmt: skip
+    """`check_layers` given the reference run's tensors."""
     import onnx
     from onnx import helper
 
-    layers = quantized_layers(model)
-    if not layers:
-        return []
-    names = [name for layer in layers for name in (layer.source, layer.codes)]
-    reference = reference_session(with_outputs(model, names))
-    tensors = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, feeds)))
     types = {name: helper.np_dtype_to_tensor_dtype(tensors[name].dtype) for name in tensors}
     isolated = isolated_layers(model, layers, types)
     layer_feeds = {f"L{i}/{layer.source}": tensors[layer.source] for i, layer in enumerate(layers)}
@@ -249,10 +257,11 @@ def check_bucket(graph_path: Path, key: str, feeds: dict[str, np.ndarray], engin
 
     model = onnx.load(str(graph_path))
     feeds = reference_feeds(model, feeds)
-    expected = reference_session(model).run(None, feeds)[0]
+    layers = quantized_layers(model) if optimized_session is not None else []
+    expected, tensors = reference_run(model, feeds, layers)  # one op-by-op run serves both checks
     end_to_end = relative_error(engine_run(feeds), expected)
-    layers = check_layers(model, feeds, optimized_session, work) if optimized_session is not None else []
-    return BucketFidelity(key, len(next(iter(feeds.values()))), end_to_end, layers[:keep])
+    results = layer_errors(model, layers, tensors, optimized_session, work) if layers else []
+    return BucketFidelity(key, len(next(iter(feeds.values()))), end_to_end, results[:keep])
 
 
 def bucket_feeds(export_dir: Path, manifest: dict) -> dict[str, dict[str, np.ndarray]]:

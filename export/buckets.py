@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dilatequant.calibrate.artifact import CalibrationArtifact
-from dilatequant.calibrate.initialise import Candidates, covering_grid, initialise_activations, select_rows
+from dilatequant.calibrate.initialise import Candidates, covering_grid, initialise_activations, select_rows, write_candidates
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.timesteps import TimestepIndex
 from dilatequant.tools.denoiser import LoadedModel
@@ -154,18 +154,19 @@ def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: to
     loaded = artifact.rebuild(BucketIndex(table), device)
     config, denoiser = artifact.config, loaded.denoiser
     denoiser.quantize_outputs(quantized_outputs, 8, config.act_symmetric)
+    quantizers = denoiser.act_quantizers()
     data, device = artifact.calibration_data(), torch.device(device)
     batch_size = default_batch_size(device)
     method = "minmax" if config.method == "minmax" else config.act_init
-    inputs = [name for name in denoiser.act_quantizers() if not name.endswith(OUTPUT_SUFFIX)]
-    new = None if scales == "rederived" else set(denoiser.act_quantizers()) - set(inputs)
+    inputs = [name for name in quantizers if not name.endswith(OUTPUT_SUFFIX)]
+    new = None if scales == "rederived" else set(quantizers) - set(inputs)
     if new is None or new:
         initialise_activations(denoiser, data, method, config.percentile, batch_size, device, progress=False, only=new)
     if scales == "calibrated":
-        candidates = {name: bucket_candidates(artifact, table, name, denoiser.act_quantizers()[name].fmt) for name in inputs}
+        candidates = {name: bucket_candidates(artifact, table, name, quantizers[name].fmt) for name in inputs}
         if method == "minmax":  # the covering grid (candidate 0) is min-max over the bucket's samples
             for name, rows in candidates.items():
-                write_rows(denoiser.act_quantizers()[name], [(steps[:1], zeros[:1]) for steps, zeros in rows])
+                write_candidates(quantizers[name], rows, [0] * len(rows))
         else:
             select_rows(denoiser, data, candidates, batch_size, device, progress=False)
     return loaded
@@ -185,8 +186,3 @@ def bucket_candidates(artifact: CalibrationArtifact, table: BucketTable, group: 
         candidates.append((torch.cat([cover_step.reshape(1), steps[rows]]), torch.cat([cover_zero.reshape(1), zeros[rows]])))
     return candidates
 
-
-def write_rows(quantizer, candidates: Candidates) -> None:
-    with torch.no_grad():
-        for row, (steps, zeros) in enumerate(candidates):
-            quantizer.step[row], quantizer.zero_point[row] = steps[0], zeros[0]
