@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dilatequant.tools.denoiser import LoadedModel, load_model, model_fingerprint, resolve_model_dir
-from dilatequant.tools.manifest import ArtifactError, read_manifest, staged_directory
+from dilatequant.core.denoiser import LoadedModel, load_model, model_fingerprint, resolve_model_dir
+from dilatequant.core.manifest import ArtifactError, read_manifest, staged_directory
 
 from .calib_data import CalibrationData
 from .config import CalibConfig

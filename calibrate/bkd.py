@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dilatequant.tools.denoiser import Denoiser
+from dilatequant.core.denoiser import Denoiser
 
 from .calib_data import CalibrationData
 from .config import CalibConfig

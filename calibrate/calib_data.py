@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from dilatequant.tools.denoiser import Denoiser
-from dilatequant.tools.sampling import SamplerConfig, balanced_labels, sample
+from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
 from .config import CalibConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
-from dilatequant.tools.errors import UserError
+from dilatequant.core.errors import UserError
 
 BIT_PRESETS = ("W8A8", "W6A6", "W4A8", "W4A4")
 METHODS = ("dilatequant", "minmax")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from dilatequant.tools.denoiser import load_model, model_fingerprint
-from dilatequant.tools.environment import describe_device
-from dilatequant.tools.manifest import check_replaceable
-from dilatequant.tools.sampling import SamplerConfig, default_batch_size, sampling_timesteps
+from dilatequant.core.denoiser import load_model, model_fingerprint
+from dilatequant.core.environment import describe_device
+from dilatequant.core.manifest import check_replaceable
+from dilatequant.core.sampling import SamplerConfig, default_batch_size, sampling_timesteps
 
 from .artifact import KIND, CalibrationRecord, write_artifact
 from .bkd import distill

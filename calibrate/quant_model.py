@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dilatequant.tools.denoiser import Denoiser
+from dilatequant.core.denoiser import Denoiser
 
 from .attention import matmul_quantizers, quantize_attention_matmuls
 from .config import CalibConfig

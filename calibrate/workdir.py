@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from dilatequant.tools.atomic import atomic_write_bytes, atomic_write_text
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.atomic import atomic_write_bytes, atomic_write_text
+from dilatequant.core.manifest import ArtifactError
 
 from .calib_data import CalibrationData
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dilatequant.tools.errors import UserError
+from dilatequant.core.errors import UserError
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 FIDELITY_MODES = ("fail", "warn", "off")

@@ -17,7 +17,7 @@ import numpy as np
 from dilatequant.export.buckets import BucketTable
 from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 from dilatequant.export.flow import KIND as EXPORT_KIND
-from dilatequant.tools.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file, staged_directory
+from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file, staged_directory
 
 from .backend import BucketEngine, BuildContext, get_backend
 from .config import BuildConfig

@@ -272,7 +272,7 @@ def bucket_feeds(export_dir: Path, manifest: dict) -> dict[str, dict[str, np.nda
     from safetensors.numpy import load_file
 
     from dilatequant.export.buckets import BucketTable
-    from dilatequant.tools.denoiser import ModelSpec
+    from dilatequant.core.denoiser import ModelSpec
 
     table = BucketTable.from_dict(manifest["buckets"])
     spec = ModelSpec(manifest["model"]["family"], manifest["model"]["config"])

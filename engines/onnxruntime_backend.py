@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatequant.tools.errors import MissingDependencyError
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.errors import MissingDependencyError
+from dilatequant.core.manifest import ArtifactError
 
 from .backend import BuildContext, cpu_name
 from .config import BuildConfig

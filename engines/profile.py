@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.tools.environment import library_versions
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.sampling import SamplerConfig, balanced_labels, sample
+from dilatequant.core.environment import library_versions
+from dilatequant.core.errors import UserError
+from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
 from .engine import load
 from .memory import measure_in_subprocess
@@ -149,7 +149,7 @@ def markdown_table(report: dict) -> str:
 
 def chart(report: dict, path: Path) -> None:
     """A PNG bar chart of p50 latency per batch size and engine directory."""
-    from dilatequant.tools.plots import require_matplotlib, save_figure
+    from dilatequant.core.plots import require_matplotlib, save_figure
 
     plt = require_matplotlib()
     names = list(report["engines"])

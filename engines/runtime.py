@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.tools.denoiser import LoadedModel, ModelSpec, SpecMixin
-from dilatequant.tools.errors import UserError
+from dilatequant.core.denoiser import LoadedModel, ModelSpec, SpecMixin
+from dilatequant.core.errors import UserError
 
 from .engine import EngineSet, load
 

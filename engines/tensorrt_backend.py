@@ -29,8 +29,8 @@ import numpy as np
 from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 from dilatequant.export.flow import KIND as EXPORT_KIND
 from dilatequant.export.graph import INPUT_NAMES, OUTPUT_NAME
-from dilatequant.tools.errors import MissingDependencyError, UserError
-from dilatequant.tools.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file
+from dilatequant.core.errors import MissingDependencyError, UserError
+from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file
 
 from .backend import BuildContext
 from .config import BuildConfig

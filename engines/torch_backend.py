@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.manifest import ArtifactError
 
 from .backend import BuildContext, cpu_name
 from .config import BuildConfig

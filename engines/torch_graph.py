@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dilatequant.tools.errors import MissingDependencyError
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.errors import MissingDependencyError
+from dilatequant.core.manifest import ArtifactError
 
 # ONNX TensorProto data types -> torch dtypes (INT4 initializers are widened to int8 at load)
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64, 9: torch.bool,

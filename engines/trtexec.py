@@ -19,8 +19,8 @@ from pathlib import Path
 
 from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
 from dilatequant.export.flow import KIND as EXPORT_KIND
-from dilatequant.tools.atomic import atomic_write_text
-from dilatequant.tools.manifest import read_manifest
+from dilatequant.core.atomic import atomic_write_text
+from dilatequant.core.manifest import read_manifest
 
 from .config import BuildConfig
 from .tensorrt_backend import TIMING_CACHE, ShapeRange, layers_file, plan_file, shape_profile

@@ -18,9 +18,9 @@ from dilatequant.calibrate.artifact import CalibrationArtifact
 from dilatequant.calibrate.initialise import Candidates, covering_grid, initialise_activations, select_rows, write_candidates
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.timesteps import TimestepIndex
-from dilatequant.tools.denoiser import LoadedModel
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.sampling import default_batch_size
+from dilatequant.core.denoiser import LoadedModel
+from dilatequant.core.errors import UserError
+from dilatequant.core.sampling import default_batch_size
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from dilatequant.tools.errors import UserError
+from dilatequant.core.errors import UserError
 
 PROFILES = ("tensorrt", "ort-cpu")
 SCALE_SOURCES = ("calibrated", "rederived")

@@ -19,10 +19,10 @@ from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
 from dilatequant.calibrate.calib_data import CalibrationData
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.structure import input_groups
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.environment import library_versions
-from dilatequant.tools.errors import MissingDependencyError, UserError
-from dilatequant.tools.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.environment import library_versions
+from dilatequant.core.errors import MissingDependencyError, UserError
+from dilatequant.core.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
 
 from .buckets import BucketTable, bucketed_model, choose_buckets
 from .compact import compact
@@ -244,7 +244,7 @@ def export_single_graph(model, loaded, profile: str, precision: str, out: str | 
 
 def describe(path: str | Path) -> dict:
     """The `inspect` summary of an export directory; verifies every checksum on the way."""
-    from dilatequant.tools.manifest import read_manifest
+    from dilatequant.core.manifest import read_manifest
 
     path = Path(path)
     manifest = read_manifest(path, KIND, FORMAT_VERSION)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dilatequant.tools.denoiser import Denoiser
+from dilatequant.core.denoiser import Denoiser
 
 SCOPE_PREFIX = "/denoiser/model/"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -60,7 +60,7 @@ def onnx_scope(layer: str) -> str:
 
 def compute_node_names(node_names: list[tuple[str, str]], layers: list[str]) -> dict[str, str]:
     """layer -> name of its one Conv/Gemm/MatMul node, from (name, op_type) pairs; unsupported layers raise."""
-    from dilatequant.tools.errors import UserError
+    from dilatequant.core.errors import UserError
 
     found = {}
     for layer in layers:

@@ -8,7 +8,7 @@ from dilatequant.calibrate.artifact import load_artifact
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
 from dilatequant.calibrate.quant_model import prepare
-from dilatequant.tools.denoiser import load_model
+from dilatequant.core.denoiser import load_model
 
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from dilatequant.export.flow import export_unquantized
 from dilatequant.tools.bench import BenchConfig, main, merge_reports
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.errors import UserError
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.errors import UserError
 from dilatequant.tools.peers import MODELOPT_VARIANTS, ORT_VARIANTS, boundary_layers, modelopt_quantize, ort_quantize
 
 pytest.importorskip("onnxruntime")

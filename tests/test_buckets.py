@@ -15,7 +15,7 @@ from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.quantizer import fake_quantize
 from dilatequant.export.buckets import BucketTable, bucket_candidates, bucketed_model, choose_buckets, optimal_partitions, segment_costs
 from dilatequant.export.config import ExportConfig
-from dilatequant.tools.errors import UserError
+from dilatequant.core.errors import UserError
 
 
 @st.composite

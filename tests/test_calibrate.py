@@ -11,9 +11,9 @@ from dilatequant.calibrate.artifact import load_artifact
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
 from dilatequant.tools.cli import cli
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
 
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.evaluate import evaluate
-from dilatequant.tools.sampling import SamplerConfig
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.evaluate import evaluate
+from dilatequant.core.sampling import SamplerConfig
 
 
 @pytest.mark.slow

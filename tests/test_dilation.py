@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.dilation import column_maxima, dilation_factors
 from dilatequant.calibrate.quant_model import prepare
-from dilatequant.tools.denoiser import load_model
+from dilatequant.core.denoiser import load_model
 
 
 @settings(max_examples=50, deadline=None)

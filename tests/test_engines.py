@@ -16,10 +16,10 @@ from dilatequant.engines.runtime import EngineDenoiser, load_engine_model
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
 from dilatequant.tools.cli import cli
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.manifest import ArtifactError
-from dilatequant.tools.sampling import SamplerConfig, sample
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
+from dilatequant.core.sampling import SamplerConfig, sample
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -99,7 +99,7 @@ def test_bad_inputs_are_refused_with_the_expected_shapes(engines):
 
 def test_sampling_through_fp_engines_reproduces_torch_sampling(tiny_model_dirs, tmp_path):
     """The runtime inside diffusers' scheduler loop: exact where the graph is exact (the FP export)."""
-    from dilatequant.tools.denoiser import load_model
+    from dilatequant.core.denoiser import load_model
 
     engines = build(export_unquantized(tiny_model_dirs["unet-cond"], "fp32", tmp_path / "fp"), BuildConfig(threads=1), tmp_path / "e")
     engine_model, torch_model = load_engine_model(engines), load_model(tiny_model_dirs["unet-cond"])

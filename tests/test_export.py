@@ -16,8 +16,8 @@ from dilatequant.export.buckets import BucketTable, bucketed_model
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
 from dilatequant.export.lint import lint_tensorrt, ort_fusion
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
 
 ort = pytest.importorskip("onnxruntime")
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}

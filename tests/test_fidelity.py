@@ -21,7 +21,7 @@ from dilatequant.engines.fidelity import bucket_feeds, check_layers, quantized_l
 from dilatequant.engines.onnxruntime_backend import BACKEND, OnnxRuntimeBackend
 from dilatequant.engines.torch_graph import TorchGraph
 from dilatequant.export.config import ExportConfig
-from dilatequant.tools.denoiser import load_model
+from dilatequant.core.denoiser import load_model
 from dilatequant.export.flow import export
 from tiny_models import RGB_UNET, build_model
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.errors import ModelLoadError
-from dilatequant.tools.zoo import zoo_path
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.errors import ModelLoadError
+from dilatequant.core.zoo import zoo_path
 
 
 def test_bundled_digits_loads_with_plain_diffusers():

@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dilatequant.tools.digits_data import train_heldout_split
-from dilatequant.tools.metrics import DigitsMetrics, frechet_distance, gaussian_stats, psnr_vs_ref
+from dilatequant.core.digits_data import train_heldout_split
+from dilatequant.core.metrics import DigitsMetrics, frechet_distance, gaussian_stats, psnr_vs_ref
 
 
 def test_frechet_distance_of_identical_sets_is_zero():

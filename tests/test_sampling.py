@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.sampling import SCHEDULERS, SamplerConfig, balanced_labels, default_batch_size, sample
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.errors import UserError
+from dilatequant.core.sampling import SCHEDULERS, SamplerConfig, balanced_labels, default_batch_size, sample
 
 
 @pytest.fixture(scope="module")

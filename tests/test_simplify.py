@@ -9,7 +9,7 @@ import torch
 from dilatequant.export.compact import compact, share_equal_constants, short_id
 from dilatequant.export.graph import export_fp_graph
 from dilatequant.export.simplify import simplify
-from dilatequant.tools.denoiser import load_model
+from dilatequant.core.denoiser import load_model
 
 ort = pytest.importorskip("onnxruntime")
 

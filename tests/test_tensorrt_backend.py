@@ -21,8 +21,8 @@ from dilatequant.engines.tensorrt_backend import BACKEND, fusion_audit, shape_pr
 from dilatequant.engines.trtexec import write_trtexec_scripts
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
-from dilatequant.tools.errors import MissingDependencyError, UserError
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.errors import MissingDependencyError, UserError
+from dilatequant.core.manifest import ArtifactError
 
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 # family -> the non-batch dims of each graph input (tests/tiny_models.py): x, t, and labels or encoder states as cond

@@ -14,8 +14,8 @@ from dilatequant.engines.engine import build, load
 from dilatequant.engines.torch_graph import TorchGraph
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
-from dilatequant.tools.errors import UserError
-from dilatequant.tools.manifest import ArtifactError
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -35,7 +35,7 @@ def test_wheel_cli_help(fresh_venv_with_wheel):
 
 
 def test_wheel_loads_its_bundled_model(fresh_venv_with_wheel):
-    code = ("import dilatequant.tools as t; from dilatequant.tools.denoiser import load_model; "
+    code = ("import dilatequant.tools as t; from dilatequant.core.denoiser import load_model; "
             "m = load_model('digits'); print(t.__file__); print(m.model_dir)")  # fmt: skip
     result = subprocess.run([fresh_venv_with_wheel / "bin" / "python", "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,5 @@
-"""Command line, bundled model zoo, quality metrics and reports of dilatequant.
+"""The roof: the command line, the demo and its reports, benchmarks and studies, training scripts.
 
-The lower modules here (errors, zoo, denoiser, sampling, metrics) are shared by every stage;
-`cli` sits on top of everything and is the only module that parses user arguments.
+Imports every stage and `dilatequant.core`; nothing imports it (import-linter checks it). `cli` is the only
+module that parses user arguments.
 """

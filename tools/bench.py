@@ -25,8 +25,8 @@ from pathlib import Path
 
 import click
 
-from .atomic import atomic_write_text
-from .errors import UserError
+from dilatequant.core.atomic import atomic_write_text
+from dilatequant.core.errors import UserError
 
 QUICK = {"n": 20, "steps": 5, "samples": 32, "trajectories": 8, "sampling_steps": 2}
 
@@ -99,7 +99,7 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
     from dilatequant.export.config import ExportConfig
     from dilatequant.export.flow import export, export_single_graph, export_unquantized
 
-    from .denoiser import load_model
+    from dilatequant.core.denoiser import load_model
     from .peers import MODELOPT_VARIANTS, ORT_VARIANTS, calibration_batches, quantize_peer
 
     exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
@@ -135,8 +135,8 @@ def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
     from dilatequant.calibrate.artifact import load_artifact
     from dilatequant.calibrate.calib_data import CalibrationData, collect
 
-    from .denoiser import load_model
-    from .sampling import default_batch_size
+    from dilatequant.core.denoiser import load_model
+    from dilatequant.core.sampling import default_batch_size
 
     if ("W8A8", ()) in calibrations:
         return load_artifact(calibrations[("W8A8", ())][0]).calibration_data()
@@ -151,9 +151,9 @@ def quality(engines: dict[str, Path], config: BenchConfig, echo) -> dict[str, di
     """Sample every entry's engines from the same noise; metrics, and PSNR against the FP32 engine's images."""
     from dilatequant.engines.runtime import load_engine_model
 
-    from .evaluate import labels_for, score
-    from .metrics import psnr_vs_ref
-    from .sampling import SamplerConfig, sample
+    from dilatequant.core.evaluate import labels_for, score
+    from dilatequant.core.metrics import psnr_vs_ref
+    from dilatequant.core.sampling import SamplerConfig, sample
 
     sampler = SamplerConfig(steps=config.steps, seed=config.seed, batch_size=config.batch_size)
     results, reference = {}, None
@@ -176,7 +176,7 @@ def run_bench(config: BenchConfig, out: Path, echo=print) -> dict:
     from dilatequant.engines.engine import build
     from dilatequant.engines.profile import ProfileConfig, profile
 
-    from .environment import library_versions
+    from dilatequant.core.environment import library_versions
 
     exports, seconds = make_exports(config, out / "work", echo)
     build_config = (BuildConfig(threads=config.threads, streams=config.streams) if config.backend == "onnxruntime"
@@ -250,7 +250,7 @@ def number(value: float | None) -> str:
 
 def scatter(report: dict, path: Path) -> None:
     """Quality (fid_digits, and paired PSNR against FP32) against p50 latency at batch 8, one marker per entry."""
-    from .plots import require_matplotlib, save_figure
+    from dilatequant.core.plots import require_matplotlib, save_figure
 
     plt = require_matplotlib()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -293,7 +293,7 @@ def main(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: s
 
 
 def run(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str) -> dict:
-    from .sampling import default_batch_size
+    from dilatequant.core.sampling import default_batch_size
 
     batch_size = max(BenchConfig.batch_size, default_batch_size(device))
     config = BenchConfig(n=n, bkd_iters=bkd_iters, backend=backend, device=device, batch_size=batch_size,

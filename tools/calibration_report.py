@@ -16,11 +16,11 @@ from pathlib import Path
 import click
 import torch
 
-from .atomic import atomic_write_text
-from .denoiser import load_model
-from .environment import describe_device, library_versions, resolve_device
-from .evaluate import labels_for, score
-from .sampling import SamplerConfig, default_batch_size, sample
+from dilatequant.core.atomic import atomic_write_text
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.environment import describe_device, library_versions, resolve_device
+from dilatequant.core.evaluate import labels_for, score
+from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
 VARIANTS = {
     "naive min-max": {"method": "minmax", "tpq": False, "dilation": False},
@@ -166,7 +166,7 @@ def table(rows: list[dict], fp: dict) -> list[str]:
 
 
 def plot_ranges(ranges: dict, path: Path) -> None:
-    from .plots import require_matplotlib, save_figure
+    from dilatequant.core.plots import require_matplotlib, save_figure
 
     plt = require_matplotlib()
     groups = sorted({g for variant in ranges.values() for g in variant}, key=RANGE_GROUPS.index)

@@ -13,7 +13,7 @@ import click
 from dilatequant.engines.config import FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
 from dilatequant.export.config import SCALE_SOURCES, ExportConfig
 
-from .errors import UserError
+from dilatequant.core.errors import UserError
 
 MODEL_HELP = "Bundled model name (digits) or a local diffusers model/pipeline directory. Offline: no hub ids."
 CALIB_HELP = "Calibration artifact directory: run its fake-quant model (--model, if given, must be its source)."
@@ -40,8 +40,8 @@ def sampler_options(command: Callable) -> Callable:
     @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
     @functools.wraps(command)
     def wrapper(steps: int, scheduler: str, seed: int, batch_size: int | None, device: str, **kwargs):
-        from .environment import resolve_device
-        from .sampling import SamplerConfig, default_batch_size
+        from dilatequant.core.environment import resolve_device
+        from dilatequant.core.sampling import SamplerConfig, default_batch_size
 
         torch_device = resolve_device(device)
         batch_size = batch_size or default_batch_size(torch_device)
@@ -60,7 +60,7 @@ def model_options(command: Callable) -> Callable:
     @click.option("--clamp", is_flag=True, help="With --engines: run timesteps outside the calibrated range with the nearest bucket.")
     @functools.wraps(command)
     def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, device, **kwargs):
-        from .denoiser import load_model
+        from dilatequant.core.denoiser import load_model
 
         if engines is not None:
             if calib is not None or model is not None:
@@ -93,9 +93,9 @@ def cli() -> None:
 @model_options
 def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None:
     """Sample a model (or a calibrated fake-quant model) and write a PNG grid labelled by class."""
-    from .evaluate import labels_for
+    from dilatequant.core.evaluate import labels_for
     from .grid import save_grid
-    from .sampling import sample
+    from dilatequant.core.sampling import sample
 
     labels = labels_for(loaded, n)
     start = time.perf_counter()
@@ -113,8 +113,8 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 @model_options
 def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sampler, device) -> None:
     """Sample n images and report fid_digits, class_accuracy and psnr_vs_ref as JSON."""
-    from .atomic import atomic_write_text
-    from .evaluate import evaluate
+    from dilatequant.core.atomic import atomic_write_text
+    from dilatequant.core.evaluate import evaluate
 
     if ref is None and artifact is not None:
         ref = artifact.record.source["spec"]
@@ -129,8 +129,8 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
 def load_reference(spec: str, device):
     """A reference to compare with: a model (zoo name or directory), a calibration artifact (its fake-quant
     model) or an engine directory."""
-    from .denoiser import load_model
-    from .manifest import MANIFEST_NAME
+    from dilatequant.core.denoiser import load_model
+    from dilatequant.core.manifest import MANIFEST_NAME
 
     manifest = Path(spec) / MANIFEST_NAME
     kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
@@ -174,7 +174,7 @@ def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_
     from dilatequant.calibrate.config import DEFAULT_BKD_ITERS, CalibConfig
     from dilatequant.calibrate.flow import calibrate
 
-    from .environment import resolve_device
+    from dilatequant.core.environment import resolve_device
 
     if bkd_iters is None:
         bkd_iters = DEFAULT_BKD_ITERS if method == "dilatequant" else 0
@@ -299,7 +299,7 @@ def profile_command(engines: Path, compare: tuple[Path, ...], batch: str, runs: 
     """Latency (p50/p95 per bucket and batch), sampling time per image and peak memory, side by side."""
     from dilatequant.engines.profile import ProfileConfig, chart as save_chart, markdown_table, profile
 
-    from .atomic import atomic_write_text
+    from dilatequant.core.atomic import atomic_write_text
 
     limit = parse_max_ratio(max_ratio, bool(compare)) if max_ratio else None
     batches = tuple(int(b) for b in batch.split(",") if b.strip().isdigit())

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
-from .manifest import ArtifactError, read_manifest
+from dilatequant.core.atomic import atomic_write_text
+from dilatequant.core.manifest import ArtifactError, read_manifest
 
 QUICK_CALIBRATION = {"method": "minmax", "samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}
 LATENCY_TARGET = 0.5  # INT8 p50 / FP32 p50 at batch 8
@@ -103,10 +103,10 @@ def sample_both(config: DemoConfig, paths: dict[str, Path], out: Path, stages: S
     """Sample the FP32 and INT8 engines from the same noise; grids of the first 20 and quality numbers."""
     from dilatequant.engines.runtime import load_engine_model
 
-    from .evaluate import labels_for, score
+    from dilatequant.core.evaluate import labels_for, score
     from .grid import save_grid
-    from .metrics import psnr_vs_ref
-    from .sampling import SamplerConfig, sample
+    from dilatequant.core.metrics import psnr_vs_ref
+    from dilatequant.core.sampling import SamplerConfig, sample
 
     sampler = SamplerConfig(steps=config.sampling_steps, seed=config.seed, batch_size=config.batch_size)
     images, quality = {}, {}
@@ -156,7 +156,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), echo: Callable[
     """Run every stage (reusing verified artifacts) and write OUT/report.html; returns its path."""
     from dilatequant.engines.profile import ProfileConfig, chart, profile
 
-    from .environment import library_versions
+    from dilatequant.core.environment import library_versions
     from .report import render
 
     out = Path(out)

@@ -29,8 +29,8 @@ from dilatequant.engines.config import INTEGER_KERNELS, BuildConfig
 from dilatequant.engines.fidelity import bucket_feeds, check_bucket, reference_feeds, reference_session, relative_error
 from dilatequant.engines.onnxruntime_backend import BACKEND, cpu_name, u8s8_saturates
 from dilatequant.engines.torch_graph import TorchGraph
-from dilatequant.tools.denoiser import load_model
-from dilatequant.tools.manifest import read_manifest
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.manifest import read_manifest
 
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_write_bytes
+from dilatequant.core.atomic import atomic_write_bytes
 
 CAPTION_HEIGHT = 12
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .denoiser import FAMILIES, find_scheduler_config, read_model_config, resolve_model_dir
-from .errors import ModelLoadError
-from .manifest import MANIFEST_NAME, ArtifactError
+from dilatequant.core.denoiser import FAMILIES, find_scheduler_config, read_model_config, resolve_model_dir
+from dilatequant.core.errors import ModelLoadError
+from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError
 
 
 def safetensors_summary(path: Path) -> dict:

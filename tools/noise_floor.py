@@ -13,11 +13,11 @@ from pathlib import Path
 
 import click
 
-from .atomic import atomic_write_text
-from .denoiser import load_model
-from .environment import resolve_device
-from .evaluate import evaluate
-from .sampling import SamplerConfig
+from dilatequant.core.atomic import atomic_write_text
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.environment import resolve_device
+from dilatequant.core.evaluate import evaluate
+from dilatequant.core.sampling import SamplerConfig
 
 METRICS = ("fid_digits", "class_accuracy")
 

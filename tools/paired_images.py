@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .cli import load_reference
-from .metrics import psnr_vs_ref
-from .sampling import SamplerConfig, balanced_labels, sample
+from dilatequant.core.metrics import psnr_vs_ref
+from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
 
 def sample_variant(variant: str, n: int, steps: int, out: Path) -> None:

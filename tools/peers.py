@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .denoiser import LoadedModel
-from .errors import MissingDependencyError
+from dilatequant.core.denoiser import LoadedModel
+from dilatequant.core.errors import MissingDependencyError
 
 # name -> (calibration method, activation type, keep the boundary layers FP) for ONNX Runtime's quantize_static
 ORT_VARIANTS = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .plots import require_matplotlib, save_figure
+from dilatequant.core.plots import require_matplotlib, save_figure
 
 SCALE_CURVES = 6  # input groups drawn: those whose step varies most over the timesteps
 

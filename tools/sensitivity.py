@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import click
 
-from .environment import resolve_device
-from .evaluate import labels_for
-from .metrics import psnr_vs_ref
-from .sampling import SamplerConfig, default_batch_size, sample
+from dilatequant.core.environment import resolve_device
+from dilatequant.core.evaluate import labels_for
+from dilatequant.core.metrics import psnr_vs_ref
+from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
 def subsets(boundary: set[str]) -> dict[str, tuple[Callable[[str], bool], Callable[[str], bool]]]:
     """case -> (activation quantizers kept on, weight quantizers kept on), as predicates on layer/group names."""
@@ -36,7 +36,7 @@ def subsets(boundary: set[str]) -> dict[str, tuple[Callable[[str], bool], Callab
 def main(calib: str, n: int, steps: int, device: str) -> None:
     from dilatequant.calibrate.artifact import load_artifact
 
-    from .denoiser import load_model
+    from dilatequant.core.denoiser import load_model
 
     torch_device = resolve_device(device)
     artifact = load_artifact(calib, torch_device)

@@ -1,6 +1,6 @@
 """Train the metric classifier on the digits training split; report held-out accuracy.
 
-    python -m dilatequant.tools.train_classifier --out tools/assets/digits_classifier
+    python -m dilatequant.tools.train_classifier --out core/assets/digits_classifier
 
 Seeded and deterministic on CPU (about a minute on 2 cores).
 """
@@ -11,8 +11,8 @@ import click
 import torch
 import torch.nn.functional as F
 
-from .classifier import DigitsClassifier
-from .digits_data import train_heldout_split
+from dilatequant.core.classifier import DigitsClassifier
+from dilatequant.core.digits_data import train_heldout_split
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .digits_data import IMAGE_SIZE, NUM_CLASSES, load_digits_images
+from dilatequant.core.digits_data import IMAGE_SIZE, NUM_CLASSES, load_digits_images
 
 # Attention at 16x16 and 8x8 (and the 8x8 mid block) so Conv, Gemm, MatMul and Softmax paths all exist.
 UNET_CONFIG = {
