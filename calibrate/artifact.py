@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from dilatequant.core.denoiser import LoadedModel, load_model, model_fingerprint, resolve_model_dir
 from dilatequant.core.manifest import ArtifactError, read_manifest, staged_directory
+from dilatequant.core.structure import InputGroup
 
 from .calib_data import CalibrationData
 from .config import CalibConfig
 from .dilation import DilationRecord
 from .quant_model import LayerPlan, QuantizedDenoiser, wrap_layers
-from .structure import InputGroup
 from .timesteps import TimestepIndex
 
 KIND = "calibration"
@@ -43,6 +43,7 @@ class CalibrationRecord:
     source: dict  # spec, fingerprint, class_name, family
     statistics: dict
     run: dict  # seconds per phase, peak memory, device
+    recipe: dict = field(default_factory=dict)  # name, version, method and its parts (absent before recipes)
 
 
 def quant_tensors(quantized: QuantizedDenoiser) -> dict[str, torch.Tensor]:
@@ -107,10 +108,26 @@ class CalibrationArtifact:
         """The fake-quant model on the calibrated timestep grid (its denoiser is a QuantizedDenoiser)."""
         return self.rebuild(TimestepIndex(torch.tensor(self.record.timesteps)), self.device)
 
+    def quantized_layers(self) -> list[dict]:
+        """quant_plan.json's rows of the layers with quantized weights (layer, group, weight_bits, act_bits, ...)."""
+        return [row for row in self.plan["layers"] if row["weight_bits"]]
+
+    def groups(self) -> list[str]:
+        """The input groups with an activation table (one activation quantizer each), sorted."""
+        suffix = f"{SEPARATOR}act_step"
+        return sorted(k.removesuffix(suffix) for k in self.tensors if k.endswith(suffix))
+
+    def weight_step(self, layer: str) -> torch.Tensor:
+        """A layer's per-output-channel weight steps (of the dilated weights)."""
+        return self.tensors[f"{layer}{SEPARATOR}weight_step"]
+
+    def dilation(self, group: str) -> torch.Tensor:
+        """A group's per-input-channel dilation factors (empty when the group is not dilated)."""
+        return self.tensors[f"{group}{SEPARATOR}dilation"]
+
     def act_steps(self) -> torch.Tensor:
         """(input groups, timesteps) activation steps, read from the tensors without building the model."""
-        suffix = f"{SEPARATOR}act_step"
-        return torch.stack([v for k, v in sorted(self.tensors.items()) if k.endswith(suffix)])
+        return torch.stack([self.act_table(group)[0] for group in self.groups()])
 
     def act_table(self, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One input group's calibrated (steps, zero points), a row per value of `record.timesteps` (one row
@@ -165,7 +182,7 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Calib
     manifest = read_manifest(path, KIND, FORMAT_VERSION)
     record = CalibrationRecord(**json.loads((path / "calibration.json").read_text()))
     plan = json.loads((path / "quant_plan.json").read_text())
-    config = CalibConfig.from_dict(record.config)
+    config = CalibConfig.from_dict(record.config, manifest["format_version"])
     tensors = load_file(str(path / "quant_params.safetensors"))
     return CalibrationArtifact(path, manifest, record, config, plan, tensors, torch.device(device))
 

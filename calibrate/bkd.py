@@ -25,12 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.families import get_family
+from dilatequant.core.structure import call_order
 
 from .calib_data import CalibrationData
 from .config import CalibConfig
 from .quant_model import QuantizedDenoiser, QuantLayer
 from .quantizer import ActQuantizer, WeightQuantizer
-from .structure import call_order, distillation_blocks
 from .workdir import WorkDir
 
 
@@ -143,7 +144,7 @@ def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, c
     fp_modules, q_modules = dict(fp.model.named_modules()), dict(quantized.model.named_modules())
     data_batches = batches(data, fp, config.bkd_batch, device)
     probe = data_batches[0]
-    names = call_order(distillation_blocks(fp.model), fp_modules, lambda: torch.no_grad()(fp)(probe.x, probe.t, probe.cond))
+    names = call_order(get_family(fp.family).blocks(fp.model), fp_modules, lambda: torch.no_grad()(fp)(probe.x, probe.t, probe.cond))
     stats = {}
     for index, name in enumerate(tqdm(names, desc="distil blocks", disable=not progress)):
         block = q_modules[name]

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import recorded_config
+from dilatequant.core.sampling import SCHEDULERS
+
+from .recipes import METHODS, PARTS, RECIPES, get_recipe
 
 BIT_PRESETS = ("W8A8", "W6A6", "W4A8", "W4A4")
-METHODS = ("dilatequant", "minmax")
-ACT_INITS = ("minmax", "percentile", "mse")
+ACT_INITS = PARTS["initialisation"]
 WEIGHT_INITS = ("minmax", "mse")
 TIMESTEP_SAMPLING = ("random", "uniform")
 BOUNDARY = ("8bit", "fp")
 SUPPORTED_BITS = (4, 6, 8)
-DEFAULT_BKD_ITERS = 400  # per block; what docs/results/calibration.md was measured with
 
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """How to calibrate. `method='minmax'` initialises from min/max and skips distillation;
-    `method='dilatequant'` initialises by MSE search and runs block-wise distillation (bkd_iters > 0)."""
+    """How to calibrate. `method` names a method recipe (calibrate/recipes.py): 'dilatequant' initialises by MSE
+    search and distills block-wise (400 iterations per block), 'minmax' initialises from min/max and does not
+    distill. Fields left None take the method's setting; the resolved config is what runs and what the artifact
+    records. `recipe` names the recipe the settings came from (the method itself unless `recipe()` built it)."""
 
     weight_bits: int = 8
     act_bits: int = 8
     method: str = "dilatequant"
+    recipe: str | None = None
     dilation: bool = True
     dilation_cap: float | None = 100.0
     tpq: bool = True
@@ -32,7 +37,7 @@ class CalibConfig:
     boundary: str = "8bit"
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
     weight_init: str = "minmax"
-    act_init: str = "mse"
+    act_init: str | None = None  # the method's: mse (dilatequant), minmax (minmax)
     percentile: float = 99.99
     # calibration data: FP trajectories, then `samples` (x_t, t) pairs drawn from them
     samples: int = 1024
@@ -42,16 +47,19 @@ class CalibConfig:
     steps: int = 50
     seed: int = 0
     # block-wise knowledge distillation
-    bkd_iters: int = 0
+    bkd_iters: int | None = None  # the method's: 400 per block (dilatequant), 0 (minmax)
     bkd_batch: int = 32
     bkd_lr_weight: float = 1e-5
     bkd_lr_step: float = 1e-3  # relative to each step tensor's mean magnitude
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"Calibration option method='{self.method}' is not one of: {', '.join(METHODS)}.")
+        self._resolve_method_settings()
         for name, value, allowed in (
-            ("method", self.method, METHODS), ("act_init", self.act_init, ACT_INITS),
+            ("act_init", self.act_init, ACT_INITS), ("recipe", self.recipe, tuple(RECIPES)),
             ("weight_init", self.weight_init, WEIGHT_INITS), ("boundary", self.boundary, BOUNDARY),
-            ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING),
+            ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING), ("scheduler", self.scheduler, SCHEDULERS),
         ):  # fmt: skip
             if value not in allowed:
                 raise UserError(f"Calibration option {name}='{value}' is not one of: {', '.join(allowed)}.")
@@ -63,6 +71,20 @@ class CalibConfig:
         if self.samples > self.trajectories * self.steps:
             raise UserError(f"samples={self.samples} exceeds the {self.trajectories} trajectories x {self.steps} "
                             "steps recorded; raise trajectories or lower samples.")  # fmt: skip
+
+    def _resolve_method_settings(self) -> None:
+        """Fill the fields left None from the method, and refuse settings the method would not run: a config
+        must say what runs (frozen: set once here, as dataclass defaults cannot depend on `method`)."""
+        method = get_recipe(self.method)
+        for name in ("recipe", "act_init", "bkd_iters"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.method if name == "recipe" else method.settings[name])
+        if method.parts.initialisation == "minmax" and self.act_init != "minmax":
+            raise UserError(f"method='{self.method}' initialises activations from min/max; act_init='{self.act_init}' "
+                            "would not run. Leave act_init unset, or use method='dilatequant'.")  # fmt: skip
+        if method.parts.reconstruction is None and self.bkd_iters:
+            raise UserError(f"method='{self.method}' does not distill; bkd_iters={self.bkd_iters} would not run. "
+                            "Leave bkd_iters unset, or use method='dilatequant'.")  # fmt: skip
 
     @classmethod
     def from_bits(cls, preset: str, **overrides) -> CalibConfig:
@@ -80,6 +102,9 @@ class CalibConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> CalibConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def from_dict(cls, values: dict, format_version: str = "1.0") -> CalibConfig:
+        """The config recorded in a calibration artifact of `format_version` (unknown keys are an error)."""
+        values = dict(values)
+        if values.get("method") == "minmax" and values.get("act_init") not in (None, "minmax"):
+            values["act_init"] = "minmax"  # format 1.0 records before recipes kept an act_init that minmax ignored
+        return recorded_config(cls, values, "calibration", format_version)

@@ -21,6 +21,7 @@ from .config import CalibConfig
 from .dilation import summarise
 from .initialise import initialise_activations
 from .quant_model import prepare
+from .recipes import get_recipe, method_parts
 from .workdir import WorkDir
 
 
@@ -52,6 +53,13 @@ class PhaseTimer:
         return run
 
 
+def recorded_recipe(config: CalibConfig) -> dict:
+    """The recipe a run came from (name, version) and the parts of the method that ran."""
+    chosen = get_recipe(config.recipe or config.method)
+    parts = {job: list(v) if isinstance(v, tuple) else v for job, v in vars(method_parts(config.method)).items()}
+    return {"name": chosen.name, "version": chosen.version, "method": config.method, "parts": parts}
+
+
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
               progress: bool = True) -> Path:  # fmt: skip
     """Calibrate `model` (zoo name or local directory) and write the artifact to `out`.
@@ -76,10 +84,9 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     with timer.phase("dilation"):
         quantized, records = prepare(loaded.denoiser, timesteps, config)
     with timer.phase("initialisation"):
-        act_init = "minmax" if config.method == "minmax" else config.act_init
-        ranges = initialise_activations(quantized, data, act_init, config.percentile, batch_size, device, progress)
+        ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
     blocks = {}
-    if config.method == "dilatequant" and config.bkd_iters > 0:
+    if method_parts(config.method).reconstruction == "block-distillation" and config.bkd_iters > 0:
         with timer.phase("distillation"):
             blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress)
         if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum
@@ -87,6 +94,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
             timer.peak_cuda_mib["distillation"] = max([timer.peak_cuda_mib["distillation"], *block_peaks])
     record = CalibrationRecord(
         config=config.to_dict(),
+        recipe=recorded_recipe(config),
         timesteps=[int(t) for t in timesteps],
         source={"spec": str(model), "fingerprint": fingerprint,
                 "class_name": type(loaded.denoiser.model).__name__, "family": loaded.denoiser.family},

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.families import Family, get_family
+from dilatequant.core.structure import InputGroup, input_groups
 
 from .attention import matmul_quantizers, quantize_attention_matmuls
 from .config import CalibConfig
 from .dilation import DilationRecord, dilate_group
 from .quantizer import ActQuantizer, WeightQuantizer
-from .structure import InputGroup, fold_sites, input_groups
 from .timesteps import TimestepIndex
 
 BOUNDARY_BITS = 8
@@ -114,10 +115,10 @@ class QuantizedDenoiser(Denoiser):
             wrapper.weight_quantizer.enabled = weights
 
 
-def quantized_groups(model: nn.Module, config: CalibConfig) -> tuple[list[InputGroup], list[LayerPlan]]:
+def quantized_groups(model: nn.Module, family: Family, config: CalibConfig) -> tuple[list[InputGroup], list[LayerPlan]]:
     """The groups to quantize and the full plan (boundary layers kept in FP when configured so)."""
     groups, plan = [], []
-    for group in input_groups(model):
+    for group in input_groups(model, family.boundary_patterns):
         keep_fp = group.boundary and config.boundary == "fp"
         if not keep_fp:
             groups.append(group)
@@ -130,9 +131,9 @@ def quantized_groups(model: nn.Module, config: CalibConfig) -> tuple[list[InputG
     return groups, plan
 
 
-def dilate(model: nn.Module, groups: list[InputGroup], cap: float | None) -> dict[str, DilationRecord]:
+def dilate(model: nn.Module, family: Family, groups: list[InputGroup], cap: float | None) -> dict[str, DilationRecord]:
     """Apply weight dilation in place to every group; fold 1/s where exact, else leave it for a pre-scale."""
-    modules, sites = dict(model.named_modules()), fold_sites(model)
+    modules, sites = dict(model.named_modules()), family.fold_sites(model)
     records = {}
     for group in groups:
         predecessor, fold = sites.get(group.name, (None, None))
@@ -170,8 +171,9 @@ def wrap_layers(
 def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig) -> tuple[QuantizedDenoiser, dict[str, DilationRecord]]:
     """A fake-quantized copy of `denoiser` (dilated when configured), quantizers not yet initialised."""
     denoiser = copy.deepcopy(denoiser).eval()
-    groups, plan = quantized_groups(denoiser.model, config)
-    records = dilate(denoiser.model, groups, config.dilation_cap) if config.dilation else {}
+    family = get_family(denoiser.family)
+    groups, plan = quantized_groups(denoiser.model, family, config)
+    records = dilate(denoiser.model, family, groups, config.dilation_cap) if config.dilation else {}
     for name, record in records.items():
         for row in plan:
             if row.group == name and record.folded_into:

@@ -17,16 +17,10 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .families import family_of_class, get_family
 from .manifest import sha256_file
 from .zoo import ZOO, zoo_path
 
-# config.json `_class_name` -> family.
-FAMILIES = {
-    "UNet2DModel": "unet",
-    "UNet2DConditionModel": "unet-cond",
-    "DiTTransformer2DModel": "dit",
-    "Transformer2DModel": "dit",
-}
 # Without a text encoder (offline, no hub) a cross-attention model is conditioned on seeded random
 # encoder states, one fixed tensor per class id: a structural stand-in, the same in every run.
 COND_TOKENS = 8
@@ -55,15 +49,11 @@ class ModelSpec:
     @property
     def num_classes(self) -> int | None:
         """Number of class labels the model is conditioned on (None: unconditional or cross-attention)."""
-        if self.family == "unet":
-            return self.config.get("num_class_embeds")
-        if self.family == "dit":
-            return self.config.get("num_embeds_ada_norm")
-        return None
+        return get_family(self.family).num_classes(self.config)
 
     def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
         """Per-sample conditioning for class ids `labels` (class labels, or encoder states for cross-attention)."""
-        if self.family == "unet-cond":
+        if get_family(self.family).cross_attention:
             dim = self.config["cross_attention_dim"]
             states = [torch.randn(COND_TOKENS, dim, generator=torch.Generator().manual_seed(COND_SEED + int(label)))
                       for label in labels]  # fmt: skip
@@ -104,13 +94,7 @@ class Denoiser(SpecMixin, nn.Module):
         return self.model.config
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        if self.family == "unet":
-            return self.model(x, t, class_labels=cond).sample
-        if self.family == "unet-cond":
-            return self.model(x, t, encoder_hidden_states=cond).sample
-        out = self.model(x, timestep=t, class_labels=cond).sample
-        # DiT with learned variance predicts (eps, variance) along channels; samplers use eps.
-        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+        return get_family(self.family).call(self.model, x, t, cond)
 
 
 @dataclass
@@ -150,12 +134,7 @@ def read_model_config(model_dir: Path) -> dict:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Cannot read {config_file}: {exc}. Expected a diffusers config.json.") from exc
-    class_name = config.get("_class_name") if isinstance(config, dict) else None
-    if class_name not in FAMILIES:
-        raise ModelLoadError(
-            f"{config_file} describes a '{class_name}', which dilatequant does not support. "
-            f"Supported denoisers: {', '.join(FAMILIES)}."
-        )
+    family_of_class(config.get("_class_name") if isinstance(config, dict) else None, str(config_file))
     return config
 
 
@@ -187,7 +166,7 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"Cannot load the {class_name} weights in {model_dir}: {exc}") from exc
-    denoiser = Denoiser(model, FAMILIES[class_name]).to(device).eval()
+    denoiser = Denoiser(model, family_of_class(class_name).name).to(device).eval()
     return LoadedModel(denoiser, find_scheduler_config(model_dir), model_dir, str(spec))
 
 

@@ -7,6 +7,7 @@ and renamed into place only when complete, so a crash never leaves a half-writte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -141,3 +142,14 @@ def verify_files(directory: Path, manifest: dict) -> None:
             raise ArtifactError(f"{path} is listed in {MANIFEST_NAME} but missing; the artifact is incomplete. Re-create it.")
         if sha256_file(path) != entry["sha256"]:
             raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST_NAME} (modified or corrupt). Re-create it.")
+
+
+def recorded_config(cls: type, values: dict, what: str, format_version: str):
+    """A config dataclass from its record in a manifest of `format_version`. A key this version does not know is
+    an error: the record comes from a newer dilatequant, and ignoring the key would rebuild something else."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ArtifactError(f"Unknown {what} config key(s) {', '.join(unknown)} in a format {format_version} record; this "
+                            "dilatequant does not know them (written by a newer version?). Upgrade dilatequant, or "
+                            "recreate the artifact with this one.")  # fmt: skip
+    return cls(**values)

@@ -6,19 +6,13 @@ import io
 from pathlib import Path
 
 from .atomic import atomic_write_bytes
-from .errors import MissingDependencyError
+from .optional import require
 
 
 def require_matplotlib():
     """matplotlib.pyplot on the headless Agg backend."""
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise MissingDependencyError("Charts", "matplotlib", "report") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "Charts", "report").use("Agg")
+    return require("matplotlib.pyplot", "Charts", "report")
 
 
 def save_figure(figure, path: str | Path, dpi: int = 110) -> Path:

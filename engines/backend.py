@@ -12,12 +12,16 @@ import importlib
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from .config import BuildConfig
+from dilatequant.core.errors import UserError
 
+if TYPE_CHECKING:
+    from .config import BuildConfig
+
+# The backends registry: name -> the module whose BACKEND implements it (imported on first use).
 MODULES = {
     "onnxruntime": "dilatequant.engines.onnxruntime_backend",
     "tensorrt": "dilatequant.engines.tensorrt_backend",
@@ -36,12 +40,49 @@ class BuildContext:
     config: BuildConfig
 
 
-class BucketEngine(Protocol):
-    """One loaded bucket engine: graph inputs by name (x, t, cond) with their numpy dtypes, and a run."""
+class BucketEngine:
+    """One bucket's engine with a runner's lifecycle (Polygraphy's activate / infer / deactivate): `load` only
+    says where it is; `activate` creates what runs it (sessions and their thread pool, an execution context,
+    a graph on a device), `infer` runs a batch, `close` releases all of it. Also a context manager.
+    Subclasses implement `_activate` (which sets `input_dtypes`: graph inputs x, t, cond -> numpy dtype),
+    `_infer` and `_close`."""
 
     input_dtypes: dict[str, np.dtype]
+    active: bool = False
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def activate(self) -> BucketEngine:
+        if not self.active:
+            self._activate()
+            self.active = True
+        return self
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if not self.active:
+            raise UserError(f"Engine {self.name} is not active (closed, or never activated); call activate() first.")
+        return self._infer(feeds)
+
+    def close(self) -> None:
+        if self.active:
+            self._close()
+            self.active = False
+
+    def __enter__(self) -> BucketEngine:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _activate(self) -> None:
+        raise NotImplementedError
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
 
 
 class Backend(Protocol):
@@ -58,7 +99,7 @@ class Backend(Protocol):
         backend: {"engines": {bucket_key: file}, ...anything else worth recording (providers, timing cache)}."""
 
     def load(self, engine_dir: Path, manifest: dict, bucket: str) -> BucketEngine:
-        """Load the engine of one bucket of a verified engine directory."""
+        """The (not yet active) engine of one bucket of a verified engine directory; checks that it can run here."""
 
 
 @functools.cache
@@ -81,4 +122,6 @@ def cpu_name() -> str:
 
 def get_backend(name: str) -> Backend:
     """The backend called `name`, imported on first use."""
+    if name not in MODULES:
+        raise UserError(f"Unknown engine backend '{name}'; backends: {', '.join(MODULES)}.")
     return importlib.import_module(MODULES[name]).BACKEND

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import recorded_config
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+from .backend import MODULES
+
+BACKENDS = tuple(MODULES)
 FIDELITY_MODES = ("fail", "warn", "off")
 INTEGER_KERNELS = ("auto", "u8s8", "u8u8")
 
@@ -77,6 +80,7 @@ class BuildConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> BuildConfig:
-        """A recorded config; engine directories written before the fidelity gate have no fidelity fields."""
-        return cls(**values)
+    def from_dict(cls, values: dict, format_version: str = "1.0") -> BuildConfig:
+        """A recorded config (unknown keys are an error); engine directories written before the fidelity gate
+        have no fidelity fields."""
+        return recorded_config(cls, values, "build", format_version)

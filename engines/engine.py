@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatequant.export.buckets import BucketTable
-from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
-from dilatequant.export.flow import KIND as EXPORT_KIND
 from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file, staged_directory
+from dilatequant.export.contract import BucketTable, read_export_manifest
 
 from .backend import BucketEngine, BuildContext, get_backend
 from .config import BuildConfig
@@ -34,7 +32,7 @@ FORMAT_VERSION = "1.0"
 def build(export_dir: str | Path, config: BuildConfig, out: str | Path) -> Path:
     """Build engines for every bucket graph of an export directory into `out` (written atomically)."""
     export_dir, out = Path(export_dir), Path(out)
-    export_manifest = read_manifest(export_dir, EXPORT_KIND, EXPORT_FORMAT_VERSION)
+    export_manifest = read_export_manifest(export_dir)
     backend = get_backend(config.backend)
     table = BucketTable.from_dict(export_manifest["buckets"])
     fields = {
@@ -48,7 +46,8 @@ def build(export_dir: str | Path, config: BuildConfig, out: str | Path) -> Path:
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         fields.update(backend.build(BuildContext(export_dir, export_manifest, staging, config)))
         if config.fidelity != "off":
-            fields["fidelity"] = check_engines(export_dir, export_manifest, staging, fields, backend, config)
+            manifest = {**fields, "format_version": FORMAT_VERSION}  # what load() will read, before it is written
+            fields["fidelity"] = check_engines(export_dir, export_manifest, staging, manifest, backend, config)
             if config.fidelity == "fail" and not fields["fidelity"]["passed"]:
                 raise FidelityError(f"The {backend.name} engines built from {export_dir} do not compute what the graphs say: "
                                     f"{'; '.join(fields['fidelity']['failures'])}. Nothing was written. On ONNX Runtime "
@@ -57,7 +56,9 @@ def build(export_dir: str | Path, config: BuildConfig, out: str | Path) -> Path:
 
 
 class EngineSet:
-    """The loaded engines of one engine directory: `run(k, x, t, cond)` runs bucket k's engine."""
+    """The engines of one engine directory, one per bucket: `run(k, x, t, cond)` runs bucket k's engine.
+    `activate()` / `close()` start and release every bucket's engine (`load` returns it active); a context
+    manager too: `with load(path) as engines: ...` closes them on exit."""
 
     def __init__(self, path: Path, manifest: dict, engines: list[BucketEngine]) -> None:
         self.path, self.manifest, self.engines = path, manifest, engines
@@ -66,6 +67,21 @@ class EngineSet:
     def __len__(self) -> int:
         return len(self.engines)
 
+    def activate(self) -> EngineSet:
+        for engine in self.engines:
+            engine.activate()
+        return self
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()
+
+    def __enter__(self) -> EngineSet:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def run(self, bucket: int, x: np.ndarray, t: np.ndarray, cond: np.ndarray | None = None) -> np.ndarray:
         engine = self.engines[bucket]
         feeds = {"x": x, "t": t, **({"cond": cond} if cond is not None else {})}
@@ -73,11 +89,11 @@ class EngineSet:
         if missing:
             raise ArtifactError(f"{self.path} engines take inputs {sorted(engine.input_dtypes)}; {sorted(missing)} not given "
                                 "(a conditional model needs cond).")  # fmt: skip
-        return engine.run({name: np.asarray(feeds[name]).astype(dtype, copy=False) for name, dtype in engine.input_dtypes.items()})
+        return engine.infer({name: np.asarray(feeds[name]).astype(dtype, copy=False) for name, dtype in engine.input_dtypes.items()})
 
 
 def load(path: str | Path) -> EngineSet:
-    """Verify an engine directory (checksums, backend and its version) and load every bucket's engine."""
+    """Verify an engine directory (checksums, backend and its version) and activate every bucket's engine."""
     path = Path(path)
     manifest = read_manifest(path, KIND, FORMAT_VERSION)
     backend = get_backend(manifest["backend"])
@@ -85,7 +101,7 @@ def load(path: str | Path) -> EngineSet:
     if installed != manifest["backend_version"]:
         raise ArtifactError(f"{path} was built with {manifest['backend']} {manifest['backend_version']}, but {installed} is "
                             "installed; engines are specific to the runtime version. Rebuild them with `dilatequant build`.")  # fmt: skip
-    return EngineSet(path, manifest, [backend.load(path, manifest, key) for key in manifest["engines"]])
+    return EngineSet(path, manifest, [backend.load(path, manifest, key) for key in manifest["engines"]]).activate()
 
 
 def describe(path: str | Path) -> dict:

@@ -271,13 +271,13 @@ def bucket_feeds(export_dir: Path, manifest: dict) -> dict[str, dict[str, np.nda
     import torch
     from safetensors.numpy import load_file
 
-    from dilatequant.export.buckets import BucketTable
     from dilatequant.core.denoiser import ModelSpec
+    from dilatequant.export.contract import BucketTable
 
     table = BucketTable.from_dict(manifest["buckets"])
     spec = ModelSpec(manifest["model"]["family"], manifest["model"]["config"])
     recorded = load_file(str(export_dir / manifest["check_inputs"])) if manifest.get("check_inputs") else None
-    buckets = table.buckets_of(torch.from_numpy(recorded["t"])).numpy() if recorded else None
+    buckets = table.buckets_of(recorded["t"]) if recorded else None
     rng, feeds = np.random.default_rng(0), {}
     for k, (low, high) in enumerate(table.ranges()):
         rows = np.flatnonzero(buckets == k)[:SAMPLES_PER_BUCKET] if recorded else []
@@ -305,9 +305,11 @@ def check_engines(export_dir: Path, export_manifest: dict, engine_dir: Path, man
     feeds = bucket_feeds(export_dir, export_manifest)
     optimized = getattr(backend, "optimized_session", None)
     optimized = functools.partial(optimized, config=config) if optimized else None
+    buckets = []
     with tempfile.TemporaryDirectory() as work:
-        buckets = [check_bucket(export_dir / graph, key, feeds[key], backend.load(engine_dir, manifest, key).run, optimized, Path(work))
-                   for key, graph in export_manifest["graphs"].items()]  # fmt: skip
+        for key, graph in export_manifest["graphs"].items():
+            with backend.load(engine_dir, manifest, key) as engine:
+                buckets.append(check_bucket(export_dir / graph, key, feeds[key], engine.infer, optimized, Path(work)))
     worst = max((layer for b in buckets for layer in b.worst_layers), key=lambda layer: layer.rel_error, default=None)
     failures = [f"layer {worst.describe()} is above the layer bound {config.fidelity_bound:.0e}"] if worst and worst.rel_error > config.fidelity_bound else []
     failures += [f"{b.bucket} is {b.end_to_end:.1%} from its graph end to end, above {END_TO_END_BOUND:.0%}" for b in buckets if b.end_to_end > END_TO_END_BOUND]

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatequant.core.errors import MissingDependencyError
 from dilatequant.core.manifest import ArtifactError
+from dilatequant.core.optional import require
 
-from .backend import BuildContext, cpu_name
+from .backend import BucketEngine, BuildContext, cpu_name
 from .config import BuildConfig
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -37,11 +37,7 @@ CPU_PROVIDER = "CPUExecutionProvider"
 
 
 def require_onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        raise MissingDependencyError("ONNX Runtime engines", "onnxruntime", "export") from exc
-    return onnxruntime
+    return require("onnxruntime", "ONNX Runtime engines", "export")
 
 
 def choose_provider(requested: str) -> str:
@@ -147,15 +143,8 @@ class OnnxRuntimeBackend:
 
     def load(self, engine_dir: Path, manifest: dict, bucket: str) -> OnnxRuntimeEngine:
         check_device(engine_dir, manifest, self.device(BuildConfig(provider=manifest["provider"])))
-        config = BuildConfig.from_dict(manifest["build"])
-        options = session_options(config, optimize=False)
-        if manifest["provider"] == CPU_PROVIDER:
-            register_shared_arena()
-            options.add_session_config_entry("session.use_env_allocators", "1")
-        ort = require_onnxruntime()
-        path = str(engine_dir / manifest["engines"][bucket])
-        sessions = [ort.InferenceSession(path, options, providers=[manifest["provider"]]) for _ in range(config.streams)]
-        return OnnxRuntimeEngine(sessions)
+        config = BuildConfig.from_dict(manifest["build"], manifest["format_version"])
+        return OnnxRuntimeEngine(engine_dir / manifest["engines"][bucket], config, manifest["provider"])
 
 
 def optimizer_input(graph: Path, options, precise: bool) -> str | bytes:
@@ -197,17 +186,34 @@ def register_shared_arena() -> None:
     ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
-class OnnxRuntimeEngine:
-    """One bucket's sessions: a batch is cut into one slice per session, run concurrently (ONNX Runtime
-    releases the GIL), and put back together in order."""
+class OnnxRuntimeEngine(BucketEngine):
+    """One bucket's sessions (`config.streams` of them): a batch is cut into one slice per session, run
+    concurrently (ONNX Runtime releases the GIL), and put back together in order. `close` shuts the thread pool
+    down and drops the sessions."""
 
-    def __init__(self, sessions: list) -> None:
-        self.sessions = sessions
-        self.pool = ThreadPoolExecutor(len(sessions), thread_name_prefix="ort-stream") if len(sessions) > 1 else None
+    def __init__(self, path: Path, config: BuildConfig, provider: str) -> None:
+        super().__init__(str(path))
+        self.path, self.config, self.provider = path, config, provider
+        self.sessions: list = []
+        self.pool: ThreadPoolExecutor | None = None
+
+    def _activate(self) -> None:
+        options = session_options(self.config, optimize=False)
+        if self.provider == CPU_PROVIDER:
+            register_shared_arena()
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        ort = require_onnxruntime()
+        self.sessions = [ort.InferenceSession(str(self.path), options, providers=[self.provider]) for _ in range(self.config.streams)]
+        self.pool = ThreadPoolExecutor(len(self.sessions), thread_name_prefix="ort-stream") if len(self.sessions) > 1 else None
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
-        self.input_dtypes = {i.name: np.dtype(types[i.type]) for i in sessions[0].get_inputs()}
+        self.input_dtypes = {i.name: np.dtype(types[i.type]) for i in self.sessions[0].get_inputs()}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.sessions, self.pool = [], None
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         batch = len(next(iter(feeds.values())))
         if self.pool is None or batch < len(self.sessions):
             return self.sessions[0].run(None, feeds)[0].astype(np.float32, copy=False)

@@ -108,6 +108,8 @@ def profile(engines: Path, baselines: list[Path], config: ProfileConfig, progres
             pooled = [s for bucket in seconds[name] for s in bucket]
             results[name]["batches"][str(batch)] = {**percentiles_ms(pooled), "per_bucket": [percentiles_ms(b) for b in seconds[name]],
                                                     "sampling_seconds_per_image": round(sampling[name], 4)}  # fmt: skip
+    for denoiser in denoisers.values():  # released before the memory runs, which load each engine set alone
+        denoiser.close()
     for name, path in zip(names, paths):
         progress(f"peak memory of {name}")
         results[name]["memory"] = measure_in_subprocess(path, max(config.batches))

@@ -24,6 +24,10 @@ class EngineDenoiser(SpecMixin):
         self.spec = ModelSpec(engines.manifest["model"]["family"], engines.manifest["model"]["config"])
         self.low, self.high = engines.manifest["calibrated_range"]
 
+    def close(self) -> None:
+        """Release the engines (sessions, thread pools, device memory)."""
+        self.engines.close()
+
     def buckets_of(self, t: torch.Tensor) -> torch.Tensor:
         """Bucket index per sample; timesteps outside the calibrated range are refused unless clamping."""
         outside = (t < self.low) | (t > self.high)
@@ -31,7 +35,7 @@ class EngineDenoiser(SpecMixin):
             raise UserError(f"Timestep {int(t[outside][0])} is outside the range the engines in {self.engines.path} were "
                             f"calibrated on ({self.low}..{self.high}). Sample with the calibrated schedule, or pass --clamp "
                             "to use the nearest bucket's scales.")  # fmt: skip
-        return self.engines.table.buckets_of(t.clamp(self.low, self.high))
+        return torch.from_numpy(self.engines.table.buckets_of(t.clamp(self.low, self.high)))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         t = t.reshape(-1).expand(len(x)) if t.numel() == 1 else t

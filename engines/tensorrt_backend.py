@@ -26,13 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
-from dilatequant.export.flow import KIND as EXPORT_KIND
-from dilatequant.export.graph import INPUT_NAMES, OUTPUT_NAME
-from dilatequant.core.errors import MissingDependencyError, UserError
-from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, sha256_file
+from dilatequant.core.optional import require
+from dilatequant.export.contract import INPUT_NAMES, OUTPUT_NAME, read_export_manifest
 
-from .backend import BuildContext
+from .backend import BucketEngine, BuildContext
 from .config import BuildConfig
 
 Shape = tuple[int, ...]
@@ -62,21 +61,12 @@ def audit_file(bucket: str) -> str:
 
 def require_tensorrt():
     """tensorrt and polygraphy's TensorRT backend, imported on first use."""
-    try:
-        import tensorrt as trt
-        from polygraphy.backend import trt as polygraphy_trt
-    except ImportError as exc:
-        raise MissingDependencyError("TensorRT engines", (exc.name or "tensorrt").split(".")[0], "tensorrt") from exc
-    return trt, polygraphy_trt
+    return require("tensorrt", "TensorRT engines", "tensorrt"), require("polygraphy.backend.trt", "TensorRT engines", "tensorrt")
 
 
 def load_graph_structure(path: Path):
     """An ONNX graph without its external weights: inputs, node names and op types are all that is read here."""
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("TensorRT engines", "onnx", "export") from exc
-    return onnx.load(str(path), load_external_data=False).graph
+    return require("onnx", "TensorRT engines", "export").load(str(path), load_external_data=False).graph
 
 
 def shape_profile(graph_path: str | Path, config: BuildConfig) -> dict[str, ShapeRange]:
@@ -194,7 +184,7 @@ def verified_export(export_dir: Path, manifest_sha256: str) -> dict:
     """The manifest of the export that weight-stripped engines were built from, every checksum verified (at each load:
     the price of plans without weights): TensorRT refits them assuming the very weights they were built with."""
     try:
-        manifest = read_manifest(export_dir, EXPORT_KIND, EXPORT_FORMAT_VERSION)
+        manifest = read_export_manifest(export_dir)
     except ArtifactError as exc:
         raise ArtifactError(f"Weight-stripped engines take their weights from the export they were built from: {exc}") from exc
     if sha256_file(export_dir / MANIFEST_NAME) != manifest_sha256:
@@ -212,20 +202,26 @@ def refit_from_export(engine, export_dir: Path, manifest_sha256: str, bucket: st
         raise ArtifactError(f"TensorRT could not refit the weight-stripped engine of {bucket} from {graph}; rebuild the engines.")
 
 
-class TensorRTEngine:
+class TensorRTEngine(BucketEngine):
     """One bucket's engine, run through polygraphy's TrtRunner: activated once, so that its execution context and
-    device buffers serve every run, and deactivated when this object is collected."""
+    device buffers serve every run; deactivated by `close` (or when this object is collected)."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, name: str, engine) -> None:
+        super().__init__(name)
         trt, polygraphy_trt = require_tensorrt()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_dtypes = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name))) for name in names
                              if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT}  # fmt: skip
         self.runner = polygraphy_trt.TrtRunner(engine)
-        self.runner.activate()
-        weakref.finalize(self, self.runner.deactivate)
+        weakref.finalize(self, self.close)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def _activate(self) -> None:
+        self.runner.activate()
+
+    def _close(self) -> None:
+        self.runner.deactivate()
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.runner.infer(feeds)[OUTPUT_NAME].astype(np.float32)  # a copy: the runner reuses its output buffers
 
 
@@ -265,7 +261,7 @@ class TensorRTBackend:
         if manifest["build"]["strip_weights"]:
             export_dir = Path(manifest["tensorrt_build"]["weights_from"])
             refit_from_export(engine, export_dir, manifest["source"]["manifest_sha256"], bucket)
-        return TensorRTEngine(engine)
+        return TensorRTEngine(f"{engine_dir}/{manifest['engines'][bucket]}", engine)
 
 
 BACKEND = TensorRTBackend()

@@ -17,7 +17,7 @@ import torch
 
 from dilatequant.core.manifest import ArtifactError
 
-from .backend import BuildContext, cpu_name
+from .backend import BucketEngine, BuildContext, cpu_name
 from .config import BuildConfig
 from .torch_graph import TorchGraph
 
@@ -51,15 +51,25 @@ class TorchBackend:
         return {"engines": dict(graphs), "provider": str(torch_device(context.config.provider))}
 
     def load(self, engine_dir: Path, manifest: dict, bucket: str) -> TorchEngine:
-        return TorchEngine(TorchGraph(engine_dir / manifest["engines"][bucket], torch_device(manifest["provider"])))
+        return TorchEngine(engine_dir / manifest["engines"][bucket], torch_device(manifest["provider"]))
 
 
-class TorchEngine:
-    def __init__(self, graph: TorchGraph) -> None:
-        self.graph = graph
-        self.input_dtypes = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in graph.input_dtypes.items()}
+class TorchEngine(BucketEngine):
+    """One bucket's graph loaded onto a torch device on activate, dropped on close."""
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def __init__(self, path: Path, device: torch.device) -> None:
+        super().__init__(str(path))
+        self.path, self.device = path, device
+        self.graph: TorchGraph | None = None
+
+    def _activate(self) -> None:
+        self.graph = TorchGraph(self.path, self.device)
+        self.input_dtypes = {name: torch.empty(0, dtype=dtype).numpy().dtype for name, dtype in self.graph.input_dtypes.items()}
+
+    def _close(self) -> None:
+        self.graph = None
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         output = self.graph(**{name: torch.from_numpy(value) for name, value in feeds.items()})
         return output.float().cpu().numpy()
 

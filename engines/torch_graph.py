@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dilatequant.core.errors import MissingDependencyError
 from dilatequant.core.manifest import ArtifactError
+from dilatequant.core.optional import require
 
 # ONNX TensorProto data types -> torch dtypes (INT4 initializers are widened to int8 at load)
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64, 9: torch.bool,
@@ -225,12 +225,7 @@ class TorchGraph:
     """One ONNX graph loaded onto a torch device; `graph(**inputs)` returns its first output."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
-        try:
-            import onnx
-        except ImportError as exc:
-            raise MissingDependencyError("torch engines", "onnx", "export") from exc
-
-        model = onnx.load(str(path))
+        model = require("onnx", "torch engines", "export").load(str(path))
         self.device = torch.device(device)
         unsupported = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS and n.op_type != "Constant"})
         if unsupported:

@@ -17,10 +17,8 @@ import os
 import shlex
 from pathlib import Path
 
-from dilatequant.export.flow import FORMAT_VERSION as EXPORT_FORMAT_VERSION
-from dilatequant.export.flow import KIND as EXPORT_KIND
 from dilatequant.core.atomic import atomic_write_text
-from dilatequant.core.manifest import read_manifest
+from dilatequant.export.contract import read_export_manifest
 
 from .config import BuildConfig
 from .tensorrt_backend import TIMING_CACHE, ShapeRange, layers_file, plan_file, shape_profile
@@ -60,7 +58,7 @@ def write_trtexec_scripts(export_dir: str | Path, config: BuildConfig, out_dir: 
     """Write one executable trtexec build script per bucket graph of an export, and build_all.sh; returns their paths.
     Every script is rendered (and every shape refused) before the first is written, each one atomically."""
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    graphs = read_manifest(export_dir, EXPORT_KIND, EXPORT_FORMAT_VERSION)["graphs"]
+    graphs = read_export_manifest(export_dir)["graphs"]
     scripts = {f"build_{bucket}.sh": bucket_script(export_dir, graph, bucket, config, out_dir) for bucket, graph in graphs.items()}
     every = [f'./{name} "$@"' for name in scripts]
     scripts["build_all.sh"] = script(f"Every bucket's engine, in turn: they share {TIMING_CACHE}.", every)

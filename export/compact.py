@@ -14,7 +14,6 @@ import string
 
 from .qdq import ACT_SCALE, ACT_ZERO_POINT
 
-
 ID_ALPHABET = string.digits + string.ascii_letters
 
 

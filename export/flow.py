@@ -1,10 +1,5 @@
-"""`export()`: calibration artifact in, one Q/DQ ONNX graph per timestep bucket out (sharing one weights file).
-
-    OUT/manifest.json        kind "export": profile, bucket table, files, sha256, source artifact
-    OUT/bucket_<k>.onnx      graph k: identical structure, only activation scales differ
-    OUT/weights.bin          the external data every bucket graph references
-    OUT/check_inputs.safetensors  a few calibration inputs per bucket (x, t, labels): what the engines'
-                             fidelity check runs the graphs on
+"""`export()`: calibration artifact in, one Q/DQ ONNX graph per timestep bucket out (sharing one weights file);
+the directory's layout is export/contract.py's. `export_unquantized()`: the FP baseline in the same layout.
 """
 
 from __future__ import annotations
@@ -15,39 +10,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
-from dilatequant.calibrate.calib_data import CalibrationData
-from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
-from dilatequant.calibrate.structure import input_groups
-from dilatequant.core.denoiser import load_model
+from dilatequant.calibrate.contract import OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
+from dilatequant.core.buckets import BucketTable
+from dilatequant.core.denoiser import ModelSpec, load_model
 from dilatequant.core.environment import library_versions
-from dilatequant.core.errors import MissingDependencyError, UserError
+from dilatequant.core.errors import UserError
 from dilatequant.core.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
+from dilatequant.core.optional import require
+from dilatequant.core.structure import input_groups
 
-from .buckets import BucketTable, bucketed_model, choose_buckets
+from .buckets import choose_buckets
 from .compact import compact
 from .config import ExportConfig
+from .contract import CHECK_INPUTS_FILE, FORMAT_VERSION, KIND, WEIGHTS_FILE
 from .graph import compute_node_names, export_fp_graph
-from .simplify import simplify
 from .precision import to_float16
+from .profiles import ExportProfile
 from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights
+from .simplify import simplify
 
-KIND = "export"
-FORMAT_VERSION = "1.0"
-WEIGHTS_FILE = "weights.bin"
-CHECK_INPUTS_FILE = "check_inputs.safetensors"
 CHECK_SAMPLES_PER_BUCKET = 4
 # ONNX Runtime fuses these into QLinearConv / QGemm only when their output is quantized too (measured, ORT 1.31)
 FUSED_WITH_OUTPUT = ("Conv", "Gemm")
 
 
 def require_onnx():
-    try:
-        import onnx
-        import onnx_graphsurgeon as gs
-    except ImportError as exc:
-        raise MissingDependencyError("ONNX export", exc.name or "onnx", "export") from exc
-    return onnx, gs
+    return require("onnx", "ONNX export", "export"), require("onnx_graphsurgeon", "ONNX export", "export")
 
 
 def check_exportable(artifact) -> None:
@@ -66,7 +54,7 @@ def fp_graph(artifact, config: ExportConfig, work: Path):
     fp_path = work / "fp.onnx"
     export_fp_graph(load_model(artifact.path / "model").denoiser, fp_path, config.opset)
     graph = simplify(onnx.load(str(fp_path)))
-    return graph, name_layer_nodes(graph, [row["layer"] for row in artifact.plan["layers"] if row["weight_bits"]])
+    return graph, name_layer_nodes(graph, [row["layer"] for row in artifact.quantized_layers()])
 
 
 def name_layer_nodes(graph, layers: list[str]) -> dict:
@@ -78,56 +66,56 @@ def name_layer_nodes(graph, layers: list[str]) -> dict:
     return {layer: by_name[name] for layer, name in names.items()}
 
 
-def output_quantized_layers(graph, nodes: dict, profile: str) -> frozenset[str]:
-    """ort-cpu: every quantized Conv/Gemm whose output is not the model's prediction (ONNX Runtime fuses them
-    into integer kernels only with their output quantized, DESIGN.md §4). tensorrt: none (no Q/DQ on outputs)."""
-    if profile != "ort-cpu":
+def output_quantized_layers(graph, nodes: dict, profile: ExportProfile) -> frozenset[str]:
+    """Profiles that quantize fused outputs (ort-cpu): every quantized Conv/Gemm whose output is not the model's
+    prediction (ONNX Runtime fuses them into integer kernels only with their output quantized, DESIGN.md §4).
+    Others (tensorrt): none."""
+    if not profile.quantize_fused_outputs:
         return frozenset()
     outputs = {tensor.name for tensor in graph.outputs}
     return frozenset(layer for layer, node in nodes.items() if node.op in FUSED_WITH_OUTPUT and node.outputs[0].name not in outputs)
 
 
-def quantize_graph(graph, nodes: dict, artifact, bucketed, config: ExportConfig):
+def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: ExportConfig):
     """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
     _, gs = require_onnx()
-    plan = [row for row in artifact.plan["layers"] if row["weight_bits"]]
-    steps = {row["layer"]: artifact.tensors[f"{row['layer']}{SEPARATOR}weight_step"].numpy() for row in plan}
+    plan = artifact.quantized_layers()
+    steps = {row["layer"]: artifact.weight_step(row["layer"]).numpy() for row in plan}
     quantize_weights(graph, nodes, steps, {row["layer"]: row["weight_bits"] for row in plan})
-    unsigned = config.profile == "ort-cpu"
-    for index, (group, quantizer) in enumerate(bucketed.denoiser.act_quantizers().items()):
-        scale, zero_point = quantizer.step[0].item(), int(quantizer.zero_point[0].item())
-        if group.endswith(OUTPUT_SUFFIX):
+    unsigned = config.target.unsigned_activations
+    for index, (group, rows) in enumerate(scales.groups.items()):
+        scale, zero_point = float(rows.steps[0]), int(rows.zero_points[0])
+        if rows.output:
             insert_output_qdq(graph, group, index, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point,
-                              quantizer.fmt.symmetric, unsigned)  # fmt: skip
+                              rows.symmetric, unsigned)  # fmt: skip
             continue
         consumers = [nodes[row["layer"]] for row in plan if row["group"] == group]
         prescale = None
-        if quantizer.prescale and bool((quantizer.dilation != 1).any()):  # a Mul by ones is no pre-scale
+        if rows.prescale is not None:
             shape = [1, -1, 1, 1] if consumers[0].op in ("Conv", "ConvTranspose") else [-1]
-            prescale = quantizer.dilation.reciprocal().reshape(shape).numpy().astype(np.float32)
-        insert_activation_qdq(graph, group, index, consumers, scale, zero_point, quantizer.fmt.symmetric, prescale,
-                              per_consumer=config.profile == "ort-cpu", unsigned=unsigned)  # fmt: skip
-    if not config.fp32:
+            prescale = rows.prescale.reshape(shape)
+        insert_activation_qdq(graph, group, index, consumers, scale, zero_point, rows.symmetric, prescale,
+                              per_consumer=config.target.qdq_per_consumer, unsigned=unsigned)  # fmt: skip
+    if config.precision == "fp16":
         to_float16(graph)
     compact(graph)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     del model.graph.value_info[:]  # inferred shapes: not needed to run, and they cost bytes in every bucket graph
-    if config.profile == "tensorrt":  # ONNX Runtime's integer kernels take int8 weights only
+    if config.target.pack_int4_weights:  # ONNX Runtime's integer kernels take int8 weights only
         pack_int4_weights(model, {row["layer"] for row in plan if row["weight_bits"] == 4})
     return model
 
 
-def set_bucket(model, bucketed, bucket: int, metadata: dict[str, str]) -> None:
+def set_bucket(model, scales: BucketScales, bucket: int, metadata: dict[str, str]) -> None:
     """Write bucket k's activation scales and asymmetric zero points, and the graph's metadata, into `model`."""
     from onnx import numpy_helper
 
-    quantizers = list(bucketed.denoiser.act_quantizers().values())
+    tables = list(scales.groups.values())
     for initializer in model.graph.initializer:
-        for prefix, attribute in ((ACT_SCALE, "step"), (ACT_ZERO_POINT, "zero_point")):
+        for prefix, attribute in ((ACT_SCALE, "steps"), (ACT_ZERO_POINT, "zero_points")):
             if initializer.name.startswith(prefix):
-                quantizer = quantizers[int(initializer.name[len(prefix):])]
-                value = getattr(quantizer, attribute)[bucket].item()
+                value = getattr(tables[int(initializer.name[len(prefix):])], attribute)[bucket]
                 dtype = numpy_helper.to_array(initializer).dtype
                 initializer.CopyFrom(numpy_helper.from_array(np.array(value, dtype=dtype), initializer.name))
     del model.metadata_props[:]
@@ -153,16 +141,15 @@ def save_with_shared_weights(model, path: Path) -> None:
 def check_inputs(artifact, table: BucketTable) -> CalibrationData:
     """The first CHECK_SAMPLES_PER_BUCKET calibration inputs of every bucket (the data is in random order)."""
     data = artifact.calibration_data()
-    buckets = table.buckets_of(data.t)
+    buckets = torch.from_numpy(table.buckets_of(data.t))
     rows = torch.cat([(buckets == k).nonzero().flatten()[:CHECK_SAMPLES_PER_BUCKET] for k in range(len(table))])
     return CalibrationData(data.x[rows], data.t[rows], data.labels[rows])
 
 
-def model_fields(loaded, calibrated_range: tuple[int, int]) -> dict:
+def model_fields(spec: ModelSpec, scheduler_config: dict, calibrated_range: tuple[int, int]) -> dict:
     """What a runtime needs to sample through the graphs without the torch model: the model's family and
     config (conditioning, shapes), its scheduler config, and the timestep range the scales were calibrated on."""
-    return {"model": {**loaded.denoiser.spec.to_dict(), "scheduler_config": loaded.scheduler_config},
-            "calibrated_range": list(calibrated_range)}  # fmt: skip
+    return {"model": {**spec.to_dict(), "scheduler_config": scheduler_config}, "calibrated_range": list(calibrated_range)}
 
 
 def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
@@ -175,23 +162,23 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     table, estimated = choose_buckets(artifact.record.timesteps, artifact.act_steps(), config.buckets, config.auto_tolerance)
     source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
-    fields = {"config": config.to_dict(), "profile": config.profile, "precision": "fp32" if config.fp32 else "fp16", "n_buckets": len(table),
+    fields = {"config": config.to_dict(), "profile": config.profile, "precision": config.precision, "n_buckets": len(table),
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE, "check_inputs": CHECK_INPUTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
-        quantized_outputs = output_quantized_layers(graph, nodes, config.profile)
-        bucketed = bucketed_model(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
-        template = quantize_graph(graph, nodes, artifact, bucketed, config)
-    # the bucketed model's spec and scheduler: `artifact.model` would rebuild the fake-quant model once more
-    fields.update(quantized_outputs=sorted(quantized_outputs), **model_fields(bucketed, (table.grid[0], table.grid[-1])))
+        quantized_outputs = output_quantized_layers(graph, nodes, config.target)
+        scales = bucket_scales(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
+        template = quantize_graph(graph, nodes, artifact, scales, config)
+    fields.update(quantized_outputs=sorted(quantized_outputs),
+                  **model_fields(scales.spec, scales.scheduler_config, (table.grid[0], table.grid[-1])))
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         (staging / CHECK_INPUTS_FILE).write_bytes(check_inputs(artifact, table).to_bytes())
         for k, (low, high) in enumerate(table.ranges()):
             metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
                         "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
-            set_bucket(template, bucketed, k, metadata)
+            set_bucket(template, scales, k, metadata)
             if k == 0:
                 save_with_shared_weights(template, staging / files["bucket_0"])
                 template = onnx.load(str(staging / files["bucket_0"]), load_external_data=False)
@@ -231,7 +218,8 @@ def export_single_graph(model, loaded, profile: str, precision: str, out: str | 
     source = {"model": loaded.source, "model_dir": str(loaded.model_dir), **(source or {})}
     fields = {"config": {"precision": precision}, "profile": profile, "precision": precision, "n_buckets": 1,
               "buckets": table.to_dict(), "graphs": {"bucket_0": "bucket_0.onnx"}, "weights_file": WEIGHTS_FILE,
-              "quantized_outputs": [], "source": source, **model_fields(loaded, (0, steps - 1))}  # fmt: skip
+              "quantized_outputs": [], "source": source,
+              **model_fields(loaded.denoiser.spec, loaded.scheduler_config, (0, steps - 1))}  # fmt: skip
     metadata = {"bucket": "0", "timestep_range": f"0-{steps - 1}", "profile": profile, "precision": precision,
                 "version": library_versions()["dilatequant"]}  # fmt: skip
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:

@@ -15,10 +15,10 @@ from torch import nn
 
 from dilatequant.core.denoiser import Denoiser
 
+from .contract import INPUT_NAMES, OUTPUT_NAME
+
 SCOPE_PREFIX = "/denoiser/model/"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-INPUT_NAMES = ("x", "t", "cond")
-OUTPUT_NAME = "eps"
 
 
 class ExportWrapper(nn.Module):

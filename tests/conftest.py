@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_models import TINY_CONFIGS, build_tiny_model
 
 torch.set_num_threads(2)

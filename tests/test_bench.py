@@ -8,10 +8,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dilatequant.export.flow import export_unquantized
-from dilatequant.tools.bench import BenchConfig, main, merge_reports
 from dilatequant.core.denoiser import load_model
 from dilatequant.core.errors import UserError
+from dilatequant.export.flow import export_unquantized
+from dilatequant.tools.bench import BenchConfig, main, merge_reports
 from dilatequant.tools.peers import MODELOPT_VARIANTS, ORT_VARIANTS, boundary_layers, modelopt_quantize, ort_quantize
 
 pytest.importorskip("onnxruntime")

@@ -13,9 +13,11 @@ from dilatequant.calibrate.flow import calibrate
 from dilatequant.calibrate.initialise import run_over
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.quantizer import fake_quantize
-from dilatequant.export.buckets import BucketTable, bucket_candidates, bucketed_model, choose_buckets, optimal_partitions, segment_costs
-from dilatequant.export.config import ExportConfig
+from dilatequant.calibrate.rebucket import bucket_candidates, bucketed_model
+from dilatequant.core.buckets import BucketTable
 from dilatequant.core.errors import UserError
+from dilatequant.export.buckets import choose_buckets, optimal_partitions, segment_costs
+from dilatequant.export.config import ExportConfig
 
 
 @st.composite

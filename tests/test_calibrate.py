@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from dilatequant.calibrate.artifact import load_artifact
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
-from dilatequant.tools.cli import cli
 from dilatequant.core.denoiser import load_model
 from dilatequant.core.errors import UserError
 from dilatequant.core.manifest import ArtifactError
+from dilatequant.tools.cli import cli
 
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 
@@ -22,7 +22,7 @@ TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 def artifacts(tiny_model_dirs, tmp_path_factory):
     """(family, bits) -> artifact directory, calibrated once per module."""
     root = tmp_path_factory.mktemp("calib")
-    return {(family, bits): calibrate(path, CalibConfig.from_bits(bits, **TINY), root / f"{family}-{bits}", progress=False)
+    return {(family, bits): calibrate(path, CalibConfig.from_bits(bits, bkd_iters=0, **TINY), root / f"{family}-{bits}", progress=False)
             for family, path in tiny_model_dirs.items() for bits in ("W8A8", "W4A4")}  # fmt: skip
 
 
@@ -59,12 +59,12 @@ def test_artifact_contents(artifacts):
 def test_tpq_tables_have_a_row_per_timestep_and_no_tpq_one(artifacts, tiny_model_dirs, tmp_path):
     rows = {len(q.step) for q in load_artifact(artifacts["unet", "W8A8"]).model.denoiser.act_quantizers().values()}
     assert rows == {5}
-    shared = calibrate(tiny_model_dirs["unet"], CalibConfig(tpq=False, **TINY), tmp_path / "shared", progress=False)
+    shared = calibrate(tiny_model_dirs["unet"], CalibConfig(tpq=False, bkd_iters=0, **TINY), tmp_path / "shared", progress=False)
     assert {len(q.step) for q in load_artifact(shared).model.denoiser.act_quantizers().values()} == {1}
 
 
 def test_boundary_layers_can_stay_fp(tiny_model_dirs, tmp_path):
-    path = calibrate(tiny_model_dirs["unet"], CalibConfig(boundary="fp", **TINY), tmp_path / "a", progress=False)
+    path = calibrate(tiny_model_dirs["unet"], CalibConfig(boundary="fp", bkd_iters=0, **TINY), tmp_path / "a", progress=False)
     plan = {row["layer"]: row for row in json.loads((path / "quant_plan.json").read_text())["layers"]}
     assert plan["conv_in"]["weight_bits"] is None and "kept FP" in plan["conv_in"]["note"]
     assert "conv_in" not in load_artifact(path).model.denoiser.quant_layers()
@@ -108,8 +108,8 @@ def test_another_source_model_is_refused(artifacts, tiny_model_dirs):
 
 def test_rewriting_an_artifact_replaces_it_whole(tiny_model_dirs, tmp_path):
     out = tmp_path / "art"
-    calibrate(tiny_model_dirs["unet"], CalibConfig.from_bits("W8A8", **TINY), out, progress=False)
-    calibrate(tiny_model_dirs["unet"], CalibConfig.from_bits("W4A8", **TINY), out, progress=False)
+    calibrate(tiny_model_dirs["unet"], CalibConfig.from_bits("W8A8", bkd_iters=0, **TINY), out, progress=False)
+    calibrate(tiny_model_dirs["unet"], CalibConfig.from_bits("W4A8", bkd_iters=0, **TINY), out, progress=False)
     assert load_artifact(out).config.weight_bits == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # no staging or old copies left
 
@@ -187,5 +187,5 @@ def test_an_unrelated_output_directory_is_never_overwritten(tiny_model_dirs, tmp
     keep.mkdir()
     (keep / "thesis.tex").write_text("precious")
     with pytest.raises(ArtifactError, match="is not a dilatequant calibration directory; refusing to overwrite"):
-        calibrate(tiny_model_dirs["unet"], CalibConfig(**TINY), keep, progress=False)
+        calibrate(tiny_model_dirs["unet"], CalibConfig(bkd_iters=0, **TINY), keep, progress=False)
     assert (keep / "thesis.tex").read_text() == "precious"

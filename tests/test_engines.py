@@ -10,16 +10,16 @@ from torch import nn
 
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
+from dilatequant.core.sampling import SamplerConfig, sample
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.engine import build, load
 from dilatequant.engines.runtime import EngineDenoiser, load_engine_model
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
 from dilatequant.tools.cli import cli
-from dilatequant.core.denoiser import load_model
-from dilatequant.core.errors import UserError
-from dilatequant.core.manifest import ArtifactError
-from dilatequant.core.sampling import SamplerConfig, sample
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -178,3 +178,35 @@ def test_streams_split_the_batch_and_give_the_same_result(exports, engines, tmp_
     np.testing.assert_allclose(streamed(x, t, cond).numpy(), single(x, t, cond).numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(UserError, match="--streams must be >= 1"):
         BuildConfig(streams=0)
+
+
+def test_engine_lifecycle_activate_infer_close_releases_sessions_and_threads(exports, tmp_path):
+    engines = load(build(exports["dit"], BuildConfig(threads=1, streams=2), tmp_path / "life"))
+    denoiser = EngineDenoiser(engines)
+    x, t, cond = inputs(denoiser, [denoiser.high] * 4)
+    before = denoiser(x, t, cond)
+    pool = engines.engines[0].pool
+    engines.close()
+    assert all(not e.active and e.sessions == [] and e.pool is None for e in engines.engines) and pool._shutdown
+    with pytest.raises(UserError, match="is not active.*activate"):
+        denoiser(x, t, cond)
+    with engines:  # activate again; closed on exit
+        np.testing.assert_array_equal(denoiser(x, t, cond).numpy(), before.numpy())
+    assert not any(e.active for e in engines.engines)
+
+
+def test_load_variant_reads_each_kind_and_refuses_the_wrong_one(exports, engines, tiny_model_dirs):
+    from dilatequant.tools.variants import load_variant, variant_kind
+
+    calib = json.loads((exports["unet"] / "manifest.json").read_text())["source"]["calibration"]
+    assert [variant_kind(p) for p in (tiny_model_dirs["unet"], calib, engines["unet"])] == ["model", "calibration", "engines"]
+    model, calibrated = load_variant(tiny_model_dirs["unet"]), load_variant(calib, source=tiny_model_dirs["unet"])
+    assert model.artifact is None and calibrated.artifact.path.name == "unet-cal"
+    assert type(calibrated.loaded.denoiser).__name__ == "QuantizedDenoiser"
+    with load_variant(engines["unet"]) as deployed:
+        assert isinstance(deployed.loaded.denoiser, EngineDenoiser) and deployed.loaded.denoiser.engines.engines[0].active
+    assert not deployed.loaded.denoiser.engines.engines[0].active  # closed on exit
+    with pytest.raises(ArtifactError, match="holds a 'export' artifact; a 'engines' directory is expected"):
+        load_variant(exports["unet"], kind="engines")
+    with pytest.raises(ArtifactError, match="is not the model"):
+        load_variant(calib, source=tiny_model_dirs["dit"])

@@ -12,12 +12,13 @@ from dilatequant.calibrate.artifact import load_artifact
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
 from dilatequant.calibrate.quantizer import fake_quantize
-from dilatequant.export.buckets import BucketTable, bucketed_model
+from dilatequant.calibrate.rebucket import bucketed_model
+from dilatequant.core.buckets import BucketTable
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
 from dilatequant.export.lint import lint_tensorrt, ort_fusion
-from dilatequant.core.errors import UserError
-from dilatequant.core.manifest import ArtifactError
 
 ort = pytest.importorskip("onnxruntime")
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
@@ -195,7 +196,7 @@ def test_four_bit_activations_are_refused(tiny_model_dirs, tmp_path):
 def test_bad_requests_are_refused_before_any_work(calibrations, tmp_path):
     with pytest.raises(UserError, match="--buckets 9 is outside 1..5"):
         export(calibrations["dit"], ExportConfig(buckets=9, fp32=True), tmp_path / "out")
-    assert ExportConfig(profile="ort-cpu").fp32 and not ExportConfig().fp32  # FP16 is a tensorrt-profile option
+    assert ExportConfig(profile="ort-cpu").precision == "fp32" and ExportConfig().precision == "fp16"  # FP16: tensorrt only
     with pytest.raises(ArtifactError, match="has no manifest.json"):
         export(tmp_path, ExportConfig(fp32=True), tmp_path / "out2")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import RGB_UNET, build_model
 
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
+from dilatequant.core.denoiser import load_model
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.engine import FidelityError, build, load
 from dilatequant.engines.fidelity import bucket_feeds, check_layers, quantized_layers, relative_error
 from dilatequant.engines.onnxruntime_backend import BACKEND, OnnxRuntimeBackend
 from dilatequant.engines.torch_graph import TorchGraph
 from dilatequant.export.config import ExportConfig
-from dilatequant.core.denoiser import load_model
 from dilatequant.export.flow import export
-from tiny_models import RGB_UNET, build_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

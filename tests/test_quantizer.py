@@ -6,7 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dilatequant.calibrate.quantizer import (
-    ActQuantizer, IntFormat, WeightQuantizer, asymmetric_step_and_zero, fake_quantize, mse_search_amax, symmetric_step,
+    ActQuantizer,
+    IntFormat,
+    WeightQuantizer,
+    asymmetric_step_and_zero,
+    fake_quantize,
+    mse_search_amax,
+    symmetric_step,
 )  # fmt: skip
 from dilatequant.calibrate.timesteps import TimestepIndex
 

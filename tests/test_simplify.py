@@ -6,10 +6,10 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 
+from dilatequant.core.denoiser import load_model
 from dilatequant.export.compact import compact, share_equal_constants, short_id
 from dilatequant.export.graph import export_fp_graph
 from dilatequant.export.simplify import simplify
-from dilatequant.core.denoiser import load_model
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -15,14 +15,14 @@ import pytest
 
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
+from dilatequant.core.errors import MissingDependencyError, UserError
+from dilatequant.core.manifest import ArtifactError
 from dilatequant.engines import engine
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.tensorrt_backend import BACKEND, fusion_audit, shape_profile
 from dilatequant.engines.trtexec import write_trtexec_scripts
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
-from dilatequant.core.errors import MissingDependencyError, UserError
-from dilatequant.core.manifest import ArtifactError
 
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 # family -> the non-batch dims of each graph input (tests/tiny_models.py): x, t, and labels or encoder states as cond

@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import ArtifactError
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.engine import build, load
 from dilatequant.engines.torch_graph import TorchGraph
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export, export_unquantized
-from dilatequant.core.errors import UserError
-from dilatequant.core.manifest import ArtifactError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

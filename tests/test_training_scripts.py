@@ -4,9 +4,9 @@ import json
 
 from click.testing import CliRunner
 
-from dilatequant.tools import train_classifier, train_digits
 from dilatequant.core.classifier import DigitsClassifier
 from dilatequant.core.denoiser import load_model
+from dilatequant.tools import train_classifier, train_digits
 
 
 def test_train_digits_writes_a_loadable_model_atomically(tmp_path):

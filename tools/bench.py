@@ -60,9 +60,9 @@ class BenchConfig:
 
     def calibration(self, bits: str, **extra):
         """The CalibConfig of a dilatequant entry; its (x_t, t, class) samples are what every peer calibrates on."""
-        from dilatequant.calibrate.config import CalibConfig
+        from dilatequant.calibrate.recipes import recipe
 
-        return CalibConfig.from_bits(bits, bkd_iters=self.bkd_iters, samples=self.samples, trajectories=self.trajectories,
+        return recipe("bench", bits, bkd_iters=self.bkd_iters, samples=self.samples, trajectories=self.trajectories,
                                      steps=self.steps, boundary=self.boundary, seed=self.seed, **extra)  # fmt: skip
 
     def selected(self, name: str) -> bool:
@@ -96,10 +96,10 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
     """Every entry's export directory (one graph, or one per bucket for dilatequant) and its calibration (or
     quantization) seconds; entries that share a calibration each count it."""
     from dilatequant.calibrate.flow import calibrate
+    from dilatequant.core.denoiser import load_model
     from dilatequant.export.config import ExportConfig
     from dilatequant.export.flow import export, export_single_graph, export_unquantized
 
-    from dilatequant.core.denoiser import load_model
     from .peers import MODELOPT_VARIANTS, ORT_VARIANTS, calibration_batches, quantize_peer
 
     exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
@@ -134,7 +134,6 @@ def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
 
     from dilatequant.calibrate.artifact import load_artifact
     from dilatequant.calibrate.calib_data import CalibrationData, collect
-
     from dilatequant.core.denoiser import load_model
     from dilatequant.core.sampling import default_batch_size
 
@@ -149,19 +148,20 @@ def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
 
 def quality(engines: dict[str, Path], config: BenchConfig, echo) -> dict[str, dict]:
     """Sample every entry's engines from the same noise; metrics, and PSNR against the FP32 engine's images."""
-    from dilatequant.engines.runtime import load_engine_model
-
     from dilatequant.core.evaluate import labels_for, score
     from dilatequant.core.metrics import psnr_vs_ref
     from dilatequant.core.sampling import SamplerConfig, sample
+
+    from .variants import load_variant
 
     sampler = SamplerConfig(steps=config.steps, seed=config.seed, batch_size=config.batch_size)
     results, reference = {}, None
     for name in ["fp32", *(n for n in engines if n != "fp32")]:  # FP32 first: the others' PSNR reference
         echo(f"[{name}] sampling {config.n} images")
-        model = load_engine_model(engines[name])
-        labels = labels_for(model, config.n)
-        images = sample(model.denoiser, model.scheduler_config, labels, sampler, progress=False)
+        with load_variant(engines[name], kind="engines") as variant:
+            model = variant.loaded
+            labels = labels_for(model, config.n)
+            images = sample(model.denoiser, model.scheduler_config, labels, sampler, progress=False)
         results[name] = {**score(images, labels), "psnr_vs_fp": None if reference is None else round(psnr_vs_ref(images, reference), 2)}
         reference = images if reference is None else reference
     return results
@@ -172,11 +172,10 @@ def directory_bytes(path: Path) -> int:
 
 
 def run_bench(config: BenchConfig, out: Path, echo=print) -> dict:
+    from dilatequant.core.environment import library_versions
     from dilatequant.engines.config import BuildConfig
     from dilatequant.engines.engine import build
     from dilatequant.engines.profile import ProfileConfig, profile
-
-    from dilatequant.core.environment import library_versions
 
     exports, seconds = make_exports(config, out / "work", echo)
     build_config = (BuildConfig(threads=config.threads, streams=config.streams) if config.backend == "onnxruntime"

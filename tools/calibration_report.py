@@ -22,12 +22,13 @@ from dilatequant.core.environment import describe_device, library_versions, reso
 from dilatequant.core.evaluate import labels_for, score
 from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
+# row -> its recipe (calibrate/recipes.py)
 VARIANTS = {
-    "naive min-max": {"method": "minmax", "tpq": False, "dilation": False},
-    "+TPQ": {"method": "minmax", "tpq": True, "dilation": False},
-    "+TPQ +WD": {"method": "minmax", "tpq": True, "dilation": True},
-    "DilateQuant (TPQ+WD+BKD)": {"method": "dilatequant", "tpq": True, "dilation": True},
-    "DilateQuant + FP boundary layers": {"method": "dilatequant", "tpq": True, "dilation": True, "boundary": "fp"},
+    "naive min-max": "naive-minmax",
+    "+TPQ": "minmax-tpq",
+    "+TPQ +WD": "minmax-tpq-wd",
+    "DilateQuant (TPQ+WD+BKD)": "dilatequant",
+    "DilateQuant + FP boundary layers": "dilatequant-fp-boundary",
 }
 RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
 # +TPQ +WD is drawn dashed over a wide +TPQ line: where dilation does not shrink the range, they coincide.
@@ -73,12 +74,12 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories
         rows_path: Path) -> None:  # fmt: skip
     """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
     from dilatequant.calibrate.artifact import load_artifact
-    from dilatequant.calibrate.config import CalibConfig
     from dilatequant.calibrate.flow import calibrate
+    from dilatequant.calibrate.recipes import get_recipe, recipe
 
     results = load_rows(rows_path)
     done = {(r["bits"], r["variant"]) for r in results["rows"]}
-    wanted = sorted(VARIANTS.items(), key=lambda item: item[1]["method"] != "dilatequant")  # DilateQuant first
+    wanted = sorted(VARIANTS.items(), key=lambda item: get_recipe(item[1]).method != "dilatequant")  # DilateQuant first
     pending = [(preset, variant, options) for preset in bits.split(",") for variant, options in wanted
                if (preset, variant) not in done and variant in variants.split(",")]  # fmt: skip
     if not pending and ("FP", "FP") in done:
@@ -92,9 +93,10 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories
     common = {"n": n, "steps": steps, "device": describe_device(torch_device)}
     if ("FP", "FP") not in done:
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
-    for preset, variant, options in pending:
-        config = CalibConfig.from_bits(preset, samples=samples, trajectories=trajectories, steps=steps,
-                                       bkd_iters=bkd_iters if options["method"] == "dilatequant" else 0, **options)  # fmt: skip
+    for preset, variant, name in pending:
+        distills = get_recipe(name).method == "dilatequant"
+        config = recipe(name, preset, samples=samples, trajectories=trajectories, steps=steps,
+                        **({"bkd_iters": bkd_iters} if distills else {}))  # fmt: skip
         out = work / f"{preset}-{slug(variant)}"
         start = time.perf_counter()
         calibrate("digits", config, out, torch_device)

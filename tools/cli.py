@@ -10,10 +10,13 @@ from typing import Callable
 
 import click
 
-from dilatequant.engines.config import FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
-from dilatequant.export.config import SCALE_SOURCES, ExportConfig
-
+from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, TIMESTEP_SAMPLING, WEIGHT_INITS, CalibConfig
+from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
+from dilatequant.core.sampling import SCHEDULERS
+from dilatequant.engines.config import BACKENDS, FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
+from dilatequant.export.config import SCALE_SOURCES, ExportConfig
+from dilatequant.export.profiles import PROFILES
 
 MODEL_HELP = "Bundled model name (digits) or a local diffusers model/pipeline directory. Offline: no hub ids."
 CALIB_HELP = "Calibration artifact directory: run its fake-quant model (--model, if given, must be its source)."
@@ -34,7 +37,7 @@ def sampler_options(command: Callable) -> Callable:
     """The options shared by every command that samples, folded into a SamplerConfig and a device."""
 
     @click.option("--steps", default=50, show_default=True, help="Sampling steps.")
-    @click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(["ddim", "ddpm", "dpm-solver++"]))
+    @click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(list(SCHEDULERS)))
     @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
     @click.option("--batch-size", type=int, default=None, help="Samples per denoiser call [default: 32 on CPU, 500 on CUDA].")
     @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
@@ -60,22 +63,18 @@ def model_options(command: Callable) -> Callable:
     @click.option("--clamp", is_flag=True, help="With --engines: run timesteps outside the calibrated range with the nearest bucket.")
     @functools.wraps(command)
     def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, device, **kwargs):
-        from dilatequant.core.denoiser import load_model
+        from .variants import load_variant
 
+        if engines is not None and (calib is not None or model is not None):
+            raise UserError("--engines runs an engine directory on its own; drop --model/--calib (use --ref for a reference).")
         if engines is not None:
-            if calib is not None or model is not None:
-                raise UserError("--engines runs an engine directory on its own; drop --model/--calib (use --ref for a reference).")
-            from dilatequant.engines.runtime import load_engine_model
-
-            return command(loaded=load_engine_model(engines, clamp), artifact=None, device=device, **kwargs)
-        if calib is None:
-            return command(loaded=load_model(model or "digits", device), artifact=None, device=device, **kwargs)
-        from dilatequant.calibrate.artifact import load_artifact
-
-        artifact = load_artifact(calib, device)
-        if model is not None:
-            artifact.check_source(model)
-        return command(loaded=artifact.model, artifact=artifact, device=device, **kwargs)
+            variant = load_variant(engines, device, kind="engines", clamp=clamp)
+        elif calib is not None:
+            variant = load_variant(calib, device, kind="calibration", source=model)
+        else:
+            variant = load_variant(model or "digits", device, kind="model")
+        with variant:
+            return command(loaded=variant.loaded, artifact=variant.artifact, device=device, **kwargs)
 
     return wrapper
 
@@ -94,8 +93,9 @@ def cli() -> None:
 def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None:
     """Sample a model (or a calibrated fake-quant model) and write a PNG grid labelled by class."""
     from dilatequant.core.evaluate import labels_for
-    from .grid import save_grid
     from dilatequant.core.sampling import sample
+
+    from .grid import save_grid
 
     labels = labels_for(loaded, n)
     start = time.perf_counter()
@@ -116,83 +116,70 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
     from dilatequant.core.atomic import atomic_write_text
     from dilatequant.core.evaluate import evaluate
 
+    from .variants import load_variant
+
     if ref is None and artifact is not None:
         ref = artifact.record.source["spec"]
         artifact.check_source(ref)
-    reference = load_reference(ref, device) if ref else None
+    reference = load_variant(ref, device).loaded if ref else None
     text = json.dumps(evaluate(loaded, n, sampler, device, reference), indent=2) + "\n"
     if out is not None:
         atomic_write_text(out, text)
     click.echo(text, nl=False)
 
 
-def load_reference(spec: str, device):
-    """A reference to compare with: a model (zoo name or directory), a calibration artifact (its fake-quant
-    model) or an engine directory."""
-    from dilatequant.core.denoiser import load_model
-    from dilatequant.core.manifest import MANIFEST_NAME
-
-    manifest = Path(spec) / MANIFEST_NAME
-    kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
-    if kind == "engines":
-        from dilatequant.engines.runtime import load_engine_model
-
-        return load_engine_model(spec)
-    if kind == "calibration":
-        from dilatequant.calibrate.artifact import load_artifact
-
-        return load_artifact(spec, device).model
-    return load_model(spec, device)
+def calib_option(name: str, field: str, **kwargs) -> Callable:
+    """An option for a CalibConfig field: unset (None) unless given, so CalibConfig (or the recipe) supplies the
+    default and the CLI and the Python API cannot disagree; --help shows CalibConfig's default."""
+    default = CalibConfig.__dataclass_fields__[field].default
+    return click.option(name, field, default=None, show_default=str(default) if default is not None else False, **kwargs)
 
 
 @cli.command("calibrate")
 @click.option("--model", default="digits", show_default=True, help=MODEL_HELP)
-@click.option("--bits", default="W8A8", show_default=True, type=click.Choice(["W8A8", "W6A6", "W4A8", "W4A4"]))
-@click.option("--method", default="dilatequant", show_default=True, type=click.Choice(["dilatequant", "minmax"]),
+@click.option("--recipe", "recipe_name", default=None, type=click.Choice(list(RECIPES)),
+              help="Start from a named recipe (calibrate/recipes.py, e.g. demo-quick); the options given override it.")
+@click.option("--bits", default="W8A8", show_default=True, type=click.Choice(BIT_PRESETS))
+@calib_option("--method", "method", type=click.Choice(METHODS),
               help="dilatequant: MSE-initialised tables + block-wise distillation; minmax: min/max tables only.")
 @click.option("--no-dilation", is_flag=True, help="Skip weight dilation.")
 @click.option("--no-tpq", is_flag=True, help="One shared activation scale for all timesteps instead of one per timestep.")
-@click.option("--bkd-iters", default=None, type=int, help="Distillation iterations per block [default: 0 for minmax].")
-@click.option("--samples", default=1024, show_default=True, help="Calibration samples (x_t, t) drawn from trajectories.")
-@click.option("--trajectories", default=64, show_default=True, help="FP sampling trajectories recorded.")
-@click.option("--timestep-sampling", default="random", show_default=True, type=click.Choice(["random", "uniform"]))
-@click.option("--act-init", default="mse", show_default=True, type=click.Choice(["minmax", "percentile", "mse"]))
-@click.option("--weight-init", default="minmax", show_default=True, type=click.Choice(["minmax", "mse"]))
-@click.option("--boundary", default="8bit", show_default=True, type=click.Choice(["8bit", "fp"]),
-              help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")  # fmt: skip
+@calib_option("--bkd-iters", "bkd_iters", type=int, help="Distillation iterations per block [default: the method's, "
+              f"{RECIPES['dilatequant'].settings['bkd_iters']} for dilatequant, 0 for minmax].")
+@calib_option("--samples", "samples", type=int, help="Calibration samples (x_t, t) drawn from trajectories.")
+@calib_option("--trajectories", "trajectories", type=int, help="FP sampling trajectories recorded.")
+@calib_option("--timestep-sampling", "timestep_sampling", type=click.Choice(TIMESTEP_SAMPLING))
+@calib_option("--act-init", "act_init", type=click.Choice(ACT_INITS), help="[default: the method's, mse or minmax]")
+@calib_option("--weight-init", "weight_init", type=click.Choice(WEIGHT_INITS))
+@calib_option("--boundary", "boundary", type=click.Choice(BOUNDARY), help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention matmul inputs (q, k, softmax, v).")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
-@click.option("--steps", default=50, show_default=True, help="Sampler steps: the timestep grid that is calibrated.")
-@click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(["ddim", "ddpm", "dpm-solver++"]))
-@click.option("--seed", default=0, show_default=True)
+@calib_option("--steps", "steps", type=int, help="Sampler steps: the timestep grid that is calibrated.")
+@calib_option("--scheduler", "scheduler", type=click.Choice(list(SCHEDULERS)))
+@calib_option("--seed", "seed", type=int)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact directory to write.")
-def calibrate_command(model: str, bits: str, method: str, no_dilation: bool, no_tpq: bool, bkd_iters: int | None,
-                      samples: int, trajectories: int, timestep_sampling: str, act_init: str, weight_init: str,
-                      boundary: str, quantize_attention: bool, asymmetric: bool, steps: int, scheduler: str, seed: int, device: str, out: Path) -> None:  # fmt: skip
-    """Calibrate a model (DilateQuant or min/max) and write the calibration artifact."""
-    from dilatequant.calibrate.config import DEFAULT_BKD_ITERS, CalibConfig
+def calibrate_command(model: str, recipe_name: str | None, bits: str, no_dilation: bool, no_tpq: bool, quantize_attention: bool,
+                      asymmetric: bool, device: str, out: Path, **options) -> None:  # fmt: skip
+    """Calibrate a model (a method, or a named recipe) and write the calibration artifact."""
     from dilatequant.calibrate.flow import calibrate
-
+    from dilatequant.calibrate.recipes import recipe
     from dilatequant.core.environment import resolve_device
 
-    if bkd_iters is None:
-        bkd_iters = DEFAULT_BKD_ITERS if method == "dilatequant" else 0
-    config = CalibConfig.from_bits(
-        bits, method=method, dilation=not no_dilation, tpq=not no_tpq, bkd_iters=bkd_iters, samples=samples,
-        trajectories=trajectories, timestep_sampling=timestep_sampling, act_init=act_init, weight_init=weight_init,
-        boundary=boundary, quantize_attention=quantize_attention, act_symmetric=not asymmetric, steps=steps, scheduler=scheduler, seed=seed,
-    )  # fmt: skip
+    overrides = {key: value for key, value in options.items() if value is not None}
+    flags = {"dilation": not no_dilation, "tpq": not no_tpq, "quantize_attention": quantize_attention, "act_symmetric": not asymmetric}
+    overrides.update({key: value for key, value in flags.items() if value != CalibConfig.__dataclass_fields__[key].default})
+    config = recipe(recipe_name, bits, **overrides) if recipe_name else CalibConfig.from_bits(bits, **overrides)
     start = time.perf_counter()
     path = calibrate(model, config, out, resolve_device(device))
-    click.echo(f"wrote {path} ({config.bits_name}, {config.method}, {time.perf_counter() - start:.1f} s)")
+    click.echo(f"wrote {path} ({config.bits_name}, {config.recipe}, {time.perf_counter() - start:.1f} s)")
 
 
 @cli.command("export")
 @click.option("--calib", default=None, type=click.Path(path_type=Path), help="Calibration artifact directory to export.")
 @click.option("--model", default=None, help="Instead of --calib: export this model unquantized (the FP baseline). " + MODEL_HELP)
 @click.option("--buckets", default="4", show_default=True, help="Number of timestep buckets, or 'auto'.")
-@click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
+@click.option("--profile", default=ExportConfig.profile, show_default=True, type=click.Choice(list(PROFILES)))
 @click.option("--fp32", is_flag=True, help="tensorrt profile: keep the non-quantized parts in FP32 instead of FP16 "
               "(ort-cpu graphs are always FP32).")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
@@ -222,18 +209,18 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 
 @cli.command("build")
 @click.option("--export", "export_dir", required=True, type=click.Path(path_type=Path), help="Export directory (dilatequant export).")
-@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt", "torch"]),
+@click.option("--backend", default=BuildConfig.backend, show_default=True, type=click.Choice(BACKENDS),
               help="torch: a reference executor of the Q/DQ graphs (GPU quality runs without TensorRT), not for latency.")
-@click.option("--threads", default=0, show_default=True,
+@click.option("--threads", default=BuildConfig.threads, show_default=True,
               help="onnxruntime: intra-op threads per session (0: the cores divided among the streams).")
-@click.option("--streams", default=1, show_default=True,
+@click.option("--streams", default=BuildConfig.streams, show_default=True,
               help="onnxruntime: sessions per bucket, each running a slice of the batch concurrently.")
-@click.option("--provider", default="auto", show_default=True,
+@click.option("--provider", default=BuildConfig.provider, show_default=True,
               help="onnxruntime: execution provider (auto: TensorRT, CUDA, then CPU, as installed); "
                    "torch: auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True, help="tensorrt: min,opt,max batch of the optimization profile.")
 @click.option("--dynamic-resolution", default=None, help="tensorrt: MIN,MAX image size instead of the model's fixed size.")
-@click.option("--optimization-level", default=3, show_default=True, help="tensorrt: builder optimization level 0-5.")
+@click.option("--optimization-level", default=BuildConfig.optimization_level, show_default=True, help="tensorrt: builder optimization level 0-5.")
 @click.option("--refittable", is_flag=True, help="tensorrt: refittable engines.")
 @click.option("--strip-weights", is_flag=True, help="tensorrt: weight-stripped plans (refitted from the ONNX weights at load).")
 @click.option("--emit-trtexec", is_flag=True, help="tensorrt: write an equivalent trtexec script per bucket instead of building.")
@@ -297,9 +284,9 @@ def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
 def profile_command(engines: Path, compare: tuple[Path, ...], batch: str, runs: int, warmup: int, sampling_steps: int,
                     out: Path | None, chart: Path | None, max_ratio: str | None) -> None:  # fmt: skip
     """Latency (p50/p95 per bucket and batch), sampling time per image and peak memory, side by side."""
-    from dilatequant.engines.profile import ProfileConfig, chart as save_chart, markdown_table, profile
-
     from dilatequant.core.atomic import atomic_write_text
+    from dilatequant.engines.profile import ProfileConfig, markdown_table, profile
+    from dilatequant.engines.profile import chart as save_chart
 
     limit = parse_max_ratio(max_ratio, bool(compare)) if max_ratio else None
     batches = tuple(int(b) for b in batch.split(",") if b.strip().isdigit())
@@ -343,7 +330,7 @@ def check_ratio(report: dict, batch: str, limit: float) -> None:
               help="Directory for every artifact and report.html (an interrupted demo resumes there).")
 @click.option("--n", default=200, show_default=True, help="Images sampled per engine set for the quality numbers.")
 @click.option("--streams", default=2, show_default=True, help="ONNX Runtime sessions per bucket, each running a slice of the batch.")
-@click.option("--threads", default=0, show_default=True, help="ONNX Runtime intra-op threads per session (0: cores / streams).")
+@click.option("--threads", default=BuildConfig.threads, show_default=True, help="ONNX Runtime intra-op threads per session (0: cores / streams).")
 def demo_command(out: Path, n: int, streams: int, threads: int) -> None:
     """Calibrate digits (W8A8, quick), export 4 buckets, build ONNX Runtime engines, profile them against FP32,
     sample both and write OUT/report.html."""
@@ -359,7 +346,7 @@ def demo_command(out: Path, n: int, streams: int, threads: int) -> None:
 
 @cli.command("lint")
 @click.argument("graph", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--profile", default="tensorrt", show_default=True, type=click.Choice(["tensorrt", "ort-cpu"]))
+@click.option("--profile", default=ExportConfig.profile, show_default=True, type=click.Choice(list(PROFILES)))
 @click.option("--allow-residual-add", is_flag=True, help="tensorrt: also accept Q/DQ on residual Add inputs.")
 @click.option("--min-fused", default=0.95, show_default=True, help="ort-cpu: fail below this share of fused integer kernels.")
 @click.option("--fidelity-bound", default=BuildConfig.fidelity_bound, show_default=True,
@@ -373,11 +360,11 @@ def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused:
     from dilatequant.engines.fidelity import check_graph
     from dilatequant.export.lint import lint_tensorrt, ort_fusion
 
-    if profile == "tensorrt":
+    if PROFILES[profile].lint == "static-qdq":
         violations = lint_tensorrt(onnx.load(str(graph)), allow_residual_add)
         for violation in violations:
             click.echo(str(violation))
-        click.echo(f"{graph}: {len(violations)} violation(s) of the tensorrt profile")
+        click.echo(f"{graph}: {len(violations)} violation(s) of the {profile} profile")
         if violations:
             raise SystemExit(1)
         return

@@ -20,7 +20,6 @@ import torch
 from dilatequant.core.atomic import atomic_write_text
 from dilatequant.core.manifest import ArtifactError, read_manifest
 
-QUICK_CALIBRATION = {"method": "minmax", "samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}
 LATENCY_TARGET = 0.5  # INT8 p50 / FP32 p50 at batch 8
 ACCURACY_POINTS = 0.02
 FID_RATIO = 1.15
@@ -28,12 +27,14 @@ FID_RATIO = 1.15
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """`calibration`: CalibConfig fields on top of W8A8 (quick: min/max initialisation, no distillation, FP boundary
-    layers, a 25-step grid; measured through ONNX Runtime engines, n = 2000: 44.3 dB PSNR vs the FP32 engine)."""
+    """`recipe` at W8A8 with `calibration` (CalibConfig fields) on top; demo-quick (calibrate/recipes.py): min/max
+    initialisation, no distillation, FP boundary layers, a 25-step grid; measured through ONNX Runtime engines,
+    n = 2000: 44.3 dB PSNR vs the FP32 engine."""
 
     model: str = "digits"
     buckets: int = 4
-    calibration: dict = field(default_factory=lambda: dict(QUICK_CALIBRATION))
+    recipe: str = "demo-quick"
+    calibration: dict = field(default_factory=dict)
     quality_n: int = 200
     sampling_steps: int = 25
     batch_size: int = 50
@@ -73,19 +74,19 @@ def artifacts(config: DemoConfig, out: Path, stages: Stages) -> dict[str, Path]:
     """Calibration, both exports and both engine directories (made or reused)."""
     from dilatequant.calibrate.artifact import FORMAT_VERSION as CALIB_VERSION
     from dilatequant.calibrate.artifact import KIND as CALIB_KIND
-    from dilatequant.calibrate.config import CalibConfig
     from dilatequant.calibrate.flow import calibrate
+    from dilatequant.calibrate.recipes import recipe
     from dilatequant.engines.config import BuildConfig
     from dilatequant.engines.engine import FORMAT_VERSION as ENGINES_VERSION
     from dilatequant.engines.engine import KIND as ENGINES_KIND
     from dilatequant.engines.engine import build
     from dilatequant.export.config import ExportConfig
-    from dilatequant.export.flow import FORMAT_VERSION as EXPORT_VERSION
-    from dilatequant.export.flow import KIND as EXPORT_KIND
+    from dilatequant.export.contract import FORMAT_VERSION as EXPORT_VERSION
+    from dilatequant.export.contract import KIND as EXPORT_KIND
     from dilatequant.export.flow import export, export_unquantized
 
     paths = {name: out / name for name in ("calibration", "export-int8", "export-fp32", "engines-int8", "engines-fp32")}
-    calib_config = CalibConfig.from_bits("W8A8", **config.calibration)
+    calib_config = recipe(config.recipe, "W8A8", **config.calibration)
     build_config = BuildConfig(threads=config.threads, streams=config.streams)
     stages.run("calibrate", paths["calibration"], CALIB_KIND, CALIB_VERSION,
                lambda: calibrate(config.model, calib_config, paths["calibration"]))  # fmt: skip
@@ -101,21 +102,22 @@ def artifacts(config: DemoConfig, out: Path, stages: Stages) -> dict[str, Path]:
 
 def sample_both(config: DemoConfig, paths: dict[str, Path], out: Path, stages: Stages) -> dict:
     """Sample the FP32 and INT8 engines from the same noise; grids of the first 20 and quality numbers."""
-    from dilatequant.engines.runtime import load_engine_model
-
     from dilatequant.core.evaluate import labels_for, score
-    from .grid import save_grid
     from dilatequant.core.metrics import psnr_vs_ref
     from dilatequant.core.sampling import SamplerConfig, sample
+
+    from .grid import save_grid
+    from .variants import load_variant
 
     sampler = SamplerConfig(steps=config.sampling_steps, seed=config.seed, batch_size=config.batch_size)
     images, quality = {}, {}
     for precision in ("fp32", "int8"):
         stages.echo(f"[sample {precision}] {config.quality_n} images, {config.sampling_steps} steps")
         start = time.perf_counter()
-        model = load_engine_model(paths[f"engines-{precision}"])
-        labels = labels_for(model, config.quality_n)
-        images[precision] = sample(model.denoiser, model.scheduler_config, labels, sampler)
+        with load_variant(paths[f"engines-{precision}"], kind="engines") as variant:
+            model = variant.loaded
+            labels = labels_for(model, config.quality_n)
+            images[precision] = sample(model.denoiser, model.scheduler_config, labels, sampler)
         stages.seconds[f"sample {precision}"] = time.perf_counter() - start
         save_grid(images[precision][:20], labels[:20], out / f"grid_{precision}.png")
         quality[precision] = {"n": config.quality_n, **score(images[precision], labels)}
@@ -137,14 +139,14 @@ def targets(profile: dict, quality: dict) -> list[dict]:
 
 
 def figures(paths: dict[str, Path], out: Path) -> dict[str, str]:
-    from dilatequant.calibrate.artifact import SEPARATOR, load_artifact
-    from dilatequant.export.buckets import BucketTable
+    from dilatequant.calibrate.contract import load_artifact
+    from dilatequant.core.buckets import BucketTable
 
     from .report import error_plot, scale_plot
 
     artifact = load_artifact(paths["calibration"])
     export_manifest = json.loads((paths["export-int8"] / "manifest.json").read_text())
-    groups = sorted(k.removesuffix(f"{SEPARATOR}act_step") for k in artifact.tensors if k.endswith(f"{SEPARATOR}act_step"))
+    groups = artifact.groups()
     table = BucketTable.from_dict(export_manifest["buckets"])
     scale_plot(artifact.act_steps().numpy(), groups, artifact.record.timesteps, table.boundaries, out / "scales.png")
     error_plot(export_manifest["estimated_error_by_k"], export_manifest["n_buckets"], out / "error_by_k.png")
@@ -154,9 +156,9 @@ def figures(paths: dict[str, Path], out: Path) -> dict[str, str]:
 
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print) -> Path:
     """Run every stage (reusing verified artifacts) and write OUT/report.html; returns its path."""
+    from dilatequant.core.environment import library_versions
     from dilatequant.engines.profile import ProfileConfig, chart, profile
 
-    from dilatequant.core.environment import library_versions
     from .report import render
 
     out = Path(out)

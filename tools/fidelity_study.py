@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dilatequant.core.denoiser import load_model
+from dilatequant.core.manifest import read_manifest
 from dilatequant.engines.config import INTEGER_KERNELS, BuildConfig
 from dilatequant.engines.fidelity import bucket_feeds, check_bucket, reference_feeds, reference_session, relative_error
 from dilatequant.engines.onnxruntime_backend import BACKEND, cpu_name, u8s8_saturates
 from dilatequant.engines.torch_graph import TorchGraph
-from dilatequant.core.denoiser import load_model
-from dilatequant.core.manifest import read_manifest
-
 
 
 def fp_outputs(export_dir: Path, manifest: dict, feeds: dict[str, np.ndarray]) -> np.ndarray:

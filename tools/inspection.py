@@ -7,8 +7,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from dilatequant.core.denoiser import FAMILIES, find_scheduler_config, read_model_config, resolve_model_dir
+from dilatequant.core.denoiser import find_scheduler_config, read_model_config, resolve_model_dir
 from dilatequant.core.errors import ModelLoadError
+from dilatequant.core.families import family_of_class
 from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError
 
 
@@ -44,7 +45,7 @@ def inspect_model(spec: str | Path) -> dict:
         "kind": "model",
         "path": str(model_dir),
         "class_name": config["_class_name"],
-        "family": FAMILIES[config["_class_name"]],
+        "family": family_of_class(config["_class_name"]).name,
         "sample_size": config.get("sample_size"),
         "in_channels": config.get("in_channels"),
         "parameters": sum(f["parameters"] for f in files),

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .cli import load_reference
 from dilatequant.core.metrics import psnr_vs_ref
 from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
+from .variants import load_variant
+
 
 def sample_variant(variant: str, n: int, steps: int, out: Path) -> None:
-    loaded = load_reference(variant, "cpu")
+    loaded = load_variant(variant).loaded
     labels = balanced_labels(n, loaded.denoiser.num_classes or 10)
     images = sample(loaded.denoiser, loaded.scheduler_config, labels, SamplerConfig(steps=steps, batch_size=n))
     torch.save({"images": images, "settings": {"n": n, "steps": steps, "seed": 0, "scheduler": "ddim"}, "variant": variant}, out)

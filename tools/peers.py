@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dilatequant.core.denoiser import LoadedModel
-from dilatequant.core.errors import MissingDependencyError
+from dilatequant.core.optional import require
 
 # name -> (calibration method, activation type, keep the boundary layers FP) for ONNX Runtime's quantize_static
 ORT_VARIANTS = {
@@ -37,9 +37,11 @@ CALIBRATION_BATCH = 16
 def boundary_layers(loaded: LoadedModel) -> list[str]:
     """conv_in, conv_out, the time (and class) embedding...: what dilatequant's `--boundary fp` keeps FP, so
     that a peer can be run with the same exclusions."""
-    from dilatequant.calibrate.structure import input_groups
+    from dilatequant.core.families import get_family
+    from dilatequant.core.structure import input_groups
 
-    return [layer for group in input_groups(loaded.denoiser.model) if group.boundary for layer in group.layers]
+    patterns = get_family(loaded.denoiser.family).boundary_patterns
+    return [layer for group in input_groups(loaded.denoiser.model, patterns) if group.boundary for layer in group.layers]
 
 
 def calibration_batches(data, loaded: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -55,11 +57,8 @@ def ort_quantize(fp32_graph: Path, batches: list, method: str, activation: str, 
     """quantize_static on the FP32 graph: QDQ format, per-channel int8 weights, Conv/MatMul/Gemm, the nodes of
     the `exclude` layers left FP (the FP export names layer nodes after their layers); returns the quantized
     onnx ModelProto (weights loaded)."""
-    try:
-        import onnx
-        from onnxruntime import quantization as q
-    except ImportError as exc:
-        raise MissingDependencyError("ONNX Runtime quantize_static", exc.name or "onnxruntime", "export") from exc
+    onnx = require("onnx", "ONNX Runtime quantize_static", "export")
+    q = require("onnxruntime.quantization", "ONNX Runtime quantize_static", "export")
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -81,12 +80,10 @@ def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str, excl
     """ModelOpt's INT8 recipe on the torch model, calibrated on `batches`, the quantizers of the `exclude`
     layers disabled, exported to ONNX with Q/DQ (its own exporter path: TorchScript); returns the onnx
     ModelProto."""
-    try:
-        import modelopt.torch.quantization as mtq
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("NVIDIA ModelOpt", exc.name or "nvidia-modelopt", "bench") from exc
-    from dilatequant.export.graph import INPUT_NAMES, OUTPUT_NAME, ExportWrapper
+    mtq = require("modelopt.torch.quantization", "NVIDIA ModelOpt", "bench")
+    onnx = require("onnx", "NVIDIA ModelOpt", "bench")
+    from dilatequant.export.contract import INPUT_NAMES, OUTPUT_NAME
+    from dilatequant.export.graph import ExportWrapper
 
     denoiser = loaded.denoiser
 

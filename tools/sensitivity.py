@@ -17,6 +17,7 @@ from dilatequant.core.evaluate import labels_for
 from dilatequant.core.metrics import psnr_vs_ref
 from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
+
 def subsets(boundary: set[str]) -> dict[str, tuple[Callable[[str], bool], Callable[[str], bool]]]:
     """case -> (activation quantizers kept on, weight quantizers kept on), as predicates on layer/group names."""
     on, off = (lambda n: True), (lambda n: False)
@@ -35,7 +36,6 @@ def subsets(boundary: set[str]) -> dict[str, tuple[Callable[[str], bool], Callab
 @click.option("--device", default="auto", show_default=True)
 def main(calib: str, n: int, steps: int, device: str) -> None:
     from dilatequant.calibrate.artifact import load_artifact
-
     from dilatequant.core.denoiser import load_model
 
     torch_device = resolve_device(device)

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-# Layer names (relative to the diffusers model) of the boundary layers, per family convention.
-BOUNDARY_PATTERNS = (
+# Layer names (relative to the diffusers model) of the boundary layers: diffusers names them alike in all three
+# families (core/families.py gives each family its patterns).
+DIFFUSERS_BOUNDARY = (
     r"^conv_in$", r"^conv_out$", r"^time_embedding\.", r"^pos_embed\.proj$", r"^proj_out(_\d)?$",
     r"\.timestep_embedder\.", r"^class_embedding\.",
 )  # fmt: skip
@@ -33,8 +34,8 @@ class InputGroup:
     boundary: bool = False
 
 
-def is_boundary(layer_name: str) -> bool:
-    return any(re.search(pattern, layer_name) for pattern in BOUNDARY_PATTERNS)
+def is_boundary(layer_name: str, patterns: tuple[str, ...] = DIFFUSERS_BOUNDARY) -> bool:
+    return any(re.search(pattern, layer_name) for pattern in patterns)
 
 
 def _attention_classes() -> tuple[type, type, type]:
@@ -58,15 +59,16 @@ def shared_input_groups(model: nn.Module) -> dict[str, str]:
     return groups
 
 
-def input_groups(model: nn.Module) -> list[InputGroup]:
-    """Every Conv2d/Linear of the model, grouped by shared input, in module order."""
+def input_groups(model: nn.Module, boundary: tuple[str, ...] = DIFFUSERS_BOUNDARY) -> list[InputGroup]:
+    """Every Conv2d/Linear of the model, grouped by shared input, in module order; `boundary`: the family's
+    boundary-layer patterns."""
     shared = shared_input_groups(model)
     groups: dict[str, InputGroup] = {}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             group = groups.setdefault(shared.get(name, name), InputGroup(shared.get(name, name)))
             group.layers.append(name)
-            group.boundary = group.boundary or is_boundary(name)
+            group.boundary = group.boundary or is_boundary(name, boundary)
     return list(groups.values())
 
 

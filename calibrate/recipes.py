@@ -1,0 +1,120 @@
+"""Calibration recipes: named, versioned methods composed of parts, and named settings on top of them.
+
+A *method* recipe (`dilatequant`, `minmax`) says which part does each job of a calibration run:
+
+    selector        which (x_t, t) samples calibrate              calibrate/calib_data.py
+    weight_format   how weights are quantized                    calibrate/quantizer.py
+    act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py
+    transforms      equivalent transforms applied first          calibrate/dilation.py
+    initialisation  how activation tables start                  calibrate/initialise.py
+    reconstruction  what is learned afterwards (or nothing)      calibrate/bkd.py
+    execution       where it runs                                calibrate/flow.py
+
+and the CalibConfig defaults that follow from it (`settings`). `CalibConfig(method=...)` takes those defaults for
+the fields left unset, so the API and the CLI calibrate alike and the artifact records what ran. A *settings*
+recipe (`demo-quick`, the calibration report's rows, ...) is a method plus CalibConfig fields: what a tool ran,
+by name, in the library rather than in the tool. Later methods add parts and recipes here; a version bump
+says a recipe's meaning changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from dilatequant.core.errors import UserError
+
+# The parts each job can be done by today; a recipe naming another is refused.
+PARTS: dict[str, tuple[Any, ...]] = {
+    "selector": ("trajectory-samples",),
+    "weight_format": ("per-channel",),
+    "act_format": ("per-tensor-per-timestep",),
+    "transforms": ("weight-dilation",),
+    "initialisation": ("minmax", "percentile", "mse"),
+    "reconstruction": (None, "block-distillation"),
+    "execution": ("local",),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a calibration method is made of (PARTS lists each job's parts)."""
+
+    selector: str = "trajectory-samples"
+    weight_format: str = "per-channel"
+    act_format: str = "per-tensor-per-timestep"
+    transforms: tuple[str, ...] = ("weight-dilation",)
+    initialisation: str = "mse"
+    reconstruction: str | None = "block-distillation"
+    execution: str = "local"
+
+    def __post_init__(self) -> None:
+        for job, allowed in PARTS.items():
+            chosen = getattr(self, job)
+            for part in chosen if isinstance(chosen, tuple) else (chosen,):
+                if part not in allowed:
+                    raise ValueError(f"{job} part {part!r} does not exist; parts: {allowed}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, versioned way to calibrate: a method's parts (method recipes) or a method plus settings."""
+
+    name: str
+    version: int
+    description: str
+    method: str  # the method recipe it builds on (itself, for a method recipe)
+    settings: Mapping[str, Any] = field(default_factory=dict)  # CalibConfig fields
+    parts: Method | None = None  # only method recipes have parts
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+
+def _recipes(*recipes: Recipe) -> dict[str, Recipe]:
+    return {r.name: r for r in recipes}
+
+
+DEFAULT_BKD_ITERS = 400  # per block; what docs/results/calibration.md was measured with
+RECIPES = _recipes(
+    Recipe("dilatequant", 1, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
+           "block-wise distillation", "dilatequant", {"act_init": "mse", "bkd_iters": DEFAULT_BKD_ITERS}, Method()),
+    Recipe("minmax", 1, "Min/max tables (per timestep with TPQ), weight dilation, no distillation", "minmax",
+           {"act_init": "minmax", "bkd_iters": 0}, Method(initialisation="minmax", reconstruction=None)),
+    # what the tools run, by name
+    Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
+           {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),
+    Recipe("bench", 1, "tools/bench.py's dilatequant entries: MSE tables without distillation (--bkd-iters adds it), "
+           "FP boundary layers, a 25-step grid", "dilatequant",
+           {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp", "bkd_iters": 0}),
+    Recipe("naive-minmax", 1, "Calibration report row: one min/max scale for all timesteps, no dilation", "minmax",
+           {"tpq": False, "dilation": False}),
+    Recipe("minmax-tpq", 1, "Calibration report row: per-timestep min/max tables, no dilation", "minmax",
+           {"tpq": True, "dilation": False}),
+    Recipe("minmax-tpq-wd", 1, "Calibration report row: per-timestep min/max tables with weight dilation", "minmax",
+           {"tpq": True, "dilation": True}),
+    Recipe("dilatequant-fp-boundary", 1, "DilateQuant with the boundary layers kept in FP", "dilatequant",
+           {"boundary": "fp"}),
+)  # fmt: skip
+METHODS = tuple(name for name, r in RECIPES.items() if r.parts is not None)
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise UserError(f"Unknown calibration recipe '{name}'; recipes: {', '.join(RECIPES)}.")
+    return RECIPES[name]
+
+
+def method_parts(method: str) -> Method:
+    parts = get_recipe(method).parts
+    if parts is None:
+        raise UserError(f"'{method}' is a settings recipe, not a method; methods: {', '.join(METHODS)}.")
+    return parts
+
+
+def recipe(name: str, bits: str = "W8A8", **overrides):
+    """The CalibConfig of recipe `name` at `bits` ('W8A8', 'W4A8', ...), with `overrides` on top."""
+    from .config import CalibConfig
+
+    chosen = get_recipe(name)
+    return CalibConfig.from_bits(bits, **{"method": chosen.method, **chosen.settings, **overrides, "recipe": name})

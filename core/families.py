@@ -1,0 +1,71 @@
+"""The model-family registry: for each supported diffusers denoiser, how it is called and conditioned, and where
+its structure (boundary layers, dilation fold sites, distillation blocks) comes from.
+
+Everything that differs between UNet2DModel, UNet2DConditionModel and DiT is an entry here; the rest of the
+toolchain asks `get_family(name)` instead of testing names or types. A new family is a new entry (and, for a new
+architecture, the structure functions that find its layers: core/structure.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .structure import DIFFUSERS_BOUNDARY, distillation_blocks, fold_sites
+
+Call = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def call_unet(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    return model(x, t, class_labels=cond).sample
+
+
+def call_unet_cond(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    return model(x, t, encoder_hidden_states=cond).sample
+
+
+def call_dit(model: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    out = model(x, timestep=t, class_labels=cond).sample
+    # DiT with learned variance predicts (eps, variance) along channels; samplers use eps.
+    return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    class_names: tuple[str, ...]  # config.json `_class_name`s of this family
+    call: Call  # eps = call(model, x, t, cond)
+    num_classes_key: str | None  # config key holding the number of class labels (None: not class-conditioned)
+    cross_attention: bool  # conditioned on encoder states (seeded stand-ins per class id: no text encoder offline)
+    boundary_patterns: tuple[str, ...]  # layer-name patterns of the boundary layers (kept 8-bit or FP)
+    fold_sites: Callable[[nn.Module], dict] = fold_sites  # where dilation's 1/s folds exactly
+    blocks: Callable[[nn.Module], list[str]] = distillation_blocks  # the blocks of block-wise distillation
+
+    def num_classes(self, config: dict) -> int | None:
+        return config.get(self.num_classes_key) if self.num_classes_key else None
+
+
+FAMILIES = {
+    "unet": Family("unet", ("UNet2DModel",), call_unet, "num_class_embeds", False, DIFFUSERS_BOUNDARY),
+    "unet-cond": Family("unet-cond", ("UNet2DConditionModel",), call_unet_cond, None, True, DIFFUSERS_BOUNDARY),
+    "dit": Family("dit", ("DiTTransformer2DModel", "Transformer2DModel"), call_dit, "num_embeds_ada_norm", False, DIFFUSERS_BOUNDARY),
+}
+CLASS_NAMES = {class_name: family for family in FAMILIES.values() for class_name in family.class_names}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ModelLoadError(f"Unknown model family '{name}'; families: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def family_of_class(class_name: str | None, where: str = "the model's config.json") -> Family:
+    """The family of a diffusers class name, or ModelLoadError naming the supported classes."""
+    if class_name not in CLASS_NAMES:
+        raise ModelLoadError(f"{where} describes a '{class_name}', which dilatequant does not support. "
+                             f"Supported denoisers: {', '.join(CLASS_NAMES)}.")  # fmt: skip
+    return CLASS_NAMES[class_name]

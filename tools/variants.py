@@ -1,0 +1,74 @@
+"""`load_variant`: one model variant to sample, evaluate, compare or rank — whatever stage made it.
+
+A variant is a model (bundled name or diffusers directory: FP), a calibration artifact (its fake-quant model
+in torch) or an engine directory (the deployed engines, one per timestep bucket). The CLI's --model / --calib /
+--engines / --ref, the demo, the bench and the arena all load variants here. It lives in the roof because it
+reaches every stage; each kind is read through its stage's public loader.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dilatequant.core.denoiser import LoadedModel, load_model
+from dilatequant.core.errors import UserError
+from dilatequant.core.manifest import MANIFEST_NAME
+
+KINDS = ("model", "calibration", "engines")
+
+
+@dataclass
+class Variant:
+    """A loaded variant: `loaded` samples like any model (denoiser + scheduler config); `artifact` is the
+    calibration artifact of a calibration variant. `close()` releases engines (a context manager too)."""
+
+    kind: str
+    spec: str
+    loaded: LoadedModel
+    artifact: Any = None  # calibrate.contract.CalibrationArtifact for kind 'calibration'
+
+    def close(self) -> None:
+        close = getattr(self.loaded.denoiser, "close", None)
+        if self.kind == "engines" and close is not None:
+            close()
+
+    def __enter__(self) -> Variant:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def variant_kind(spec: str | Path) -> str:
+    """'engines' or 'calibration' for a directory whose manifest says so; 'model' for anything else (a bundled
+    name or a model directory; load_model says what is wrong with a bad one)."""
+    manifest = Path(spec) / MANIFEST_NAME
+    kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else None
+    return kind if kind in ("engines", "calibration") else "model"
+
+
+def load_variant(spec: str | Path, device: torch.device | str = "cpu", kind: str | None = None, clamp: bool = False,
+                 source: str | None = None) -> Variant:  # fmt: skip
+    """Load `spec` as a variant of `kind` (model | calibration | engines; default: what its manifest says). A given
+    kind is loaded as such (the CLI's --model, --calib, --engines), so a wrong directory gets that stage's error; `clamp`: engines run timesteps outside the calibrated range with the nearest
+    bucket; `source`: the model a calibration must have been made from (checked by fingerprint)."""
+    found = kind or variant_kind(spec)
+    if found not in KINDS:
+        raise UserError(f"Unknown variant kind '{kind}'; kinds: {', '.join(KINDS)}.")
+    if found == "engines":
+        from dilatequant.engines.runtime import load_engine_model
+
+        return Variant(found, str(spec), load_engine_model(spec, clamp))
+    if found == "calibration":
+        from dilatequant.calibrate.contract import load_artifact
+
+        artifact = load_artifact(spec, device)
+        if source is not None:
+            artifact.check_source(source)
+        return Variant(found, str(spec), artifact.model, artifact)
+    return Variant(found, str(spec), load_model(spec, device))
