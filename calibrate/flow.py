@@ -21,7 +21,7 @@ from .config import CalibConfig
 from .dilation import summarise
 from .initialise import initialise_activations
 from .quant_model import prepare
-from .recipes import get_recipe, method_parts
+from .recipes import parts_that_ran, recorded_recipe
 from .workdir import WorkDir
 
 
@@ -53,13 +53,6 @@ class PhaseTimer:
         return run
 
 
-def recorded_recipe(config: CalibConfig) -> dict:
-    """The recipe a run came from (name, version) and the parts of the method that ran."""
-    chosen = get_recipe(config.recipe or config.method)
-    parts = {job: list(v) if isinstance(v, tuple) else v for job, v in vars(method_parts(config.method)).items()}
-    return {"name": chosen.name, "version": chosen.version, "method": config.method, "parts": parts}
-
-
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
               progress: bool = True) -> Path:  # fmt: skip
     """Calibrate `model` (zoo name or local directory) and write the artifact to `out`.
@@ -86,7 +79,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     with timer.phase("initialisation"):
         ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
     blocks = {}
-    if method_parts(config.method).reconstruction == "block-distillation" and config.bkd_iters > 0:
+    if parts_that_ran(config).reconstruction == "block-distillation":
         with timer.phase("distillation"):
             blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress)
         if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum

@@ -19,7 +19,7 @@ says a recipe's meaning changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -29,7 +29,7 @@ from dilatequant.core.errors import UserError
 PARTS: dict[str, tuple[Any, ...]] = {
     "selector": ("trajectory-samples",),
     "weight_format": ("per-channel",),
-    "act_format": ("per-tensor-per-timestep",),
+    "act_format": ("per-tensor-per-timestep", "per-tensor"),
     "transforms": ("weight-dilation",),
     "initialisation": ("minmax", "percentile", "mse"),
     "reconstruction": (None, "block-distillation"),
@@ -110,6 +110,22 @@ def method_parts(method: str) -> Method:
     if parts is None:
         raise UserError(f"'{method}' is a settings recipe, not a method; methods: {', '.join(METHODS)}.")
     return parts
+
+
+def parts_that_ran(config) -> Method:
+    """The method's parts as `config` switches them: no transform without dilation, one activation row for all
+    timesteps without TPQ, the initialisation chosen, no reconstruction with zero iterations."""
+    parts = method_parts(config.method)
+    return replace(parts, transforms=parts.transforms if config.dilation else (),
+                   act_format=parts.act_format if config.tpq else "per-tensor", initialisation=config.act_init,
+                   reconstruction=parts.reconstruction if config.bkd_iters else None)  # fmt: skip
+
+
+def recorded_recipe(config) -> dict:
+    """What an artifact records: the recipe its settings came from (name, version) and the parts that ran."""
+    chosen = get_recipe(config.recipe or config.method)
+    parts = {job: list(v) if isinstance(v, tuple) else v for job, v in asdict(parts_that_ran(config)).items()}
+    return {"name": chosen.name, "version": chosen.version, "method": config.method, "parts": parts}
 
 
 def recipe(name: str, bits: str = "W8A8", **overrides):

@@ -124,5 +124,6 @@ def test_a_calibration_records_its_recipe_and_parts(tiny_model_dirs, tmp_path):
     path = calibrate(tiny_model_dirs["unet"], recipe("naive-minmax", samples=16, trajectories=4, steps=4), tmp_path / "c", progress=False)
     record = json.loads((path / "calibration.json").read_text())
     assert record["recipe"]["name"] == "naive-minmax" and record["recipe"]["version"] == 1
-    assert record["recipe"]["parts"]["initialisation"] == "minmax" and record["recipe"]["parts"]["reconstruction"] is None
+    parts = record["recipe"]["parts"]
+    assert (parts["initialisation"], parts["reconstruction"], parts["transforms"], parts["act_format"]) == ("minmax", None, [], "per-tensor")
     assert record["config"]["act_init"] == "minmax" and record["config"]["bkd_iters"] == 0
