@@ -81,10 +81,10 @@ class CalibConfig:
                 object.__setattr__(self, name, self.method if name == "recipe" else method.settings[name])
         if method.parts.initialisation == "minmax" and self.act_init != "minmax":
             raise UserError(f"method='{self.method}' initialises activations from min/max; act_init='{self.act_init}' "
-                            "would not run. Leave act_init unset, or use method='dilatequant'.")  # fmt: skip
+                            "would not run. Leave act_init unset (None), or use method='dilatequant'.")  # fmt: skip
         if method.parts.reconstruction is None and self.bkd_iters:
             raise UserError(f"method='{self.method}' does not distill; bkd_iters={self.bkd_iters} would not run. "
-                            "Leave bkd_iters unset, or use method='dilatequant'.")  # fmt: skip
+                            "Leave bkd_iters unset (None), or use method='dilatequant'.")  # fmt: skip
 
     @classmethod
     def from_bits(cls, preset: str, **overrides) -> CalibConfig:
