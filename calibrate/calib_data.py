@@ -1,21 +1,24 @@
-"""Calibration data: denoiser inputs (x_t, t, conditioning) recorded along seeded FP sampling trajectories.
-
-DilateQuant's default draws samples at random timesteps from the pool of all (trajectory, step) pairs;
-`uniform` gives every timestep the same number of samples, each from a different trajectory.
+"""Calibration data: denoiser inputs (x_t, t, conditioning) recorded along seeded FP sampling trajectories,
+then selected (calibrate/selection.py: random, uniform or TDAC). The selection's record travels with the data
+(in the safetensors metadata), so a resumed run records it too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.families import get_family
 from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
 from .config import CalibConfig
+from .selection import NEEDS_FEATURES, SELECTORS, Pool
 
 
 @dataclass
@@ -23,30 +26,42 @@ class CalibrationData:
     x: torch.Tensor  # (N, C, H, W) scaled model inputs
     t: torch.Tensor  # (N,) timestep values
     labels: torch.Tensor  # (N,) class ids (conditioning is rebuilt from them)
+    selection: dict = field(default_factory=dict)  # how the samples were chosen (selection.py's record)
 
     def __len__(self) -> int:
         return len(self.t)
 
     def subset(self, n: int) -> CalibrationData:
         """The first n samples (the set is already in random order)."""
-        return CalibrationData(self.x[:n], self.t[:n], self.labels[:n])
+        return CalibrationData(self.x[:n], self.t[:n], self.labels[:n], self.selection)
 
     def to_bytes(self) -> bytes:
         """safetensors bytes (written atomically by the caller)."""
-        return save({"x": self.x.contiguous(), "t": self.t.contiguous(), "labels": self.labels.contiguous()})
+        tensors = {"x": self.x.contiguous(), "t": self.t.contiguous(), "labels": self.labels.contiguous()}
+        return save(tensors, metadata={"selection": json.dumps(self.selection)} if self.selection else None)
 
     @classmethod
     def load(cls, path: Path) -> CalibrationData:
-        tensors = load_file(str(path))
-        return cls(tensors["x"], tensors["t"], tensors["labels"])
+        with safe_open(str(path), "pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+            selection = json.loads((file.metadata() or {}).get("selection", "{}"))
+        return cls(tensors["x"], tensors["t"], tensors["labels"], selection)
 
 
 class _Recorder:
-    """Passes calls through to the denoiser and keeps every input, in call order."""
+    """Passes calls through to the denoiser and keeps every input, in call order; with `feature_steps`, also the
+    input of the family's middle-feature module during the first that many calls (the first batch)."""
 
-    def __init__(self, denoiser: Denoiser) -> None:
-        self.denoiser, self.calls = denoiser, []
+    def __init__(self, denoiser: Denoiser, feature_steps: int = 0) -> None:
+        self.denoiser, self.calls, self.features = denoiser, [], []
         self.sample_shape = denoiser.sample_shape
+        if feature_steps:
+            site = dict(denoiser.model.named_modules())[get_family(denoiser.family).feature_site(denoiser.model)]
+            self.hook = site.register_forward_pre_hook(lambda module, args: self.keep_feature(args[0], feature_steps))
+
+    def keep_feature(self, feature: torch.Tensor, steps: int) -> None:
+        if len(self.features) < steps:
+            self.features.append(feature.detach().float().cpu())
 
     def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
         return self.denoiser.conditioning(labels)
@@ -56,30 +71,23 @@ class _Recorder:
         return self.denoiser(x, t, cond)
 
 
-def select(n_trajectories: int, n_steps: int, samples: int, mode: str, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(trajectory, step) indices of the calibration samples."""
-    if mode == "random":
-        flat = torch.randperm(n_trajectories * n_steps, generator=generator)[:samples]
-        return flat // n_steps, flat % n_steps
-    steps = torch.arange(samples) % n_steps
-    trajectories = torch.empty(samples, dtype=torch.long)
-    for step in range(n_steps):
-        chosen = steps == step
-        trajectories[chosen] = torch.randperm(n_trajectories, generator=generator)[: int(chosen.sum())]
-    return trajectories, steps
-
-
 def collect(denoiser: Denoiser, scheduler_config: dict, config: CalibConfig, device: torch.device,
             batch_size: int, progress: bool = True) -> CalibrationData:  # fmt: skip
-    """Sample `config.trajectories` FP trajectories and draw `config.samples` inputs from them."""
-    recorder = _Recorder(denoiser)
+    """Sample `config.trajectories` FP trajectories and select `config.samples` inputs from them."""
+    tdac = config.timestep_sampling in NEEDS_FEATURES
+    recorder = _Recorder(denoiser, config.steps if tdac else 0)
     labels = balanced_labels(config.trajectories, min(10, denoiser.num_classes or 10))
     sampler = SamplerConfig(config.scheduler, config.steps, config.seed, batch_size)
-    sample(recorder, scheduler_config, labels, sampler, device, progress)
+    try:
+        sample(recorder, scheduler_config, labels, sampler, device, progress)
+    finally:
+        if tdac:
+            recorder.hook.remove()
     # calls are batch-major: for each batch, one call per step
     batches = [recorder.calls[i : i + config.steps] for i in range(0, len(recorder.calls), config.steps)]
     x = torch.cat([torch.stack([call[0] for call in batch], 1) for batch in batches])  # (M, T, C, H, W)
     t = torch.stack([call[1][0] for call in batches[0]])  # (T,)
-    trajectory, step = select(config.trajectories, config.steps, config.samples, config.timestep_sampling,
-                              torch.Generator().manual_seed(config.seed + 2))  # fmt: skip
-    return CalibrationData(x[trajectory, step], t[step], labels[trajectory])
+    pool = Pool(config.trajectories, t.tolist(), torch.stack(recorder.features) if tdac else None)
+    chosen = SELECTORS[config.timestep_sampling](pool, config.samples, torch.Generator().manual_seed(config.seed + 2),
+                                                 radius=config.tdac_radius, lam=config.tdac_lambda)  # fmt: skip
+    return CalibrationData(x[chosen.trajectory, chosen.step], t[chosen.step], labels[chosen.trajectory], chosen.record)

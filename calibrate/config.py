@@ -14,7 +14,7 @@ from .recipes import METHODS, PARTS, RECIPES, get_recipe
 BIT_PRESETS = ("W8A8", "W6A6", "W4A8", "W4A4")
 ACT_INITS = PARTS["initialisation"]
 WEIGHT_INITS = ("minmax", "mse")
-TIMESTEP_SAMPLING = ("random", "uniform")
+TIMESTEP_SAMPLING = PARTS["selector"]
 BOUNDARY = ("8bit", "fp")
 SUPPORTED_BITS = (4, 6, 8)
 
@@ -42,7 +42,9 @@ class CalibConfig:
     # calibration data: FP trajectories, then `samples` (x_t, t) pairs drawn from them
     samples: int = 1024
     trajectories: int = 64
-    timestep_sampling: str = "random"
+    timestep_sampling: str = "random"  # the data selector (calibrate/selection.py): random, uniform or tdac
+    tdac_radius: float = 3.0  # TDAC: MSE radius of the density count (EDA-DM's DDIM CIFAR-10 setting)
+    tdac_lambda: float = 1.2  # TDAC: weight of diversity against density (EDA-DM's CIFAR-10 and ImageNet setting)
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 0
@@ -68,6 +70,11 @@ class CalibConfig:
                 raise UserError(f"{name}={bits} is unsupported; use one of {', '.join(map(str, SUPPORTED_BITS))}.")
         if self.samples < 1 or self.trajectories < 1 or self.steps < 1 or self.bkd_iters < 0:
             raise UserError("samples, trajectories and steps must be >= 1 and bkd_iters >= 0.")
+        if self.timestep_sampling == "tdac" and self.samples > self.trajectories:
+            raise UserError(f"timestep_sampling='tdac' takes every sample from its own trajectory: samples={self.samples} "
+                            f"needs trajectories >= {self.samples} (got {self.trajectories}).")  # fmt: skip
+        if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
+            raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:
             raise UserError(f"samples={self.samples} exceeds the {self.trajectories} trajectories x {self.steps} "
                             "steps recorded; raise trajectories or lower samples.")  # fmt: skip

@@ -93,7 +93,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
                 "class_name": type(loaded.denoiser.model).__name__, "family": loaded.denoiser.family},
         statistics={"dilation": summarise(list(records.values())), "groups": {
             name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges},
-            "blocks": blocks},
+            "blocks": blocks, "data_selection": data.selection},
         run=timer.record(),
     )  # fmt: skip
     path = write_artifact(out, loaded, quantized, records, data, record)

@@ -2,7 +2,7 @@
 
 A *method* recipe (`dilatequant`, `minmax`) says which part does each job of a calibration run:
 
-    selector        which (x_t, t) samples calibrate              calibrate/calib_data.py
+    selector        which (x_t, t) samples calibrate              calibrate/selection.py
     weight_format   how weights are quantized                    calibrate/quantizer.py
     act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py
     transforms      equivalent transforms applied first          calibrate/dilation.py
@@ -27,7 +27,7 @@ from dilatequant.core.errors import UserError
 
 # The parts each job can be done by today; a recipe naming another is refused.
 PARTS: dict[str, tuple[Any, ...]] = {
-    "selector": ("trajectory-samples",),
+    "selector": ("random", "uniform", "tdac"),  # calibrate/selection.py
     "weight_format": ("per-channel",),
     "act_format": ("per-tensor-per-timestep", "per-tensor"),
     "transforms": ("weight-dilation",),
@@ -41,7 +41,7 @@ PARTS: dict[str, tuple[Any, ...]] = {
 class Method:
     """What a calibration method is made of (PARTS lists each job's parts)."""
 
-    selector: str = "trajectory-samples"
+    selector: str = "random"
     weight_format: str = "per-channel"
     act_format: str = "per-tensor-per-timestep"
     transforms: tuple[str, ...] = ("weight-dilation",)
@@ -95,6 +95,8 @@ RECIPES = _recipes(
            {"tpq": True, "dilation": True}),
     Recipe("dilatequant-fp-boundary", 1, "DilateQuant with the boundary layers kept in FP", "dilatequant",
            {"boundary": "fp"}),
+    Recipe("dilatequant-tdac", 1, "DilateQuant calibrated on EDA-DM's TDAC selection (each of the 1024 samples from "
+           "its own trajectory)", "dilatequant", {"timestep_sampling": "tdac", "trajectories": 1024}),
 )  # fmt: skip
 METHODS = tuple(name for name, r in RECIPES.items() if r.parts is not None)
 
@@ -116,7 +118,7 @@ def parts_that_ran(config) -> Method:
     """The method's parts as `config` switches them: no transform without dilation, one activation row for all
     timesteps without TPQ, the initialisation chosen, no reconstruction with zero iterations."""
     parts = method_parts(config.method)
-    return replace(parts, transforms=parts.transforms if config.dilation else (),
+    return replace(parts, selector=config.timestep_sampling, transforms=parts.transforms if config.dilation else (),
                    act_format=parts.act_format if config.tpq else "per-tensor", initialisation=config.act_init,
                    reconstruction=parts.reconstruction if config.bkd_iters else None)  # fmt: skip
 

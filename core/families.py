@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .structure import DIFFUSERS_BOUNDARY, distillation_blocks, fold_sites
+from .structure import DIFFUSERS_BOUNDARY, dit_feature_site, distillation_blocks, fold_sites, unet_feature_site
 
 Call = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -42,6 +42,7 @@ class Family:
     num_classes_key: str | None  # config key holding the number of class labels (None: not class-conditioned)
     cross_attention: bool  # conditioned on encoder states (seeded stand-ins per class id: no text encoder offline)
     boundary_patterns: tuple[str, ...]  # layer-name patterns of the boundary layers (kept 8-bit or FP)
+    feature_site: Callable[[nn.Module], str]  # the module whose input is the middle feature map (TDAC)
     fold_sites: Callable[[nn.Module], dict] = fold_sites  # where dilation's 1/s folds exactly
     blocks: Callable[[nn.Module], list[str]] = distillation_blocks  # the blocks of block-wise distillation
 
@@ -50,9 +51,10 @@ class Family:
 
 
 FAMILIES = {
-    "unet": Family("unet", ("UNet2DModel",), call_unet, "num_class_embeds", False, DIFFUSERS_BOUNDARY),
-    "unet-cond": Family("unet-cond", ("UNet2DConditionModel",), call_unet_cond, None, True, DIFFUSERS_BOUNDARY),
-    "dit": Family("dit", ("DiTTransformer2DModel", "Transformer2DModel"), call_dit, "num_embeds_ada_norm", False, DIFFUSERS_BOUNDARY),
+    "unet": Family("unet", ("UNet2DModel",), call_unet, "num_class_embeds", False, DIFFUSERS_BOUNDARY, unet_feature_site),
+    "unet-cond": Family("unet-cond", ("UNet2DConditionModel",), call_unet_cond, None, True, DIFFUSERS_BOUNDARY, unet_feature_site),
+    "dit": Family("dit", ("DiTTransformer2DModel", "Transformer2DModel"), call_dit, "num_embeds_ada_norm", False, DIFFUSERS_BOUNDARY,
+                  dit_feature_site),
 }
 CLASS_NAMES = {class_name: family for family in FAMILIES.values() for class_name in family.class_names}
 

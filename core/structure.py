@@ -154,6 +154,18 @@ def distillation_blocks(model: nn.Module) -> list[str]:
     return blocks
 
 
+def unet_feature_site(model: nn.Module) -> str:
+    """The module whose input is a UNet's middle feature map: the mid-block attention (EDA-DM's choice), or the
+    mid block itself when it has no attention."""
+    attentions = getattr(model.mid_block, "attentions", None) or [None]
+    return "mid_block.attentions.0" if attentions[0] is not None else "mid_block"
+
+
+def dit_feature_site(model: nn.Module) -> str:
+    """The module whose input is a DiT's middle feature map: the middle transformer block."""
+    return f"transformer_blocks.{len(model.transformer_blocks) // 2}"
+
+
 def call_order(names: list[str], modules: dict[str, nn.Module], run: Callable[[], object]) -> list[str]:
     """`names` sorted by when `run()` first calls each module; modules never called are dropped."""
     order: list[str] = []

@@ -151,6 +151,22 @@ def memory(bkd_iters: int, device: str, out_path: Path) -> None:
     click.echo(json.dumps({k: v for k, v in record.items() if k != "blocks"}))
 
 
+@main.command()
+@click.option("--calib", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def selection(calib: Path, out_path: Path) -> None:
+    """Plot a calibration's samples per timestep (and TDAC's density and diversity) as PNG."""
+    from dilatequant.calibrate.contract import load_artifact
+
+    from .report import selection_plot
+
+    record = load_artifact(calib).record.statistics.get("data_selection")
+    if not record:
+        raise click.ClickException(f"{calib} records no data selection (calibrated before it was recorded); recalibrate.")
+    selection_plot(record, out_path)
+    click.echo(f"wrote {out_path} ({record['mode']}: {sum(record['counts'])} samples over {len(record['counts'])} timesteps)")
+
+
 def fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 

@@ -148,7 +148,11 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
               f"{RECIPES['dilatequant'].settings['bkd_iters']} for dilatequant, 0 for minmax].")
 @calib_option("--samples", "samples", type=int, help="Calibration samples (x_t, t) drawn from trajectories.")
 @calib_option("--trajectories", "trajectories", type=int, help="FP sampling trajectories recorded.")
-@calib_option("--timestep-sampling", "timestep_sampling", type=click.Choice(TIMESTEP_SAMPLING))
+@click.option("--data-selection", "--timestep-sampling", "timestep_sampling", default=None, type=click.Choice(TIMESTEP_SAMPLING),
+              show_default=CalibConfig.timestep_sampling, help="Which recorded (x_t, t) pairs calibrate: random, uniform "
+              "(the same count per timestep) or tdac (EDA-DM: per-timestep counts from feature density and diversity).")
+@calib_option("--tdac-radius", "tdac_radius", type=float, help="tdac: MSE radius of the density count.")
+@calib_option("--tdac-lambda", "tdac_lambda", type=float, help="tdac: weight of diversity against density.")
 @calib_option("--act-init", "act_init", type=click.Choice(ACT_INITS), help="[default: the method's, mse or minmax]")
 @calib_option("--weight-init", "weight_init", type=click.Choice(WEIGHT_INITS))
 @calib_option("--boundary", "boundary", type=click.Choice(BOUNDARY), help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")

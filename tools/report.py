@@ -33,6 +33,26 @@ def scale_plot(steps: np.ndarray, groups: list[str], timesteps: list[int], bound
     return save_figure(figure, path)
 
 
+def selection_plot(selection: dict, path: Path) -> Path:
+    """Calibration samples per timestep (calibration.json statistics.data_selection); for TDAC also its
+    normalised density and diversity scores."""
+    plt = require_matplotlib()
+    timesteps = np.array(selection["timesteps"])
+    width = 0.8 * float(np.min(np.abs(np.diff(timesteps)))) if len(timesteps) > 1 else 1.0
+    figure, axis = plt.subplots(figsize=(7.5, 3.2))
+    axis.bar(timesteps, selection["counts"], width=width, color="#4c72b0", label="samples")
+    axis.set_xlabel("timestep t")
+    axis.set_ylabel(f"calibration samples ({selection['mode']})")
+    axis.invert_xaxis()
+    if "density" in selection:
+        scores = axis.twinx()
+        scores.plot(timesteps, selection["density"], color="#dd8452", label="density D_t")
+        scores.plot(timesteps, selection["diversity"], color="#55a868", label="diversity V_t")
+        scores.set_ylabel("normalised score")
+        scores.legend(fontsize=7, loc="upper left")
+    return save_figure(figure, path)
+
+
 def error_plot(error_by_k: dict[str, float], chosen: int, path: Path) -> Path:
     """Estimated quantization error of the best K-bucket partition, relative to per-timestep scales."""
     plt = require_matplotlib()
