@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
-from .structure import DIFFUSERS_BOUNDARY, dit_feature_site, distillation_blocks, fold_sites, unet_feature_site
+from .structure import DIFFUSERS_BOUNDARY, distillation_blocks, dit_feature_site, fold_sites, unet_feature_site
 
 Call = Callable[[nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
