@@ -126,8 +126,10 @@ class CalibrationArtifact:
         return self.tensors[f"{group}{SEPARATOR}dilation"]
 
     def act_steps(self) -> torch.Tensor:
-        """(input groups, timesteps) activation steps, read from the tensors without building the model."""
-        return torch.stack([self.act_table(group)[0] for group in self.groups()])
+        """(input groups, timesteps) activation steps, read from the tensors without building the model; without
+        TPQ the one shared row stands for every timestep."""
+        rows = len(self.record.timesteps)
+        return torch.stack([self.act_table(group)[0].expand(rows) for group in self.groups()])
 
     def act_table(self, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One input group's calibrated (steps, zero points), a row per value of `record.timesteps` (one row

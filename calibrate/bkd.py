@@ -1,15 +1,16 @@
-"""Block-wise Knowledge Distillation (BKD).
+"""Block-wise Knowledge Distillation (BKD), the block reconstruction every recipe that learns shares.
 
 For each block in call order: the target is the FP block's output on the FP path; the student is the
-quantized block fed by the output of the already-distilled quantized blocks before it. Loss: MSE.
-Adam trains the block's weights (lr `bkd_lr_weight`), its weight steps and its per-timestep activation
-tables (lr `bkd_lr_step`). Inputs and targets are cached per block and detached, so backward paths end
-at the block: memory scales with the largest block, not the model.
+quantized block fed by the output of the already-distilled quantized blocks before it. Adam trains the
+block's weights (lr `bkd_lr_weight`) or their rounding (`bkd_lr_rounding`), and its steps and per-timestep
+activation tables (lr `bkd_lr_step`). Inputs and targets are cached per block and detached, so backward
+paths end at the block: memory scales with the largest block, not the model. The loss, the student's input
+and how weights move are parts (calibrate/reconstruction.py); DilateQuant's are the block-output MSE, the
+quantized path's input and the weights themselves.
 
-Why train the weights themselves rather than a rounding (AdaRound-style) offset: dilation already put
-the weights where their per-channel grids fit; a small learning rate refines them jointly with their
-steps at no extra state, while a rounding parametrisation doubles the parameters and needs a
-regularisation schedule to converge to hard decisions.
+Why DilateQuant trains the weights rather than a rounding (AdaRound-style) offset: dilation already put the
+weights where their per-channel grids fit; a small learning rate refines them jointly with their steps at no
+extra state, while a rounding parametrisation doubles the parameters.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .calib_data import CalibrationData
 from .config import CalibConfig
 from .quant_model import QuantizedDenoiser, QuantLayer
 from .quantizer import ActQuantizer, WeightQuantizer
+from .reconstruction import FP_INPUTS, LAYER_TARGETS, LOSSES, MIXERS, WEIGHT_ROUNDINGS, layer_outputs, quant_layer_names
 from .workdir import WorkDir
 
 
@@ -105,35 +107,60 @@ def run_captured(model: Denoiser, module: nn.Module, what: str, batch: Batch):
     return box
 
 
-def trainable(block: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(weights of the quantized layers, steps of every quantizer) inside a block."""
-    weights = [m.layer.weight for m in block.modules() if isinstance(m, QuantLayer)]
-    steps = {id(m.step): m.step for m in block.modules() if isinstance(m, (WeightQuantizer, ActQuantizer))}
-    return weights, list(steps.values())
+def has_quantized_layers(block: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayer) for m in block.modules())
 
 
-def train_block(quantized: QuantizedDenoiser, block: nn.Module, inputs: list[dict], targets: list[torch.Tensor],
-                t: list[torch.Tensor], config: CalibConfig, seed: int) -> float:  # fmt: skip
-    """Train one block on its cached inputs and FP targets; returns the final loss."""
-    weights, steps = trainable(block)
-    for p in (*weights, *steps):
-        p.requires_grad_(True)
+def step_params(block: nn.Module, weight_steps: bool) -> list[nn.Parameter]:
+    """The steps of the block's activation quantizers (and of its weight quantizers, if they train)."""
+    kinds = (WeightQuantizer, ActQuantizer) if weight_steps else (ActQuantizer,)
+    return list({id(m.step): m.step for m in block.modules() if isinstance(m, kinds)}.values())
+
+
+@dataclass
+class BlockData:
+    """What one block trains on, per batch: the quantized path's input, the FP block's output, the timesteps,
+    and when the parts need them, the FP block's input and its layers' outputs (FBR's layer targets)."""
+
+    inputs: list[dict]
+    targets: list[torch.Tensor]
+    t: list[torch.Tensor]
+    fp_inputs: list[dict] | None = None
+    layer_names: list[str] | None = None
+    layer_targets: list[list[torch.Tensor]] | None = None
+
+
+def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int) -> float:
+    """Train one block on its cached data with the config's reconstruction parts; returns the final loss."""
+    rounding = WEIGHT_ROUNDINGS[config.weight_rounding](block, config.bkd_lr_weight, config.bkd_lr_rounding)
+    groups = rounding.param_groups()
     # Steps span orders of magnitude (8-bit vs 4-bit, weights vs activations): their learning rate is
     # relative to each tensor's own mean step.
-    groups = [{"params": weights, "lr": config.bkd_lr_weight}]
-    groups += [{"params": [step], "lr": config.bkd_lr_step * float(step.detach().abs().mean())} for step in steps]
+    groups += [{"params": [step], "lr": config.bkd_lr_step * float(step.detach().abs().mean())}
+               for step in step_params(block, rounding.trains_weight_steps())]  # fmt: skip
+    trained = [p for group in groups for p in group["params"]]
+    for p in trained:
+        p.requires_grad_(True)
     optimizer = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(seed)
+    loss_fn, mix, names = LOSSES[config.recon_loss], MIXERS[config.input_mixing], data.layer_names or []
     loss = torch.zeros(())
     for _ in range(config.bkd_iters):
-        i = int(torch.randint(len(inputs), (1,), generator=generator))
-        quantized.index.set_timesteps(t[i])
-        loss = F.mse_loss(first_tensor(block(*inputs[i]["args"], **inputs[i]["kwargs"])), targets[i])
+        i = int(torch.randint(len(data.inputs), (1,), generator=generator))
+        quantized.index.set_timesteps(data.t[i])
+        fp_input = data.fp_inputs[i] if data.fp_inputs else data.inputs[i]
+        args = mix(data.inputs[i]["args"], fp_input["args"], config.qdrop_prob, generator)
+        kwargs = mix(data.inputs[i]["kwargs"], fp_input["kwargs"], config.qdrop_prob, generator)
+        with layer_outputs(block, names) as outputs:
+            output = first_tensor(block(*args, **kwargs))
+        layer_targets = data.layer_targets[i] if data.layer_targets else []
+        loss = loss_fn(output, data.targets[i], [outputs[n] for n in names], layer_targets, config.fbr_lambda)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    for p in (*weights, *steps):
+    for p in trained:
         p.requires_grad_(False)
+    rounding.finish()
     return float(loss.detach())
 
 
@@ -148,7 +175,7 @@ def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, c
     stats = {}
     for index, name in enumerate(tqdm(names, desc="distil blocks", disable=not progress)):
         block = q_modules[name]
-        if not trainable(block)[0]:
+        if not has_quantized_layers(block):
             continue  # nothing quantized inside (e.g. a boundary layer kept in FP)
         saved = work.load_block(index, name)
         if saved is not None:
@@ -166,12 +193,11 @@ def distill_block(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Modul
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    inputs = [run_captured(quantized, block, "inputs", b) for b in data_batches]
-    targets = [run_captured(fp, fp_block, "output", b)["output"] for b in data_batches]
-    t = [b.t for b in data_batches]
+    data = block_data(quantized, fp, fp_block, block, data_batches, config)
+    inputs, targets, t = data.inputs, data.targets, data.t
     initial = {k: v.clone() for k, v in block.state_dict().items()}
     before = mean_loss(quantized, block, inputs, targets, t)
-    train_block(quantized, block, inputs, targets, t, config, seed)
+    train_block(quantized, block, data, config, seed)
     after = mean_loss(quantized, block, inputs, targets, t)
     if after > before:  # never leave a block worse on its own calibration data than initialisation did
         block.load_state_dict(initial)
@@ -203,4 +229,32 @@ def cache_bytes(inputs: list[dict], targets: list[torch.Tensor]) -> int:
         return 0
 
     return size(inputs) + size(targets)
+
+
+def block_data(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Module, block: nn.Module,
+               data_batches: list[Batch], config: CalibConfig) -> BlockData:  # fmt: skip
+    """The block's training data; the FP block's inputs only for parts that read them (QDrop, FBR)."""
+    data = BlockData([run_captured(quantized, block, "inputs", b) for b in data_batches],
+                     [run_captured(fp, fp_block, "output", b)["output"] for b in data_batches], [b.t for b in data_batches])  # fmt: skip
+    layer_loss = config.recon_loss in LAYER_TARGETS
+    if config.input_mixing in FP_INPUTS or layer_loss:
+        data.fp_inputs = [run_captured(fp, fp_block, "inputs", b) for b in data_batches]
+    if layer_loss:
+        data.layer_names, data.layer_targets = fbr_targets(fp_block, quant_layer_names(block), data.fp_inputs)
+    return data
+
+
+@torch.no_grad()
+def fbr_targets(fp_block: nn.Module, names: list[str], fp_inputs: list[dict]) -> tuple[list[str], list[list[torch.Tensor]]]:
+    """The block's quantized layers but the last in call order (its output is nearly the block's), and their FP
+    outputs on the FP input, per batch."""
+    modules = dict(fp_block.named_modules())
+    first = fp_inputs[0]
+    names = call_order(names, modules, lambda: fp_block(*first["args"], **first["kwargs"]))[:-1]
+    targets = []
+    for fp_input in fp_inputs:
+        with layer_outputs(fp_block, names) as outputs:
+            fp_block(*fp_input["args"], **fp_input["kwargs"])
+        targets.append([outputs[n].detach() for n in names])
+    return names, targets
 

@@ -9,11 +9,14 @@ from dilatequant.core.errors import UserError
 from dilatequant.core.manifest import recorded_config
 from dilatequant.core.sampling import SCHEDULERS
 
-from .recipes import METHODS, PARTS, RECIPES, get_recipe
+from .recipes import METHOD_FIELDS, METHODS, PARTS, RECIPES, get_recipe
 
 BIT_PRESETS = ("W8A8", "W6A6", "W4A8", "W4A4")
 ACT_INITS = PARTS["initialisation"]
 WEIGHT_INITS = ("minmax", "mse")
+RECON_LOSSES = tuple(p for p in PARTS["loss"] if p)
+INPUT_MIXING = tuple(p for p in PARTS["input_mixing"] if p)
+WEIGHT_ROUNDING = tuple(p for p in PARTS["weight_rounding"] if p)
 TIMESTEP_SAMPLING = PARTS["selector"]
 BOUNDARY = ("8bit", "fp")
 SUPPORTED_BITS = (4, 6, 8)
@@ -23,36 +26,44 @@ SUPPORTED_BITS = (4, 6, 8)
 class CalibConfig:
     """How to calibrate. `method` names a method recipe (calibrate/recipes.py): 'dilatequant' initialises by MSE
     search and distills block-wise (400 iterations per block), 'minmax' initialises from min/max and does not
-    distill. Fields left None take the method's setting; the resolved config is what runs and what the artifact
-    records. `recipe` names the recipe the settings came from (the method itself unless `recipe()` built it)."""
+    distill, 'eda-dm' is EDA-DM as released. Fields left None (recipes.METHOD_FIELDS) take the method's setting;
+    the resolved config is what runs and what the artifact records. `recipe` names the recipe the settings came
+    from (the method itself unless `recipe()` built it)."""
 
     weight_bits: int = 8
     act_bits: int = 8
     method: str = "dilatequant"
     recipe: str | None = None
-    dilation: bool = True
+    dilation: bool | None = None  # the method's: True (dilatequant, minmax), False (eda-dm)
     dilation_cap: float | None = 100.0
-    tpq: bool = True
+    tpq: bool | None = None  # per-timestep activation tables; the method's: True, False (eda-dm)
     act_symmetric: bool = True
     boundary: str = "8bit"
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
-    weight_init: str = "minmax"
-    act_init: str | None = None  # the method's: mse (dilatequant), minmax (minmax)
+    weight_init: str | None = None  # the method's: minmax, mse (eda-dm)
+    act_init: str | None = None  # the method's: mse (dilatequant, eda-dm), minmax (minmax)
     percentile: float = 99.99
     # calibration data: FP trajectories, then `samples` (x_t, t) pairs drawn from them
     samples: int = 1024
-    trajectories: int = 64
-    timestep_sampling: str = "random"  # the data selector (calibrate/selection.py): random, uniform or tdac
+    trajectories: int | None = None  # the method's: 64, 1024 (eda-dm: one per sample)
+    timestep_sampling: str | None = None  # the data selector (calibrate/selection.py): random, uniform or tdac
     tdac_radius: float = 3.0  # TDAC: MSE radius of the density count (EDA-DM's DDIM CIFAR-10 setting)
     tdac_lambda: float = 1.2  # TDAC: weight of diversity against density (EDA-DM's CIFAR-10 and ImageNet setting)
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 0
     # block-wise knowledge distillation
-    bkd_iters: int | None = None  # the method's: 400 per block (dilatequant), 0 (minmax)
+    bkd_iters: int | None = None  # the method's: 400 per block (dilatequant), 0 (minmax), 5000 (eda-dm)
     bkd_batch: int = 32
     bkd_lr_weight: float = 1e-5
     bkd_lr_step: float = 1e-3  # relative to each step tensor's mean magnitude
+    # reconstruction parts (calibrate/reconstruction.py); the method's: block-output, none, trained-weights
+    recon_loss: str | None = None  # block-output, or fbr: + fbr_lambda x each quantized layer's output MSE
+    fbr_lambda: float = 0.8
+    input_mixing: str | None = None  # none, or qdrop: each input element from the FP path with qdrop_prob
+    qdrop_prob: float = 0.5
+    weight_rounding: str | None = None  # trained-weights (lr bkd_lr_weight), or learned-rounding (lr bkd_lr_rounding)
+    bkd_lr_rounding: float = 5e-2
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +73,8 @@ class CalibConfig:
             ("act_init", self.act_init, ACT_INITS), ("recipe", self.recipe, tuple(RECIPES)),
             ("weight_init", self.weight_init, WEIGHT_INITS), ("boundary", self.boundary, BOUNDARY),
             ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING), ("scheduler", self.scheduler, SCHEDULERS),
+            ("recon_loss", self.recon_loss, RECON_LOSSES), ("input_mixing", self.input_mixing, INPUT_MIXING),
+            ("weight_rounding", self.weight_rounding, WEIGHT_ROUNDING),
         ):  # fmt: skip
             if value not in allowed:
                 raise UserError(f"Calibration option {name}='{value}' is not one of: {', '.join(allowed)}.")
@@ -73,6 +86,9 @@ class CalibConfig:
         if self.timestep_sampling == "tdac" and self.samples > self.trajectories:
             raise UserError(f"timestep_sampling='tdac' takes every sample from its own trajectory: samples={self.samples} "
                             f"needs trajectories >= {self.samples} (got {self.trajectories}).")  # fmt: skip
+        if not (0 <= self.qdrop_prob <= 1 and self.fbr_lambda >= 0 and self.bkd_lr_rounding > 0):
+            raise UserError(f"qdrop_prob must be in [0, 1], fbr_lambda >= 0 and bkd_lr_rounding > 0; got {self.qdrop_prob}, "
+                            f"{self.fbr_lambda}, {self.bkd_lr_rounding}.")  # fmt: skip
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:
@@ -83,15 +99,22 @@ class CalibConfig:
         """Fill the fields left None from the method, and refuse settings the method would not run: a config
         must say what runs (frozen: set once here, as dataclass defaults cannot depend on `method`)."""
         method = get_recipe(self.method)
-        for name in ("recipe", "act_init", "bkd_iters"):
+        if self.recipe is None:
+            object.__setattr__(self, "recipe", self.method)
+        for name in METHOD_FIELDS:
             if getattr(self, name) is None:
-                object.__setattr__(self, name, self.method if name == "recipe" else method.settings[name])
+                object.__setattr__(self, name, method.settings[name])
         if method.parts.initialisation == "minmax" and self.act_init != "minmax":
             raise UserError(f"method='{self.method}' initialises activations from min/max; act_init='{self.act_init}' "
                             "would not run. Leave act_init unset (None), or use method='dilatequant'.")  # fmt: skip
         if method.parts.reconstruction is None and self.bkd_iters:
             raise UserError(f"method='{self.method}' does not distill; bkd_iters={self.bkd_iters} would not run. "
                             "Leave bkd_iters unset (None), or use method='dilatequant'.")  # fmt: skip
+        unused = [f"{name}='{getattr(self, name)}'" for name in ("recon_loss", "input_mixing", "weight_rounding")
+                  if not self.bkd_iters and getattr(self, name) != get_recipe("dilatequant").settings[name]]  # fmt: skip
+        if unused:
+            raise UserError(f"{', '.join(unused)} would not run: there is no reconstruction (bkd_iters=0). Set "
+                            "bkd_iters, or leave them unset.")  # fmt: skip
 
     @classmethod
     def from_bits(cls, preset: str, **overrides) -> CalibConfig:

@@ -52,8 +52,10 @@ def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: to
     data, device = artifact.calibration_data(), torch.device(device)
     batch_size = default_batch_size(device)
     method = config.act_init
-    inputs = [name for name in quantizers if not name.endswith(OUTPUT_SUFFIX)]
-    new = None if scales == "rederived" else set(quantizers) - set(inputs)
+    outputs = {name for name in quantizers if name.endswith(OUTPUT_SUFFIX)}
+    # a one-row table (no TPQ) keeps its calibrated row: it serves every bucket
+    inputs = [name for name in quantizers if name not in outputs and len(quantizers[name].step) > 1]
+    new = None if scales == "rederived" else outputs
     if new is None or new:
         initialise_activations(denoiser, data, method, config.percentile, batch_size, device, progress=False, only=new)
     if scales == "calibrated":
@@ -109,7 +111,8 @@ def bucket_scales(artifact: CalibrationArtifact, table: BucketTable, quantized_o
     groups = {}
     for name, quantizer in loaded.denoiser.act_quantizers().items():
         prescaled = quantizer.prescale and bool((quantizer.dilation != 1).any())  # a Mul by ones is no pre-scale
-        groups[name] = GroupTable(quantizer.step.detach().cpu().float().numpy(), quantizer.zero_point.detach().cpu().numpy().astype(np.int64),
+        steps, zeros = (v.detach().cpu().expand(len(table)) for v in (quantizer.step, quantizer.zero_point))  # one row: shared
+        groups[name] = GroupTable(steps.float().numpy(), zeros.numpy().astype(np.int64),
                                   quantizer.fmt.symmetric, quantizer.dilation.reciprocal().cpu().numpy().astype(np.float32) if prescaled else None,
                                   name.endswith(OUTPUT_SUFFIX))  # fmt: skip
     return BucketScales(groups, loaded.denoiser.spec, loaded.scheduler_config)

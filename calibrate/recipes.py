@@ -8,6 +8,9 @@ A *method* recipe (`dilatequant`, `minmax`) says which part does each job of a c
     transforms      equivalent transforms applied first          calibrate/dilation.py
     initialisation  how activation tables start                  calibrate/initialise.py
     reconstruction  what is learned afterwards (or nothing)      calibrate/bkd.py
+      loss            block output, or FBR (+ each layer's)      calibrate/reconstruction.py
+      input_mixing    the student's input, or QDrop mixing       calibrate/reconstruction.py
+      weight_rounding weights trained, or learned rounding       calibrate/reconstruction.py
     execution       where it runs                                calibrate/flow.py
 
 and the CalibConfig defaults that follow from it (`settings`). `CalibConfig(method=...)` takes those defaults for
@@ -33,8 +36,14 @@ PARTS: dict[str, tuple[Any, ...]] = {
     "transforms": ("weight-dilation",),
     "initialisation": ("minmax", "percentile", "mse"),
     "reconstruction": (None, "block-distillation"),
+    "loss": (None, "block-output", "fbr"),
+    "input_mixing": (None, "none", "qdrop"),
+    "weight_rounding": (None, "trained-weights", "learned-rounding"),
     "execution": ("local",),
 }
+# CalibConfig fields that follow from the method: left None, they take the method recipe's setting.
+METHOD_FIELDS = ("act_init", "weight_init", "bkd_iters", "tpq", "dilation", "timestep_sampling", "trajectories",
+                 "recon_loss", "input_mixing", "weight_rounding")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,9 @@ class Method:
     transforms: tuple[str, ...] = ("weight-dilation",)
     initialisation: str = "mse"
     reconstruction: str | None = "block-distillation"
+    loss: str | None = "block-output"
+    input_mixing: str | None = "none"
+    weight_rounding: str | None = "trained-weights"
     execution: str = "local"
 
     def __post_init__(self) -> None:
@@ -76,11 +88,28 @@ def _recipes(*recipes: Recipe) -> dict[str, Recipe]:
 
 
 DEFAULT_BKD_ITERS = 400  # per block; what docs/results/calibration.md was measured with
+# DilateQuant's and min-max's method settings: the CalibConfig defaults before methods had recipes.
+DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_BKD_ITERS, "tpq": True, "dilation": True,
+               "timestep_sampling": "random", "trajectories": 64, "recon_loss": "block-output", "input_mixing": "none",
+               "weight_rounding": "trained-weights"}  # fmt: skip
+# EDA-DM as released (algorithms.md §2; CIFAR-10 DDIM scripts): one shared activation range per layer, MSE-searched
+# init, TDAC over 1024 trajectories, FBR (layer weight 0.8) with QDrop (p 0.5) and learned rounding, 5000
+# iterations per block at batch 32, first and last layers at 8 bits (here: the 8-bit boundary layers, which also
+# hold the time embeddings). The released code anneals its learning rates (cosine) and learns absolute steps;
+# here the steps' rate is relative to their size and constant. Its rounding rate is 5e-2 at W8A8, 5e-1 at W4A8.
+EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": False, "dilation": False,
+          "timestep_sampling": "tdac", "trajectories": 1024, "recon_loss": "fbr", "input_mixing": "qdrop",
+          "weight_rounding": "learned-rounding"}  # fmt: skip
 RECIPES = _recipes(
     Recipe("dilatequant", 1, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
-           "block-wise distillation", "dilatequant", {"act_init": "mse", "bkd_iters": DEFAULT_BKD_ITERS}, Method()),
+           "block-wise distillation", "dilatequant", DILATEQUANT, Method()),
     Recipe("minmax", 1, "Min/max tables (per timestep with TPQ), weight dilation, no distillation", "minmax",
-           {"act_init": "minmax", "bkd_iters": 0}, Method(initialisation="minmax", reconstruction=None)),
+           {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0},
+           Method(initialisation="minmax", reconstruction=None, loss=None, input_mixing=None, weight_rounding=None)),
+    Recipe("eda-dm", 1, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
+           "QDrop and learned rounding", "eda-dm", EDA_DM,
+           Method(selector="tdac", act_format="per-tensor", transforms=(), loss="fbr", input_mixing="qdrop",
+                  weight_rounding="learned-rounding")),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
            {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),
@@ -118,9 +147,12 @@ def parts_that_ran(config) -> Method:
     """The method's parts as `config` switches them: no transform without dilation, one activation row for all
     timesteps without TPQ, the initialisation chosen, no reconstruction with zero iterations."""
     parts = method_parts(config.method)
-    return replace(parts, selector=config.timestep_sampling, transforms=parts.transforms if config.dilation else (),
-                   act_format=parts.act_format if config.tpq else "per-tensor", initialisation=config.act_init,
-                   reconstruction=parts.reconstruction if config.bkd_iters else None)  # fmt: skip
+    reconstruction = parts.reconstruction if config.bkd_iters else None
+    return replace(parts, selector=config.timestep_sampling, transforms=("weight-dilation",) if config.dilation else (),
+                   act_format="per-tensor-per-timestep" if config.tpq else "per-tensor", initialisation=config.act_init,
+                   reconstruction=reconstruction, loss=config.recon_loss if reconstruction else None,
+                   input_mixing=config.input_mixing if reconstruction else None,
+                   weight_rounding=config.weight_rounding if reconstruction else None)  # fmt: skip
 
 
 def recorded_recipe(config) -> dict:

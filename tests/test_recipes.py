@@ -43,6 +43,18 @@ def test_every_cli_option_default_is_its_configs_default():
                 assert param.default == fields[param.name] or str(param.default) == str(fields[param.name]), (command, param.name)
 
 
+def test_eda_dm_is_its_parts_and_the_released_settings():
+    config = CalibConfig(method="eda-dm")
+    assert (config.tpq, config.dilation, config.timestep_sampling, config.recon_loss, config.input_mixing,
+            config.weight_rounding, config.bkd_iters, config.trajectories) == (False, False, "tdac", "fbr", "qdrop",
+                                                                              "learned-rounding", 5000, 1024)  # fmt: skip
+    # recipes compose: DilateQuant with TDAC and FBR/QDrop is a config, not new code
+    mixed = CalibConfig(timestep_sampling="tdac", trajectories=1024, recon_loss="fbr", input_mixing="qdrop")
+    assert mixed.dilation and mixed.tpq and mixed.weight_rounding == "trained-weights"
+    with pytest.raises(UserError, match="recon_loss='fbr' would not run: there is no reconstruction"):
+        CalibConfig(method="minmax", recon_loss="fbr")
+
+
 def test_minmax_records_the_initialisation_that_ran():
     # defect: method='minmax' overrode act_init silently while the artifact recorded act_init='mse'
     config = CalibConfig(method="minmax")
@@ -89,10 +101,10 @@ def test_recipes_keep_the_settings_the_tools_ran():
     assert recipe("demo-quick") == CalibConfig.from_bits("W8A8", method="minmax", samples=512, trajectories=32, steps=25,
                                                          boundary="fp", recipe="demo-quick")  # fmt: skip
     assert (recipe("naive-minmax").tpq, recipe("naive-minmax").dilation) == (False, False)
-    assert set(METHODS) == {"dilatequant", "minmax"}
+    assert set(METHODS) == {"dilatequant", "minmax", "eda-dm"}
     with pytest.raises(UserError, match="Unknown calibration recipe 'fast'; recipes: dilatequant, minmax"):
         recipe("fast")
-    with pytest.raises(UserError, match="method='demo-quick' is not one of: dilatequant, minmax"):
+    with pytest.raises(UserError, match="method='demo-quick' is not one of: dilatequant, minmax, eda-dm"):
         CalibConfig(method="demo-quick")
     with pytest.raises(UserError, match="'demo-quick' is a settings recipe, not a method"):
         method_parts("demo-quick")

@@ -10,7 +10,7 @@ from typing import Callable
 
 import click
 
-from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, TIMESTEP_SAMPLING, WEIGHT_INITS, CalibConfig
+from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, RECON_LOSSES, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.sampling import SCHEDULERS
@@ -132,7 +132,8 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
     """An option for a CalibConfig field: unset (None) unless given, so CalibConfig (or the recipe) supplies the
     default and the CLI and the Python API cannot disagree; --help shows CalibConfig's default."""
     default = CalibConfig.__dataclass_fields__[field].default
-    return click.option(name, field, default=None, show_default=str(default) if default is not None else False, **kwargs)
+    shown = "the method's" if default is None else default
+    return click.option(name, field, default=None, help=f"{kwargs.pop('help', '')}  [default: {shown}]".strip(), **kwargs)
 
 
 @cli.command("calibrate")
@@ -141,37 +142,48 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
               help="Start from a named recipe (calibrate/recipes.py, e.g. demo-quick); the options given override it.")
 @click.option("--bits", default="W8A8", show_default=True, type=click.Choice(BIT_PRESETS))
 @calib_option("--method", "method", type=click.Choice(METHODS),
-              help="dilatequant: MSE-initialised tables + block-wise distillation; minmax: min/max tables only.")
-@click.option("--no-dilation", is_flag=True, help="Skip weight dilation.")
-@click.option("--no-tpq", is_flag=True, help="One shared activation scale for all timesteps instead of one per timestep.")
-@calib_option("--bkd-iters", "bkd_iters", type=int, help="Distillation iterations per block [default: the method's, "
-              f"{RECIPES['dilatequant'].settings['bkd_iters']} for dilatequant, 0 for minmax].")
+              help="dilatequant: MSE-initialised tables + block-wise distillation; minmax: min/max tables only; eda-dm: "
+              "TDAC, one shared range, FBR with QDrop and learned rounding.")
+@click.option("--dilation/--no-dilation", "dilation", default=None, help="Weight dilation.  [default: the method's]")
+@click.option("--tpq/--no-tpq", "tpq", default=None,
+              help="One activation scale per timestep, or one shared by all.  [default: the method's]")
+@calib_option("--bkd-iters", "bkd_iters", type=int, help="Distillation iterations per block (dilatequant "
+              f"{RECIPES['dilatequant'].settings['bkd_iters']}, minmax 0, eda-dm {RECIPES['eda-dm'].settings['bkd_iters']}).")
 @calib_option("--samples", "samples", type=int, help="Calibration samples (x_t, t) drawn from trajectories.")
 @calib_option("--trajectories", "trajectories", type=int, help="FP sampling trajectories recorded.")
 @click.option("--data-selection", "--timestep-sampling", "timestep_sampling", default=None, type=click.Choice(TIMESTEP_SAMPLING),
-              show_default=CalibConfig.timestep_sampling, help="Which recorded (x_t, t) pairs calibrate: random, uniform "
-              "(the same count per timestep) or tdac (EDA-DM: per-timestep counts from feature density and diversity).")
+              help="Which recorded (x_t, t) pairs calibrate: random, uniform (the same count per timestep) or tdac "
+              "(EDA-DM: per-timestep counts from feature density and diversity).  [default: the method's]")
 @calib_option("--tdac-radius", "tdac_radius", type=float, help="tdac: MSE radius of the density count.")
 @calib_option("--tdac-lambda", "tdac_lambda", type=float, help="tdac: weight of diversity against density.")
-@calib_option("--act-init", "act_init", type=click.Choice(ACT_INITS), help="[default: the method's, mse or minmax]")
+@calib_option("--act-init", "act_init", type=click.Choice(ACT_INITS), help="Activation table initialisation.")
 @calib_option("--weight-init", "weight_init", type=click.Choice(WEIGHT_INITS))
 @calib_option("--boundary", "boundary", type=click.Choice(BOUNDARY), help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention matmul inputs (q, k, softmax, v).")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
+@calib_option("--recon-loss", "recon_loss", type=click.Choice(RECON_LOSSES),
+              help="Reconstruction loss: block-output, or fbr (+ each layer's output).")
+@calib_option("--fbr-lambda", "fbr_lambda", type=float, help="fbr: weight of the layers' output MSE.")
+@calib_option("--input-mixing", "input_mixing", type=click.Choice(INPUT_MIXING),
+              help="The reconstructed block's input: none (quantized path) or qdrop (mixed with the FP path).")
+@calib_option("--qdrop-prob", "qdrop_prob", type=float, help="qdrop: probability of each input element coming from the FP path.")
+@calib_option("--weight-rounding", "weight_rounding", type=click.Choice(WEIGHT_ROUNDING),
+              help="trained-weights, or learned-rounding (AdaRound, hardened).")
+@calib_option("--bkd-lr-rounding", "bkd_lr_rounding", type=float, help="learned-rounding: learning rate of the rounding variables.")
 @calib_option("--steps", "steps", type=int, help="Sampler steps: the timestep grid that is calibrated.")
 @calib_option("--scheduler", "scheduler", type=click.Choice(list(SCHEDULERS)))
 @calib_option("--seed", "seed", type=int)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact directory to write.")
-def calibrate_command(model: str, recipe_name: str | None, bits: str, no_dilation: bool, no_tpq: bool, quantize_attention: bool,
-                      asymmetric: bool, device: str, out: Path, **options) -> None:  # fmt: skip
+def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_attention: bool, asymmetric: bool, device: str,
+                      out: Path, **options) -> None:  # fmt: skip
     """Calibrate a model (a method, or a named recipe) and write the calibration artifact."""
     from dilatequant.calibrate.flow import calibrate
     from dilatequant.calibrate.recipes import recipe
     from dilatequant.core.environment import resolve_device
 
     overrides = {key: value for key, value in options.items() if value is not None}
-    flags = {"dilation": not no_dilation, "tpq": not no_tpq, "quantize_attention": quantize_attention, "act_symmetric": not asymmetric}
+    flags = {"quantize_attention": quantize_attention, "act_symmetric": not asymmetric}
     overrides.update({key: value for key, value in flags.items() if value != CalibConfig.__dataclass_fields__[key].default})
     config = recipe(recipe_name, bits, **overrides) if recipe_name else CalibConfig.from_bits(bits, **overrides)
     start = time.perf_counter()
