@@ -53,8 +53,8 @@ def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: to
     batch_size = default_batch_size(device)
     method = config.act_init
     outputs = {name for name in quantizers if name.endswith(OUTPUT_SUFFIX)}
-    # a one-row table (no TPQ) keeps its calibrated row: it serves every bucket
-    inputs = [name for name in quantizers if name not in outputs and len(quantizers[name].step) > 1]
+    # without TPQ the one calibrated row (restored as it is) serves every bucket
+    inputs = [name for name in quantizers if name not in outputs] if config.tpq else []
     new = None if scales == "rederived" else outputs
     if new is None or new:
         initialise_activations(denoiser, data, method, config.percentile, batch_size, device, progress=False, only=new)

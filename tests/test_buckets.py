@@ -13,7 +13,7 @@ from dilatequant.calibrate.flow import calibrate
 from dilatequant.calibrate.initialise import run_over
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
 from dilatequant.calibrate.quantizer import fake_quantize
-from dilatequant.calibrate.rebucket import bucket_candidates, bucketed_model
+from dilatequant.calibrate.rebucket import bucket_candidates, bucket_scales, bucketed_model
 from dilatequant.core.buckets import BucketTable
 from dilatequant.core.errors import UserError
 from dilatequant.export.buckets import choose_buckets, optimal_partitions, segment_costs
@@ -134,3 +134,18 @@ def test_minmax_recipes_deploy_min_max_over_the_bucket_either_way(tiny_model_dir
 def test_an_unknown_scale_source_is_refused():
     with pytest.raises(UserError, match="Unknown --scales 'learned'; choose one of calibrated, rederived"):
         ExportConfig(scales="learned")
+
+
+@pytest.mark.parametrize("tpq", [True, False])
+def test_one_bucket_covers_every_calibrated_row_and_a_shared_row_serves_every_bucket(tiny_model_dirs, tmp_path, tpq):
+    config = CalibConfig.from_bits("W8A8", method="minmax", tpq=tpq, samples=16, trajectories=4, steps=4)
+    artifact = load_artifact(calibrate(tiny_model_dirs["unet"], config, tmp_path / "c", progress=False))
+    grid = tuple(sorted(artifact.record.timesteps))
+    for table in (BucketTable(grid, (0,)), BucketTable(grid, (0, 2))):
+        scales = bucket_scales(artifact, table)
+        for group in artifact.groups():
+            steps, deployed = artifact.act_table(group)[0], scales.groups[group].steps
+            if not tpq:  # the one shared row, in every bucket
+                assert deployed.tolist() == pytest.approx([float(steps[0])] * len(table), rel=1e-6)
+            elif len(table) == 1:  # symmetric min-max: the grid covering every calibrated row
+                assert deployed.tolist() == pytest.approx([float(steps.max())], rel=1e-6)
