@@ -104,14 +104,14 @@ class CalibConfig:
         for name in METHOD_FIELDS:
             if getattr(self, name) is None:
                 object.__setattr__(self, name, method.settings[name])
-        if method.parts.initialisation == "minmax" and self.act_init != "minmax":
-            raise UserError(f"method='{self.method}' initialises activations from min/max; act_init='{self.act_init}' "
-                            "would not run. Leave act_init unset (None), or use method='dilatequant'.")  # fmt: skip
-        if method.parts.reconstruction is None and self.bkd_iters:
+        if not method.distills and self.act_init != method.settings["act_init"]:
+            raise UserError(f"method='{self.method}' initialises activations from {method.settings['act_init']}; act_init="
+                            f"'{self.act_init}' would not run. Leave act_init unset (None), or use method='dilatequant'.")  # fmt: skip
+        if not method.distills and self.bkd_iters:
             raise UserError(f"method='{self.method}' does not distill; bkd_iters={self.bkd_iters} would not run. "
                             "Leave bkd_iters unset (None), or use method='dilatequant'.")  # fmt: skip
         unused = [f"{name}='{getattr(self, name)}'" for name in ("recon_loss", "input_mixing", "weight_rounding")
-                  if not self.bkd_iters and getattr(self, name) != get_recipe("dilatequant").settings[name]]  # fmt: skip
+                  if not self.bkd_iters and getattr(self, name) != method.settings[name]]  # fmt: skip
         if unused:
             raise UserError(f"{', '.join(unused)} would not run: there is no reconstruction (bkd_iters=0). Set "
                             "bkd_iters, or leave them unset.")  # fmt: skip

@@ -1,6 +1,7 @@
 """Calibration recipes: named, versioned methods composed of parts, and named settings on top of them.
 
-A *method* recipe (`dilatequant`, `minmax`) says which part does each job of a calibration run:
+A *method* recipe (`dilatequant`, `minmax`, `eda-dm`) sets the CalibConfig fields that choose a part for each
+job of a calibration run (`parts_of` reads the parts off them):
 
     selector        which (x_t, t) samples calibrate              calibrate/selection.py
     weight_format   how weights are quantized                    calibrate/quantizer.py
@@ -13,8 +14,7 @@ A *method* recipe (`dilatequant`, `minmax`) says which part does each job of a c
       weight_rounding weights trained, or learned rounding       calibrate/reconstruction.py
     execution       where it runs                                calibrate/flow.py
 
-and the CalibConfig defaults that follow from it (`settings`). `CalibConfig(method=...)` takes those defaults for
-the fields left unset, so the API and the CLI calibrate alike and the artifact records what ran. A *settings*
+`CalibConfig(method=...)` takes the method's settings for the fields left unset, so the API and the CLI calibrate alike and the artifact records what ran. A *settings*
 recipe (`demo-quick`, the calibration report's rows, ...) is a method plus CalibConfig fields: what a tool ran,
 by name, in the library rather than in the tool. Later methods add parts and recipes here; a version bump
 says a recipe's meaning changed.
@@ -22,7 +22,7 @@ says a recipe's meaning changed.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -48,18 +48,19 @@ METHOD_FIELDS = ("act_init", "weight_init", "bkd_iters", "tpq", "dilation", "tim
 
 @dataclass(frozen=True)
 class Method:
-    """What a calibration method is made of (PARTS lists each job's parts)."""
+    """What a calibration is made of, one part per job (PARTS lists each job's parts); derived from settings by
+    `parts_of`, never written by hand, so a recipe's parts and its settings cannot disagree."""
 
-    selector: str = "random"
-    weight_format: str = "per-channel"
-    act_format: str = "per-tensor-per-timestep"
-    transforms: tuple[str, ...] = ("weight-dilation",)
-    initialisation: str = "mse"
-    reconstruction: str | None = "block-distillation"
-    loss: str | None = "block-output"
-    input_mixing: str | None = "none"
-    weight_rounding: str | None = "trained-weights"
-    execution: str = "local"
+    selector: str
+    weight_format: str
+    act_format: str
+    transforms: tuple[str, ...]
+    initialisation: str
+    reconstruction: str | None
+    loss: str | None
+    input_mixing: str | None
+    weight_rounding: str | None
+    execution: str
 
     def __post_init__(self) -> None:
         for job, allowed in PARTS.items():
@@ -69,19 +70,36 @@ class Method:
                     raise ValueError(f"{job} part {part!r} does not exist; parts: {allowed}")
 
 
+def parts_of(values: Mapping[str, Any], distills: bool) -> Method:
+    """The parts that calibration settings (CalibConfig fields) choose; `distills`: whether the method has a
+    reconstruction at all. No transform without dilation, one activation row without TPQ, no reconstruction
+    (and none of its parts) with zero iterations."""
+    reconstruction = "block-distillation" if distills and values["bkd_iters"] else None
+    return Method(values["timestep_sampling"], "per-channel", "per-tensor-per-timestep" if values["tpq"] else "per-tensor",
+                  ("weight-dilation",) if values["dilation"] else (), values["act_init"], reconstruction,
+                  *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding")),
+                  "local")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A named, versioned way to calibrate: a method's parts (method recipes) or a method plus settings."""
+    """A named, versioned way to calibrate. A method recipe (`method` is its own name) sets every field of
+    METHOD_FIELDS and says whether the method distills at all; a settings recipe is a method plus fields."""
 
     name: str
     version: int
     description: str
     method: str  # the method recipe it builds on (itself, for a method recipe)
     settings: Mapping[str, Any] = field(default_factory=dict)  # CalibConfig fields
-    parts: Method | None = None  # only method recipes have parts
+    distills: bool = True  # method recipes: whether there is a reconstruction to run
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", MappingProxyType(dict(self.settings)))
+
+    @property
+    def parts(self) -> Method | None:
+        """A method recipe's parts with its own settings (None for a settings recipe)."""
+        return parts_of(self.settings, self.distills) if self.method == self.name else None
 
 def _recipes(*recipes: Recipe) -> dict[str, Recipe]:
     return {r.name: r for r in recipes}
@@ -102,14 +120,11 @@ EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": Fal
           "weight_rounding": "learned-rounding"}  # fmt: skip
 RECIPES = _recipes(
     Recipe("dilatequant", 1, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
-           "block-wise distillation", "dilatequant", DILATEQUANT, Method()),
+           "block-wise distillation", "dilatequant", DILATEQUANT),
     Recipe("minmax", 1, "Min/max tables (per timestep with TPQ), weight dilation, no distillation", "minmax",
-           {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0},
-           Method(initialisation="minmax", reconstruction=None, loss=None, input_mixing=None, weight_rounding=None)),
+           {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0}, distills=False),
     Recipe("eda-dm", 1, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
-           "QDrop and learned rounding", "eda-dm", EDA_DM,
-           Method(selector="tdac", act_format="per-tensor", transforms=(), loss="fbr", input_mixing="qdrop",
-                  weight_rounding="learned-rounding")),
+           "QDrop and learned rounding", "eda-dm", EDA_DM),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
            {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),
@@ -127,7 +142,7 @@ RECIPES = _recipes(
     Recipe("dilatequant-tdac", 1, "DilateQuant calibrated on EDA-DM's TDAC selection (each of the 1024 samples from "
            "its own trajectory)", "dilatequant", {"timestep_sampling": "tdac", "trajectories": 1024}),
 )  # fmt: skip
-METHODS = tuple(name for name, r in RECIPES.items() if r.parts is not None)
+METHODS = tuple(name for name, r in RECIPES.items() if r.method == name)
 
 
 def get_recipe(name: str) -> Recipe:
@@ -144,15 +159,8 @@ def method_parts(method: str) -> Method:
 
 
 def parts_that_ran(config) -> Method:
-    """The method's parts as `config` switches them: no transform without dilation, one activation row for all
-    timesteps without TPQ, the initialisation chosen, no reconstruction with zero iterations."""
-    parts = method_parts(config.method)
-    reconstruction = parts.reconstruction if config.bkd_iters else None
-    return replace(parts, selector=config.timestep_sampling, transforms=("weight-dilation",) if config.dilation else (),
-                   act_format="per-tensor-per-timestep" if config.tpq else "per-tensor", initialisation=config.act_init,
-                   reconstruction=reconstruction, loss=config.recon_loss if reconstruction else None,
-                   input_mixing=config.input_mixing if reconstruction else None,
-                   weight_rounding=config.weight_rounding if reconstruction else None)  # fmt: skip
+    """The parts a resolved CalibConfig runs."""
+    return parts_of(asdict(config), get_recipe(config.method).distills)
 
 
 def recorded_recipe(config) -> dict:
