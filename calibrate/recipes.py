@@ -14,9 +14,9 @@ job of a calibration run (`parts_of` reads the parts off them):
       weight_rounding weights trained, or learned rounding       calibrate/reconstruction.py
     execution       where it runs                                calibrate/flow.py
 
-`CalibConfig(method=...)` takes the method's settings for the fields left unset, so the API and the CLI calibrate alike and the artifact records what ran. A *settings*
-recipe (`demo-quick`, the calibration report's rows, ...) is a method plus CalibConfig fields: what a tool ran,
-by name, in the library rather than in the tool. Later methods add parts and recipes here; a version bump
+`CalibConfig(method=...)` takes the method's settings for the fields left unset, so the API and the CLI calibrate
+alike and the artifact records what ran. A *settings* recipe (`demo-quick`, the calibration report's rows, ...)
+is a method plus CalibConfig fields: what a tool ran, by name, in the library rather than in the tool. Later methods add parts and recipes here; a version bump
 says a recipe's meaning changed.
 """
 
