@@ -132,7 +132,7 @@ class BlockData:
 
 def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int) -> float:
     """Train one block on its cached data with the config's reconstruction parts; returns the final loss."""
-    rounding = WEIGHT_ROUNDINGS[config.weight_rounding](block, config.bkd_lr_weight, config.bkd_lr_rounding)
+    rounding = WEIGHT_ROUNDINGS[config.weight_rounding](block, config)
     groups = rounding.param_groups()
     # Steps span orders of magnitude (8-bit vs 4-bit, weights vs activations): their learning rate is
     # relative to each tensor's own mean step.
@@ -143,21 +143,23 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(seed)
+    # QDrop's masks are drawn where the data lives (no per-iteration host-to-device copies)
+    mixing = torch.Generator(device=data.targets[0].device).manual_seed(seed)
     loss_fn, mix, names = LOSSES[config.recon_loss], MIXERS[config.input_mixing], data.layer_names or []
     loss = torch.zeros(())
-    for _ in range(config.bkd_iters):
-        i = int(torch.randint(len(data.inputs), (1,), generator=generator))
-        quantized.index.set_timesteps(data.t[i])
-        fp_input = data.fp_inputs[i] if data.fp_inputs else data.inputs[i]
-        args = mix(data.inputs[i]["args"], fp_input["args"], config.qdrop_prob, generator)
-        kwargs = mix(data.inputs[i]["kwargs"], fp_input["kwargs"], config.qdrop_prob, generator)
-        with layer_outputs(block, names) as outputs:
+    with layer_outputs(block, names) as outputs:  # hooks registered once for the whole loop
+        for _ in range(config.bkd_iters):
+            i = int(torch.randint(len(data.inputs), (1,), generator=generator))
+            quantized.index.set_timesteps(data.t[i])
+            fp_input = data.fp_inputs[i] if data.fp_inputs else data.inputs[i]
+            args = mix(data.inputs[i]["args"], fp_input["args"], config.qdrop_prob, mixing)
+            kwargs = mix(data.inputs[i]["kwargs"], fp_input["kwargs"], config.qdrop_prob, mixing)
             output = first_tensor(block(*args, **kwargs))
-        layer_targets = data.layer_targets[i] if data.layer_targets else []
-        loss = loss_fn(output, data.targets[i], [outputs[n] for n in names], layer_targets, config.fbr_lambda)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+            layer_targets = data.layer_targets[i] if data.layer_targets else []
+            loss = loss_fn(output, data.targets[i], [outputs[n] for n in names], layer_targets, config.fbr_lambda)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     for p in trained:
         p.requires_grad_(False)
     rounding.finish()

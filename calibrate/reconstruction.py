@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CalibConfig
 from .quant_model import QuantLayer
 from .quantizer import WeightQuantizer
 
@@ -43,8 +44,8 @@ def qdrop_mix(quantized, fp, prob: float, generator: torch.Generator):
     if isinstance(quantized, torch.Tensor):
         if not quantized.is_floating_point() or not isinstance(fp, torch.Tensor) or fp.shape != quantized.shape:
             return quantized
-        take_fp = torch.rand(quantized.shape, generator=generator) < prob
-        return torch.where(take_fp.to(quantized.device), fp, quantized)
+        take_fp = torch.rand(quantized.shape, generator=generator, device=quantized.device) < prob
+        return torch.where(take_fp, fp, quantized)
     if isinstance(quantized, (tuple, list)):
         return type(quantized)(qdrop_mix(q, f, prob, generator) for q, f in zip(quantized, fp))
     if isinstance(quantized, dict):
@@ -99,9 +100,9 @@ class LearnedRounding(nn.Module):
 class TrainedWeights:
     """The weights themselves train (lr `bkd_lr_weight`), with every quantizer step of the block."""
 
-    def __init__(self, block: nn.Module, lr_weight: float, lr_rounding: float) -> None:
+    def __init__(self, block: nn.Module, config: CalibConfig) -> None:
         self.weights = [m.layer.weight for m in block.modules() if isinstance(m, QuantLayer)]
-        self.lr = lr_weight
+        self.lr = config.bkd_lr_weight
 
     def param_groups(self) -> list[dict]:
         return [{"params": self.weights, "lr": self.lr}]
@@ -118,13 +119,13 @@ class RoundingWeights:
     LearnedRounding while the block trains, then the layer's weight is set to the hardened grid value and the
     quantizer is put back (which then reproduces exactly that value). Weight steps stay fixed."""
 
-    def __init__(self, block: nn.Module, lr_weight: float, lr_rounding: float) -> None:
+    def __init__(self, block: nn.Module, config: CalibConfig) -> None:
         self.layers = [m for m in block.modules() if isinstance(m, QuantLayer)]
         self.originals = [layer.weight_quantizer for layer in self.layers]
         self.roundings = [LearnedRounding(layer.layer.weight, layer.weight_quantizer) for layer in self.layers]
         for layer, rounding in zip(self.layers, self.roundings):
             layer.weight_quantizer = rounding
-        self.lr = lr_rounding
+        self.lr = config.bkd_lr_rounding
 
     def param_groups(self) -> list[dict]:
         return [{"params": [r.alpha for r in self.roundings], "lr": self.lr}]

@@ -58,7 +58,7 @@ def test_hardened_learned_rounding_puts_each_weight_on_its_floor_or_ceiling():
     layer = block[0]
     before = layer.layer.weight.detach().clone()
     scaled = before / layer.weight_quantizer.step.detach()[:, None]
-    rounding = RoundingWeights(block, 1e-5, 5e-2)
+    rounding = RoundingWeights(block, CalibConfig())
     assert isinstance(layer.weight_quantizer, LearnedRounding)
     with torch.no_grad():  # push every alpha to one side at random
         for r in rounding.roundings:
