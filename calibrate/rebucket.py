@@ -58,7 +58,7 @@ def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: to
     new = None if scales == "rederived" else outputs
     if new is None or new:
         initialise_activations(denoiser, data, method, config.percentile, batch_size, device, progress=False, only=new)
-    if scales == "calibrated":
+    if scales == "calibrated" and inputs:  # (no pass over the data when there is nothing to choose)
         candidates = {name: bucket_candidates(artifact, table, name, quantizers[name].fmt) for name in inputs}
         if method == "minmax":  # the covering grid (candidate 0) is min-max over the bucket's samples
             for name, rows in candidates.items():
