@@ -142,6 +142,11 @@ class CalibrationArtifact:
         return restore_quantized(self.path / "model", self.plan, self.tensors, index, self.config, torch.device(device))
 
     def calibration_data(self) -> CalibrationData:
+        """The calibration inputs, read once (export reads them for the bucket scales and the check inputs)."""
+        return self._calibration_data
+
+    @functools.cached_property
+    def _calibration_data(self) -> CalibrationData:
         return CalibrationData.load(self.path / "calibration_data.safetensors")
 
     def check_source(self, spec: str | Path) -> None:

@@ -33,9 +33,8 @@ class Variant:
     artifact: Any = None  # calibrate.contract.CalibrationArtifact for kind 'calibration'
 
     def close(self) -> None:
-        close = getattr(self.loaded.denoiser, "close", None)
-        if self.kind == "engines" and close is not None:
-            close()
+        if self.kind == "engines":  # the other kinds hold no sessions or pools
+            self.loaded.denoiser.close()
 
     def __enter__(self) -> Variant:
         return self
