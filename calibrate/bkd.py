@@ -16,6 +16,7 @@ extra state, while a rounding parametrisation doubles the parameters.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ from dilatequant.core.structure import call_order
 
 from .calib_data import CalibrationData
 from .config import CalibConfig
+from .cuda_graph import WARMUP, GraphedStep, replayable
 from .quant_model import QuantizedDenoiser, QuantLayer
 from .quantizer import ActQuantizer, WeightQuantizer
-from .reconstruction import FP_INPUTS, LAYER_TARGETS, LOSSES, MIXERS, WEIGHT_ROUNDINGS, layer_outputs, quant_layer_names
+from .reconstruction import FP_INPUTS, LAYER_TARGETS, LOSSES, LR_SCHEDULES, MIXERS, WEIGHT_ROUNDINGS, layer_outputs, quant_layer_names
 from .workdir import WorkDir
 
 
@@ -130,8 +132,9 @@ class BlockData:
     layer_targets: list[list[torch.Tensor]] | None = None
 
 
-def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int) -> float:
-    """Train one block on its cached data with the config's reconstruction parts; returns the final loss."""
+def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int) -> dict:
+    """Train one block on its cached data with the config's reconstruction parts; returns the final loss and
+    whether the iterations replayed a CUDA graph."""
     rounding = WEIGHT_ROUNDINGS[config.weight_rounding](block, config)
     groups = rounding.param_groups()
     # Steps span orders of magnitude (8-bit vs 4-bit, weights vs activations): their learning rate is
@@ -141,29 +144,62 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
     trained = [p for group in groups for p in group["params"]]
     for p in trained:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(groups)
-    generator = torch.Generator().manual_seed(seed)
-    # QDrop's masks are drawn where the data lives (no per-iteration host-to-device copies)
-    mixing = torch.Generator(device=data.targets[0].device).manual_seed(seed)
+    device = data.targets[0].device
+    examples = [(data.inputs[i], data.fp_inputs[i] if config.input_mixing in FP_INPUTS else None, data.targets[i],
+                 data.layer_targets[i] if data.layer_targets else [], quantized.index.lookup(data.t[i]))
+                for i in range(len(data.inputs))]  # fmt: skip
+    graphed = config.bkd_cuda_graph and device.type == "cuda" and replayable(examples) and config.bkd_iters > WARMUP
+    optimizer = torch.optim.Adam(groups, capturable=graphed)
+    schedule, bases = LR_SCHEDULES[config.bkd_lr_schedule], [group["lr"] for group in groups]
+    if graphed and schedule is not None:  # a replayed Adam step reads its rates from device tensors
+        for group in optimizer.param_groups:
+            group["lr"] = torch.tensor(group["lr"], device=device)
+    order = torch.randint(len(examples), (config.bkd_iters,), generator=torch.Generator().manual_seed(seed)).tolist()
     loss_fn, mix, names = LOSSES[config.recon_loss], MIXERS[config.input_mixing], data.layer_names or []
     loss = torch.zeros(())
-    with layer_outputs(block, names) as outputs:  # hooks registered once for the whole loop
-        for _ in range(config.bkd_iters):
-            i = int(torch.randint(len(data.inputs), (1,), generator=generator))
-            quantized.index.set_timesteps(data.t[i])
-            fp_input = data.fp_inputs[i] if data.fp_inputs else data.inputs[i]
-            args = mix(data.inputs[i]["args"], fp_input["args"], config.qdrop_prob, mixing)
-            kwargs = mix(data.inputs[i]["kwargs"], fp_input["kwargs"], config.qdrop_prob, mixing)
+    # QDrop's masks come from the default generator of the data's device (a replayed graph draws from it),
+    # seeded here and forked so the caller's random state is left as it was
+    with layer_outputs(block, names) as outputs, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+
+        def step(example) -> torch.Tensor:
+            inputs, fp_inputs, target, layer_targets, rows = example
+            quantized.index.set_rows(rows)
+            args, kwargs = inputs["args"], inputs["kwargs"]
+            if fp_inputs is not None:
+                args = mix(args, fp_inputs["args"], config.qdrop_prob, None)
+                kwargs = mix(kwargs, fp_inputs["kwargs"], config.qdrop_prob, None)
             output = first_tensor(block(*args, **kwargs))
-            layer_targets = data.layer_targets[i] if data.layer_targets else []
-            loss = loss_fn(output, data.targets[i], [outputs[n] for n in names], layer_targets, config.fbr_lambda)
+            loss = loss_fn(output, target, [outputs[n] for n in names], layer_targets, config.fbr_lambda)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            return loss
+
+        run, first = step, 0
+        if graphed:  # the warm-up iterations run at the first iteration's rates
+            first = WARMUP
+            try:
+                run = GraphedStep(step, [examples[i] for i in order[:WARMUP]])
+            except RuntimeError as error:  # a forward that cannot be captured (a host sync in it) trains eagerly
+                warnings.warn(f"CUDA graph capture failed, this block trains eagerly: {error}", stacklevel=2)
+                graphed = False
+        for k in range(first, len(order)):
+            if schedule is not None:
+                set_rates(optimizer, bases, schedule(k, len(order)))
+            loss = run(examples[order[k]])
     for p in trained:
         p.requires_grad_(False)
     rounding.finish()
-    return float(loss.detach())
+    return {"loss": float(loss.detach()), "cuda_graph": graphed}
+
+
+def set_rates(optimizer: torch.optim.Optimizer, bases: list[float], fraction: float) -> None:
+    for group, base in zip(optimizer.param_groups, bases):
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(base * fraction)
+        else:
+            group["lr"] = base * fraction
 
 
 def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, config: CalibConfig,
@@ -199,12 +235,12 @@ def distill_block(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Modul
     inputs, targets, t = data.inputs, data.targets, data.t
     initial = {k: v.clone() for k, v in block.state_dict().items()}
     before = mean_loss(quantized, block, inputs, targets, t)
-    train_block(quantized, block, data, config, seed)
+    trained = train_block(quantized, block, data, config, seed)
     after = mean_loss(quantized, block, inputs, targets, t)
     if after > before:  # never leave a block worse on its own calibration data than initialisation did
         block.load_state_dict(initial)
     record = {"mse_before": before, "mse_after": min(before, after), "kept_initialisation": after > before,
-              "seconds": round(time.perf_counter() - start, 2), "cache_mib": round(cache_bytes(inputs, targets) / 2**20, 1)}  # fmt: skip
+              "seconds": round(time.perf_counter() - start, 2), "cuda_graph": trained["cuda_graph"], "cache_mib": round(cache_bytes(inputs, targets) / 2**20, 1)}  # fmt: skip
     if device.type == "cuda":
         record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return record

@@ -17,6 +17,7 @@ WEIGHT_INITS = ("minmax", "mse")
 RECON_LOSSES = tuple(p for p in PARTS["loss"] if p)
 INPUT_MIXING = tuple(p for p in PARTS["input_mixing"] if p)
 WEIGHT_ROUNDING = tuple(p for p in PARTS["weight_rounding"] if p)
+LR_SCHEDULES = tuple(p for p in PARTS["lr_schedule"] if p)
 TIMESTEP_SAMPLING = PARTS["selector"]
 BOUNDARY = ("8bit", "fp")
 SUPPORTED_BITS = (4, 6, 8)
@@ -57,6 +58,7 @@ class CalibConfig:
     bkd_batch: int = 32
     bkd_lr_weight: float = 1e-5
     bkd_lr_step: float = 1e-3  # relative to each step tensor's mean magnitude
+    bkd_cuda_graph: bool = True  # on a GPU, replay each block's training step as a CUDA graph (same arithmetic)
     # reconstruction parts (calibrate/reconstruction.py); the method's: block-output, none, trained-weights
     recon_loss: str | None = None  # block-output, or fbr: + fbr_lambda x each quantized layer's output MSE
     fbr_lambda: float = 0.8
@@ -64,6 +66,7 @@ class CalibConfig:
     qdrop_prob: float = 0.5
     weight_rounding: str | None = None  # trained-weights (lr bkd_lr_weight), or learned-rounding (lr bkd_lr_rounding)
     bkd_lr_rounding: float = 5e-2
+    bkd_lr_schedule: str | None = None  # constant, or cosine (annealed to 0 over bkd_iters); the method's
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -74,7 +77,7 @@ class CalibConfig:
             ("weight_init", self.weight_init, WEIGHT_INITS), ("boundary", self.boundary, BOUNDARY),
             ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING), ("scheduler", self.scheduler, SCHEDULERS),
             ("recon_loss", self.recon_loss, RECON_LOSSES), ("input_mixing", self.input_mixing, INPUT_MIXING),
-            ("weight_rounding", self.weight_rounding, WEIGHT_ROUNDING),
+            ("weight_rounding", self.weight_rounding, WEIGHT_ROUNDING), ("bkd_lr_schedule", self.bkd_lr_schedule, LR_SCHEDULES),
         ):  # fmt: skip
             if value not in allowed:
                 raise UserError(f"Calibration option {name}='{value}' is not one of: {', '.join(allowed)}.")
@@ -86,9 +89,12 @@ class CalibConfig:
         if self.timestep_sampling == "tdac" and self.samples > self.trajectories:
             raise UserError(f"timestep_sampling='tdac' takes every sample from its own trajectory: samples={self.samples} "
                             f"needs trajectories >= {self.samples} (got {self.trajectories}).")  # fmt: skip
-        if not (0 <= self.qdrop_prob <= 1 and self.fbr_lambda >= 0 and self.bkd_lr_rounding > 0):
-            raise UserError(f"qdrop_prob must be in [0, 1], fbr_lambda >= 0 and bkd_lr_rounding > 0; got {self.qdrop_prob}, "
-                            f"{self.fbr_lambda}, {self.bkd_lr_rounding}.")  # fmt: skip
+        if not (0 <= self.qdrop_prob <= 1 and self.fbr_lambda >= 0):
+            raise UserError(f"qdrop_prob must be in [0, 1] and fbr_lambda >= 0; got {self.qdrop_prob}, {self.fbr_lambda}.")
+        rates = {"bkd_lr_weight": self.bkd_lr_weight, "bkd_lr_step": self.bkd_lr_step, "bkd_lr_rounding": self.bkd_lr_rounding}
+        if self.bkd_batch < 1 or min(rates.values()) <= 0:
+            raise UserError(f"bkd_batch must be >= 1 and learning rates > 0; got bkd_batch={self.bkd_batch}, "
+                            + ", ".join(f"{k}={v}" for k, v in rates.items()) + ".")
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:
@@ -110,7 +116,7 @@ class CalibConfig:
         if not method.distills and self.bkd_iters:
             raise UserError(f"method='{self.method}' does not distill; bkd_iters={self.bkd_iters} would not run. "
                             "Leave bkd_iters unset (None), or use method='dilatequant'.")  # fmt: skip
-        unused = [f"{name}='{getattr(self, name)}'" for name in ("recon_loss", "input_mixing", "weight_rounding")
+        unused = [f"{name}='{getattr(self, name)}'" for name in ("recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")
                   if not self.bkd_iters and getattr(self, name) != method.settings[name]]  # fmt: skip
         if unused:
             raise UserError(f"{', '.join(unused)} would not run: there is no reconstruction (bkd_iters=0). Set "

@@ -12,6 +12,7 @@ job of a calibration run (`parts_of` reads the parts off them):
       loss            block output, or FBR (+ each layer's)      calibrate/reconstruction.py
       input_mixing    the student's input, or QDrop mixing       calibrate/reconstruction.py
       weight_rounding weights trained, or learned rounding       calibrate/reconstruction.py
+      lr_schedule     learning rates constant, or cosine to 0    calibrate/reconstruction.py
     execution       where it runs                                calibrate/flow.py
 
 `CalibConfig(method=...)` takes the method's settings for the fields left unset, so the API and the CLI calibrate
@@ -39,11 +40,12 @@ PARTS: dict[str, tuple[Any, ...]] = {
     "loss": (None, "block-output", "fbr"),
     "input_mixing": (None, "none", "qdrop"),
     "weight_rounding": (None, "trained-weights", "learned-rounding"),
+    "lr_schedule": (None, "constant", "cosine"),
     "execution": ("local",),
 }
 # CalibConfig fields that follow from the method: left None, they take the method recipe's setting.
 METHOD_FIELDS = ("act_init", "weight_init", "bkd_iters", "tpq", "dilation", "timestep_sampling", "trajectories",
-                 "recon_loss", "input_mixing", "weight_rounding")  # fmt: skip
+                 "recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Method:
     loss: str | None
     input_mixing: str | None
     weight_rounding: str | None
+    lr_schedule: str | None
     execution: str
 
     def __post_init__(self) -> None:
@@ -77,7 +80,7 @@ def parts_of(values: Mapping[str, Any], distills: bool) -> Method:
     reconstruction = "block-distillation" if distills and values["bkd_iters"] else None
     return Method(values["timestep_sampling"], "per-channel", "per-tensor-per-timestep" if values["tpq"] else "per-tensor",
                   ("weight-dilation",) if values["dilation"] else (), values["act_init"], reconstruction,
-                  *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding")),
+                  *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")),
                   "local")  # fmt: skip
 
 
@@ -109,21 +112,21 @@ DEFAULT_BKD_ITERS = 400  # per block; what docs/results/calibration.md was measu
 # DilateQuant's and min-max's method settings: the CalibConfig defaults before methods had recipes.
 DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_BKD_ITERS, "tpq": True, "dilation": True,
                "timestep_sampling": "random", "trajectories": 64, "recon_loss": "block-output", "input_mixing": "none",
-               "weight_rounding": "trained-weights"}  # fmt: skip
+               "weight_rounding": "trained-weights", "bkd_lr_schedule": "constant"}  # fmt: skip
 # EDA-DM as released (algorithms.md §2; CIFAR-10 DDIM scripts): one shared activation range per layer, MSE-searched
 # init, TDAC over 1024 trajectories, FBR (layer weight 0.8) with QDrop (p 0.5) and learned rounding, 5000
 # iterations per block at batch 32, first and last layers at 8 bits (here: the 8-bit boundary layers, which also
-# hold the time embeddings). The released code anneals its learning rates (cosine) and learns absolute steps;
-# here the steps' rate is relative to their size and constant. Its rounding rate is 5e-2 at W8A8, 5e-1 at W4A8.
+# hold the time embeddings). Like the released code it anneals its learning rates to 0 (cosine); the released code
+# learns absolute steps, here their rate is relative to their size. Its rounding rate is 5e-2 at W8A8, 5e-1 at W4A8.
 EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": False, "dilation": False,
           "timestep_sampling": "tdac", "trajectories": 1024, "recon_loss": "fbr", "input_mixing": "qdrop",
-          "weight_rounding": "learned-rounding"}  # fmt: skip
+          "weight_rounding": "learned-rounding", "bkd_lr_schedule": "cosine"}  # fmt: skip
 RECIPES = _recipes(
     Recipe("dilatequant", 1, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
            "block-wise distillation", "dilatequant", DILATEQUANT),
     Recipe("minmax", 1, "Min/max tables (per timestep with TPQ), weight dilation, no distillation", "minmax",
            {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0}, distills=False),
-    Recipe("eda-dm", 1, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
+    Recipe("eda-dm", 2, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
            "QDrop and learned rounding", "eda-dm", EDA_DM),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",

@@ -8,13 +8,15 @@
     weight_rounding  trained-weights: the weights themselves are trained (DilateQuant)
                      learned-rounding: AdaRound's soft rounding of each weight between the floor and the ceiling
                      of its grid position, hardened at the end; weights and their steps stay fixed
+    lr_schedule      constant, or cosine: every learning rate annealed to 0 over the iterations (EDA-DM's code)
 
 (algorithms.md §2.2.) Each is plain code here; bkd.py composes them as the config says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -38,7 +40,7 @@ def fbr_loss(output: torch.Tensor, target: torch.Tensor, layer_outputs: list[tor
     return F.mse_loss(output, target) + layer_weight * sum(F.mse_loss(o, t) for o, t in zip(layer_outputs, layer_targets))
 
 
-def qdrop_mix(quantized, fp, prob: float, generator: torch.Generator):
+def qdrop_mix(quantized, fp, prob: float, generator: torch.Generator | None):
     """The block input with each element of every floating tensor taken from `fp` with probability `prob`
     (else from `quantized`); other values (and tensors whose shapes differ) come from `quantized`."""
     if isinstance(quantized, torch.Tensor):
@@ -140,8 +142,13 @@ class RoundingWeights:
                 layer.weight_quantizer = original
 
 
-def no_mixing(quantized, fp, prob: float, generator: torch.Generator):
+def no_mixing(quantized, fp, prob: float, generator: torch.Generator | None):
     return quantized
+
+
+def cosine(iteration: int, total: int) -> float:
+    """The learning rate's fraction of its base at `iteration` of `total`: from 1 down to 0 along a half cosine."""
+    return 0.5 * (1 + math.cos(math.pi * iteration / total))
 
 
 # part name -> implementation (recipes.PARTS names them)
@@ -150,3 +157,4 @@ LAYER_TARGETS = frozenset({"fbr"})  # losses that need the FP block's layer outp
 MIXERS = {"none": no_mixing, "qdrop": qdrop_mix}
 FP_INPUTS = frozenset({"qdrop"})  # mixings that need the FP block's input
 WEIGHT_ROUNDINGS = {"trained-weights": TrainedWeights, "learned-rounding": RoundingWeights}
+LR_SCHEDULES: dict[str, Callable[[int, int], float] | None] = {"constant": None, "cosine": cosine}  # None: rates never change

@@ -21,18 +21,27 @@ class TimestepIndex:
         if len(grid) == 0 or len(set(grid.tolist())) != len(grid):
             raise ValueError(f"A timestep grid needs distinct values; got {grid.tolist()}.")
         self.grid = grid
+        self._grids = {grid.device: grid}  # the grid on every device it was looked up on
         self._rows: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.grid)
 
     def lookup(self, t: torch.Tensor) -> torch.Tensor:
-        """Row of the nearest grid value for every timestep in t."""
-        t = torch.as_tensor(t, device=self.grid.device).flatten().long()
-        return (t[:, None] - self.grid[None, :]).abs().argmin(1)
+        """Row of the nearest grid value for every timestep in t, on t's device (no host round trip: a
+        synchronisation per call would stall the GPU between reconstruction iterations)."""
+        t = torch.as_tensor(t).detach()
+        grid = self._grids.get(t.device)
+        if grid is None:
+            grid = self._grids[t.device] = self.grid.to(t.device)
+        return (t.flatten().long()[:, None] - grid[None, :]).abs().argmin(1)
 
     def set_timesteps(self, t: torch.Tensor) -> None:
-        self._rows = self.lookup(t.detach().cpu()).to(t.device)
+        self._rows = self.lookup(t)
+
+    def set_rows(self, rows: torch.Tensor) -> None:
+        """Use these rows (from `lookup`) for the next calls: a replayed CUDA graph reads them in place."""
+        self._rows = rows
 
     def rows_for(self, leading: int) -> torch.Tensor:
         """Rows for a tensor whose leading dimension is the batch (or the batch times heads, batch-major)."""

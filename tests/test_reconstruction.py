@@ -13,8 +13,8 @@ from dilatequant.calibrate.contract import load_artifact
 from dilatequant.calibrate.flow import calibrate
 from dilatequant.calibrate.quant_model import QuantLayer
 from dilatequant.calibrate.quantizer import ActQuantizer, WeightQuantizer
-from dilatequant.calibrate.recipes import METHODS
-from dilatequant.calibrate.reconstruction import LearnedRounding, RoundingWeights, fbr_loss, layer_outputs, qdrop_mix
+from dilatequant.calibrate.recipes import METHODS, RECIPES
+from dilatequant.calibrate.reconstruction import LR_SCHEDULES, LearnedRounding, RoundingWeights, cosine, fbr_loss, layer_outputs, qdrop_mix
 from dilatequant.calibrate.timesteps import TimestepIndex
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
@@ -97,3 +97,8 @@ def test_every_method_calibrates_round_trips_and_exports_in_both_profiles(tiny_m
         assert len(artifact.act_table(artifact.groups()[0])[0]) == 1  # one shared range, no TPQ
     for profile in PROFILES if family == "unet" else ():  # exports of every family: tests/test_export.py
         assert (export(path, ExportConfig(buckets=2, profile=profile, fp32=True), tmp_path / profile) / "bucket_1.onnx").is_file()
+
+
+def test_cosine_schedule_anneals_from_the_base_rate_to_zero():
+    assert [round(cosine(k, 4), 6) for k in range(5)] == [1.0, 0.853553, 0.5, 0.146447, 0.0]
+    assert LR_SCHEDULES["constant"] is None and RECIPES["eda-dm"].settings["bkd_lr_schedule"] == "cosine"

@@ -10,7 +10,7 @@ from typing import Callable
 
 import click
 
-from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, RECON_LOSSES, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
+from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, LR_SCHEDULES, RECON_LOSSES, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.sampling import SCHEDULERS
@@ -149,6 +149,13 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
               help="One activation scale per timestep, or one shared by all.  [default: the method's]")
 @calib_option("--bkd-iters", "bkd_iters", type=int, help="Distillation iterations per block (dilatequant "
               f"{RECIPES['dilatequant'].settings['bkd_iters']}, minmax 0, eda-dm {RECIPES['eda-dm'].settings['bkd_iters']}).")
+@calib_option("--bkd-batch", "bkd_batch", type=int, help="Distillation batch size.")
+@calib_option("--bkd-lr-weight", "bkd_lr_weight", type=float, help="trained-weights: learning rate of the weights.")
+@calib_option("--bkd-lr-step", "bkd_lr_step", type=float, help="Learning rate of the quantizer steps, relative to each step's size.")
+@calib_option("--bkd-lr-schedule", "bkd_lr_schedule", type=click.Choice(LR_SCHEDULES),
+              help="Distillation learning rates: constant, or cosine (annealed to 0).")
+@click.option("--cuda-graph/--no-cuda-graph", "bkd_cuda_graph", default=None,
+              help="On a GPU, replay each block's distillation step as a CUDA graph.  [default: on]")
 @calib_option("--samples", "samples", type=int, help="Calibration samples (x_t, t) drawn from trajectories.")
 @calib_option("--trajectories", "trajectories", type=int, help="FP sampling trajectories recorded.")
 @click.option("--data-selection", "--timestep-sampling", "timestep_sampling", default=None, type=click.Choice(TIMESTEP_SAMPLING),
