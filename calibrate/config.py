@@ -26,7 +26,7 @@ SUPPORTED_BITS = (4, 6, 8)
 @dataclass(frozen=True)
 class CalibConfig:
     """How to calibrate. `method` names a method recipe (calibrate/recipes.py): 'dilatequant' initialises by MSE
-    search and distills block-wise (400 iterations per block), 'minmax' initialises from min/max and does not
+    search and distills block-wise (2000 iterations per block), 'minmax' initialises from min/max and does not
     distill, 'eda-dm' is EDA-DM as released. Fields left None (recipes.METHOD_FIELDS) take the method's setting;
     the resolved config is what runs and what the artifact records. `recipe` names the recipe the settings came
     from (the method itself unless `recipe()` built it)."""
@@ -54,9 +54,9 @@ class CalibConfig:
     steps: int = 50
     seed: int = 0
     # block-wise knowledge distillation
-    bkd_iters: int | None = None  # the method's: 400 per block (dilatequant), 0 (minmax), 5000 (eda-dm)
+    bkd_iters: int | None = None  # the method's: 2000 per block (dilatequant), 0 (minmax), 5000 (eda-dm)
     bkd_batch: int = 32
-    bkd_lr_weight: float = 1e-5
+    bkd_lr_weight: float = 1e-4  # 1e-5 before the low-bit study (recipe dilatequant-v1)
     bkd_lr_step: float = 1e-3  # relative to each step tensor's mean magnitude
     bkd_cuda_graph: bool = True  # on a GPU, replay each block's training step as a CUDA graph (same arithmetic)
     # reconstruction parts (calibrate/reconstruction.py); the method's: block-output, none, trained-weights

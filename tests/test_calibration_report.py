@@ -28,3 +28,25 @@ def test_run_then_render(tmp_path):
     page = (out / "calibration.md").read_text()
     assert "| W8A8 | naive min-max |" in page and "| W8A8 | +TPQ |" in page
     assert Image.open(out / "calibration_act_ranges.png").format == "PNG"
+    assert all("phase_seconds" in r and r["recipe"] for r in recorded["rows"][1:])  # what each calibration measured
+
+
+def test_merge_keeps_every_row_and_a_later_file_wins(tmp_path):
+    def rows_file(name: str, rows: list[tuple[str, str, float]]):
+        path = tmp_path / name
+        path.write_text(json.dumps({"rows": [{"bits": b, "variant": v, "fid_digits": f} for b, v, f in rows], "ranges": {}}))
+        return str(path)
+
+    first = rows_file("a.json", [("FP", "FP", 2.5), ("W4A4", "EDA-DM", 50.0)])
+    second = rows_file("b.json", [("FP", "FP", 2.5), ("W4A4", "EDA-DM", 40.0), ("W4A4", "DilateQuant + TDAC", 9.0)])
+    out = tmp_path / "merged.json"
+    result = CliRunner().invoke(calibration_report.main, ["merge", "--rows", first, "--rows", second, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    merged = {(r["bits"], r["variant"]): r["fid_digits"] for r in json.loads(out.read_text())["rows"]}
+    assert merged == {("FP", "FP"): 2.5, ("W4A4", "EDA-DM"): 40.0, ("W4A4", "DilateQuant + TDAC"): 9.0}
+
+
+def test_an_unknown_variant_is_refused_by_name(tmp_path):
+    args = ["run", "--variants", "DilateQuant (TPQ+WD+BKD)", "--rows", str(tmp_path / "rows.json")]
+    result = CliRunner().invoke(calibration_report.main, args)
+    assert result.exit_code != 0 and "unknown variants" in result.output and "DilateQuant v1 (old defaults)" in result.output

@@ -30,7 +30,9 @@ def cli_config(monkeypatch, tmp_path, *args: str) -> CalibConfig:
 def test_api_and_cli_calibrate_with_the_same_defaults(monkeypatch, tmp_path):
     # defect: CalibConfig() distilled 0 iterations while the CLI ran 400
     assert cli_config(monkeypatch, tmp_path) == CalibConfig() == CalibConfig.from_bits("W8A8")
-    assert CalibConfig().bkd_iters == 400 and CalibConfig().act_init == "mse"
+    assert CalibConfig().bkd_iters == 2000 and CalibConfig().act_init == "mse" and CalibConfig().bkd_lr_weight == 1e-4
+    old = recipe("dilatequant-v1")
+    assert (old.bkd_iters, old.bkd_lr_weight, old.method) == (400, 1e-5, "dilatequant")
     assert cli_config(monkeypatch, tmp_path, "--method", "minmax", "--bits", "W4A8") == CalibConfig.from_bits("W4A8", method="minmax")
     assert cli_config(monkeypatch, tmp_path, "--recipe", "demo-quick", "--samples", "64") == recipe("demo-quick", samples=64)
 

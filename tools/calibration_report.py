@@ -1,10 +1,12 @@
-"""The calibration results table: FP vs naive min-max vs +TPQ vs +WD vs DilateQuant, per bit width.
+"""The calibration results table: FP vs naive min-max, +TPQ, +WD, EDA-DM and DilateQuant's recipes, per bit width.
 
     python -m dilatequant.tools.calibration_report run --bits W8A8 --n 5000 --device cuda --rows rows.json
+    python -m dilatequant.tools.calibration_report merge --rows a.json --rows b.json --out rows.json
     python -m dilatequant.tools.calibration_report render --rows rows.json --out docs/results
 
 `run` is resumable: rows already in the rows file are skipped, so the work can be split over several
-calls of a time-limited GPU machine. `render` writes calibration.md and calibration_act_ranges.png.
+calls of a time-limited GPU machine, or over processes sharing one GPU (one rows file each, then `merge`).
+`render` writes calibration.md and calibration_act_ranges.png.
 """
 
 from __future__ import annotations
@@ -22,12 +24,17 @@ from dilatequant.core.environment import describe_device, library_versions, reso
 from dilatequant.core.evaluate import labels_for, score
 from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
-# row -> its recipe (calibrate/recipes.py)
+# row -> its recipe (calibrate/recipes.py), in the table's order
 VARIANTS = {
     "naive min-max": "naive-minmax",
     "+TPQ": "minmax-tpq",
     "+TPQ +WD": "minmax-tpq-wd",
-    "DilateQuant (TPQ+WD+BKD)": "dilatequant",
+    "EDA-DM": "eda-dm",
+    "DilateQuant v1 (old defaults)": "dilatequant-v1",
+    "DilateQuant v1 + FP boundary layers": "dilatequant-v1-fp-boundary",
+    "DilateQuant (new defaults)": "dilatequant",
+    "DilateQuant + TDAC": "dilatequant-tdac",
+    "DilateQuant + FBR/QDrop": "dilatequant-fbr-qdrop",
     "DilateQuant + FP boundary layers": "dilatequant-fp-boundary",
 }
 RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
@@ -64,14 +71,14 @@ def main() -> None:
 @click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated subset of the rows.")
 @click.option("--n", default=5000, show_default=True)
 @click.option("--steps", default=50, show_default=True)
-@click.option("--samples", default=1024, show_default=True)
-@click.option("--trajectories", default=64, show_default=True)
-@click.option("--bkd-iters", default=400, show_default=True, help="Distillation iterations per block (the CLI default).")
+@click.option("--samples", type=int, default=None, help="Calibration samples.  [default: each recipe's]")
+@click.option("--trajectories", type=int, default=None, help="FP trajectories.  [default: each recipe's]")
+@click.option("--bkd-iters", type=int, default=None, help="Distillation iterations per block of the distilling recipes.  [default: each recipe's]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--work", default="calibration-work", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rows", "rows_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories: int, bkd_iters: int, device: str, work: Path,
-        rows_path: Path) -> None:  # fmt: skip
+def run(bits: str, variants: str, n: int, steps: int, samples: int | None, trajectories: int | None, bkd_iters: int | None,
+        device: str, work: Path, rows_path: Path) -> None:  # fmt: skip
     """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
     from dilatequant.calibrate.artifact import load_artifact
     from dilatequant.calibrate.flow import calibrate
@@ -79,7 +86,11 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories
 
     results = load_rows(rows_path)
     done = {(r["bits"], r["variant"]) for r in results["rows"]}
+    unknown = set(variants.split(",")) - set(VARIANTS)
+    if unknown:
+        raise click.UsageError(f"unknown variants {sorted(unknown)}; variants: {', '.join(VARIANTS)}")
     wanted = sorted(VARIANTS.items(), key=lambda item: get_recipe(item[1]).method != "dilatequant")  # DilateQuant first
+    given = {k: v for k, v in (("samples", samples), ("trajectories", trajectories)) if v is not None}
     pending = [(preset, variant, options) for preset in bits.split(",") for variant, options in wanted
                if (preset, variant) not in done and variant in variants.split(",")]  # fmt: skip
     if not pending and ("FP", "FP") in done:
@@ -94,9 +105,8 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories
     if ("FP", "FP") not in done:
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
     for preset, variant, name in pending:
-        distills = get_recipe(name).method == "dilatequant"
-        config = recipe(name, preset, samples=samples, trajectories=trajectories, steps=steps,
-                        **({"bkd_iters": bkd_iters} if distills else {}))  # fmt: skip
+        distills = get_recipe(get_recipe(name).method).distills
+        config = recipe(name, preset, steps=steps, **given, **({"bkd_iters": bkd_iters} if distills and bkd_iters else {}))
         out = work / f"{preset}-{slug(variant)}"
         start = time.perf_counter()
         calibrate("digits", config, out, torch_device)
@@ -105,13 +115,32 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int, trajectories
         images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
         metrics = score(images, labels, fp_images)
         metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
-        results["rows"].append({"bits": preset, "variant": variant, **common, **metrics, "calib_seconds": round(seconds, 1)})
+        ran = json.loads((out / "calibration.json").read_text())["run"]  # what the calibration itself measured
+        results["rows"].append({"bits": preset, "variant": variant, "recipe": name, **common, **metrics, "calib_seconds": round(seconds, 1),
+                                "phase_seconds": ran["seconds"], "peak_cuda_mib": max(ran.get("peak_cuda_mib", {}).values(), default=None),
+                                "peak_rss_mib": ran.get("peak_rss_mib")})  # fmt: skip
         if preset == "W8A8" and variant in RANGE_VARIANTS:
             results["ranges"][variant] = act_ranges(out)
         results["versions"] = library_versions()
         atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
         click.echo(json.dumps(results["rows"][-1]))
     atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
+
+
+@main.command()
+@click.option("--rows", "inputs", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def merge(inputs: tuple[Path, ...], out_path: Path) -> None:
+    """Merge rows files (a later file's row replaces an earlier one's of the same bits and variant)."""
+    merged: dict = {"rows": [], "ranges": {}}
+    for path in inputs:
+        results = load_rows(path)
+        keys = {(r["bits"], r["variant"]) for r in results["rows"]}
+        merged["rows"] = [r for r in merged["rows"] if (r["bits"], r["variant"]) not in keys] + results["rows"]
+        merged["ranges"].update(results.get("ranges", {}))
+        merged["versions"] = results.get("versions", merged.get("versions"))
+    atomic_write_text(out_path, json.dumps(merged, indent=2) + "\n")
+    click.echo(f"wrote {out_path} ({len(merged['rows'])} rows)")
 
 
 @main.command()
@@ -172,14 +201,14 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def table(rows: list[dict], fp: dict) -> list[str]:
-    lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) | peak CUDA (MiB) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         ratio = r["fid_digits"] / fp["fid_digits"]
         relative = "—" if r is fp else f"{100 * (ratio - 1):+.1f}%" if ratio < 2 else f"×{ratio:.1f}"
         psnr = "—" if r is fp else fmt(r.get("psnr_vs_fp"), 2)
         lines.append(f"| {r['bits']} | {r['variant']} | {fmt(r['fid_digits'], 2)} | {relative} | {fmt(r['class_accuracy'])} "
-                     f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} |")  # fmt: skip
+                     f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} | {fmt(r.get('peak_cuda_mib'), 0)} |")  # fmt: skip
     return lines
 
 
@@ -221,6 +250,8 @@ def render(rows_path: Path, floor_path: Path, memory_path: Path, notes_path: Pat
              f"Measured by `python -m dilatequant.tools.calibration_report run` on {fp['device']} "
              f"({', '.join(f'{k} {v}' for k, v in results.get('versions', {}).items())}). Every row samples the same "
              "initial noise (seed 0), so psnr_vs_fp is paired.", "", *table(rows, fp), ""]  # fmt: skip
+    lines += ["Peak CUDA: the calibration's largest allocation over its phases (recorded from issue 13 on; earlier "
+              "rows: —).", ""]
     if floor:
         lines += [f"Seed-to-seed noise floor of the FP model at n = 5000 (seeds 0–2): fid_digits {floor['mean']:.2f} "
                   f"± {floor['std']:.2f} (min {floor['min']:.2f}, max {floor['max']:.2f}).", ""]  # fmt: skip
