@@ -132,6 +132,13 @@ class BlockData:
     layer_targets: list[list[torch.Tensor]] | None = None
 
 
+def block_examples(quantized: QuantizedDenoiser, data: BlockData, config: CalibConfig) -> list[tuple]:
+    """Per batch: (input, FP input when the mixing reads it, target, layer targets, timestep rows)."""
+    return [(data.inputs[i], data.fp_inputs[i] if config.input_mixing in FP_INPUTS else None, data.targets[i],
+             data.layer_targets[i] if data.layer_targets else [], quantized.index.lookup(data.t[i]))
+            for i in range(len(data.inputs))]  # fmt: skip
+
+
 def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int) -> dict:
     """Train one block on its cached data with the config's reconstruction parts; returns the final loss and
     whether the iterations replayed a CUDA graph."""
@@ -144,12 +151,9 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
     trained = [p for group in groups for p in group["params"]]
     for p in trained:
         p.requires_grad_(True)
-    device = data.targets[0].device
-    examples = [(data.inputs[i], data.fp_inputs[i] if config.input_mixing in FP_INPUTS else None, data.targets[i],
-                 data.layer_targets[i] if data.layer_targets else [], quantized.index.lookup(data.t[i]))
-                for i in range(len(data.inputs))]  # fmt: skip
+    device, examples = data.targets[0].device, block_examples(quantized, data, config)
     graphed = config.bkd_cuda_graph and device.type == "cuda" and replayable(examples) and config.bkd_iters > WARMUP
-    optimizer = torch.optim.Adam(groups, capturable=graphed)
+    optimizer = torch.optim.Adam(groups, capturable=graphed)  # capturable: Adam's state stays on the device
     schedule, bases = LR_SCHEDULES[config.bkd_lr_schedule], [group["lr"] for group in groups]
     if graphed and schedule is not None:  # a replayed Adam step reads its rates from device tensors
         for group in optimizer.param_groups:
@@ -178,12 +182,8 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
 
         run, first = step, 0
         if graphed:  # the warm-up iterations run at the first iteration's rates
-            first = WARMUP
-            try:
-                run = GraphedStep(step, [examples[i] for i in order[:WARMUP]])
-            except RuntimeError as error:  # a forward that cannot be captured (a host sync in it) trains eagerly
-                warnings.warn(f"CUDA graph capture failed, this block trains eagerly: {error}", stacklevel=2)
-                graphed = False
+            run, first = replayed(step, [examples[i] for i in order[:WARMUP]]), WARMUP
+            graphed = run is not step
         for k in range(first, len(order)):
             if schedule is not None:
                 set_rates(optimizer, bases, schedule(k, len(order)))
@@ -192,6 +192,16 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
         p.requires_grad_(False)
     rounding.finish()
     return {"loss": float(loss.detach()), "cuda_graph": graphed}
+
+
+def replayed(step, warmup: list):
+    """The step as a replayed CUDA graph, or (when its forward cannot be captured, e.g. a host sync in it)
+    the step itself, with a warning."""
+    try:
+        return GraphedStep(step, warmup)
+    except RuntimeError as error:
+        warnings.warn(f"CUDA graph capture failed, this block trains eagerly: {error}", stacklevel=2)
+        return step
 
 
 def set_rates(optimizer: torch.optim.Optimizer, bases: list[float], fraction: float) -> None:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from dilatequant.calibrate import bkd
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.contract import load_artifact
 from dilatequant.calibrate.cuda_graph import WARMUP, GraphedStep, copy_into, replayable, static_copy
@@ -87,3 +88,13 @@ def test_graphed_calibration_learns_like_the_eager_one(tiny_model_dirs, tmp_path
         left[graph] = sum(b["mse_after"] / b["mse_before"] for b in blocks) / len(blocks)
         load_artifact(path).model  # the trained artifact loads
     assert left[True] < 1 and left[True] == pytest.approx(left[False], abs=0.05)
+
+
+def test_a_block_that_cannot_be_captured_trains_eagerly_with_a_warning(monkeypatch):
+    def refuse(step, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(bkd, "GraphedStep", refuse)
+    step = lambda example: example  # noqa: E731
+    with pytest.warns(UserWarning, match="trains eagerly: operation not permitted"):
+        assert bkd.replayed(step, []) is step

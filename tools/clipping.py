@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 import torch
 
+from dilatequant.calibrate.quantizer import fake_quantize
 from dilatequant.core.atomic import atomic_write_text
 from dilatequant.core.environment import resolve_device
 from dilatequant.core.evaluate import labels_for
@@ -34,13 +35,12 @@ class ErrorSplit:
         step, zero = quantizer.per_sample(x, quantizer.step.detach()), quantizer.per_sample(x, quantizer.zero_point)
         lo, hi = (quantizer.fmt.qmin - zero) * step, (quantizer.fmt.qmax - zero) * step
         x = x.detach().float()
-        clipped = torch.clamp(x, lo, hi)
-        beyond = (x - clipped).pow(2).flatten(1)
-        error = (quantizer(x) - x).pow(2).flatten(1)  # the quantizer's own output: clipping + rounding
+        beyond = (x - torch.clamp(x, lo, hi)).pow(2).flatten(1)
+        error = (fake_quantize(x, step, zero, quantizer.fmt) - x).pow(2).flatten(1)  # what the quantizer outputs
         rows = quantizer.index.rows_for(len(x)).cpu() if len(quantizer.step) > 1 else torch.zeros(len(x), dtype=torch.long)
         for name, value in (("seen", torch.full((len(x),), float(beyond.shape[1]))), ("clipped", (beyond > 0).sum(1).double()),
                             ("clip_error", beyond.sum(1).double()), ("round_error", (error - beyond).clamp_min(0).sum(1).double())):
-            getattr(self, name).index_add_(0, rows, value.cpu())  # fmt: skip
+            getattr(self, name).index_add_(0, rows, value.double().cpu())  # fmt: skip
 
 
 def error_split(calib: Path, n: int, seed: int, steps: int, device: torch.device) -> dict:
