@@ -29,6 +29,7 @@ from tqdm import tqdm
 from dilatequant.core.denoiser import Denoiser
 from dilatequant.core.families import get_family
 from dilatequant.core.structure import call_order
+from dilatequant.core.tensors import map_tensors
 
 from .calib_data import CalibrationData
 from .config import CalibConfig
@@ -44,13 +45,7 @@ class _StopForward(Exception):
 
 
 def detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(detached(v) for v in value)
-    if isinstance(value, dict):
-        return {k: detached(v) for k, v in value.items()}
-    return value
+    return map_tensors(torch.Tensor.detach, value)
 
 
 def first_tensor(output) -> torch.Tensor:

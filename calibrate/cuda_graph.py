@@ -13,18 +13,14 @@ from typing import Any
 
 import torch
 
+from dilatequant.core.tensors import map_tensors
+
 WARMUP = 3  # eager iterations on a side stream before capture (cuDNN/cuBLAS workspaces, Adam's state)
 
 
 def static_copy(value: Any) -> Any:
     """A structure like `value` with every tensor cloned: the buffers a graph reads."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(static_copy(v) for v in value)
-    if isinstance(value, dict):
-        return {k: static_copy(v) for k, v in value.items()}
-    return value
+    return map_tensors(torch.Tensor.clone, value)
 
 
 def copy_into(static: Any, value: Any) -> None:
