@@ -29,12 +29,13 @@ def test_the_split_is_clipping_beyond_the_range_plus_rounding_inside_it():
 
 
 def test_the_command_compares_calibrations(tiny_model_dirs, tmp_path):
-    calib = calibrate(tiny_model_dirs["unet"], CalibConfig(method="minmax", samples=8, trajectories=4, steps=4), tmp_path / "c",
+    calib = calibrate(tiny_model_dirs["unet"], CalibConfig(method="minmax", tpq=False, samples=8, trajectories=4, steps=4), tmp_path / "c",
                       progress=False)  # fmt: skip
     out = tmp_path / "clipping.json"
     args = ["--calib", str(calib), "--n", "4", "--steps", "4", "--device", "cpu", "--out", str(out)]
     result = CliRunner().invoke(clipping.main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (record,) = json.loads(out.read_text())["results"]
-    assert record["tables"] == "per timestep" and record["round_error"] > 0 and 0 <= record["clipped_share"] < 1
-    assert len(record["per_timestep"]["clip_error"]) == 4
+    assert record["tables"] == "one shared range" and record["round_error"] > 0 and 0 <= record["clipped_share"] < 1
+    # a shared table's error still lands on each sample's own timestep
+    assert len(record["per_timestep"]["clip_error"]) == 4 and all(e > 0 for e in record["per_timestep"]["round_error"])

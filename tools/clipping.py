@@ -24,7 +24,7 @@ from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
 
 class ErrorSplit:
-    """Per timestep row: elements seen, elements clipped, clipping and rounding squared error."""
+    """Per timestep of the calibrated grid: elements seen, elements clipped, clipping and rounding squared error."""
 
     def __init__(self, rows: int) -> None:
         self.seen, self.clipped, self.clip_error, self.round_error = (torch.zeros(rows, dtype=torch.float64) for _ in range(4))
@@ -37,7 +37,7 @@ class ErrorSplit:
         x = x.detach().float()
         beyond = (x - torch.clamp(x, lo, hi)).pow(2).flatten(1)
         error = (fake_quantize(x, step, zero, quantizer.fmt) - x).pow(2).flatten(1)  # what the quantizer outputs
-        rows = quantizer.index.rows_for(len(x)).cpu() if len(quantizer.step) > 1 else torch.zeros(len(x), dtype=torch.long)
+        rows = quantizer.index.rows_for(len(x)).cpu()  # each sample's timestep, also for a one-row (shared) table
         for name, value in (("seen", torch.full((len(x),), float(beyond.shape[1]))), ("clipped", (beyond > 0).sum(1).double()),
                             ("clip_error", beyond.sum(1).double()), ("round_error", (error - beyond).clamp_min(0).sum(1).double())):
             getattr(self, name).index_add_(0, rows, value.double().cpu())  # fmt: skip
