@@ -12,6 +12,7 @@ which calibration.json keeps under statistics.data_selection.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,25 @@ def min_max(values: torch.Tensor) -> torch.Tensor:
     return (values - values.min()) / span if span > 0 else torch.zeros_like(values)
 
 
+def pairwise_mse(features: torch.Tensor) -> torch.Tensor:
+    """mean((F_t - F_u)^2) for every pair of steps of `features` (steps, ...)."""
+    flat = features.reshape(features.shape[0], -1).double()
+    return torch.cdist(flat, flat).pow(2) / flat.shape[1]
+
+
+def radius_warning(features: torch.Tensor, radius: float) -> tuple[dict, str | None]:
+    """The spread of the pairwise feature MSEs (recorded, to choose a radius by) and, when the radius lies outside
+    it so that every step gets the same density, a warning that says so."""
+    mse = pairwise_mse(features)[~torch.eye(features.shape[0], dtype=torch.bool)]
+    spread = {"min": float(mse.min()), "median": float(mse.median()), "max": float(mse.max())}
+    if mse.min() <= radius < mse.max():
+        return spread, None
+    side = "above every" if radius >= mse.max() else "below every"
+    return spread, (f"TDAC radius {radius:g} is {side} pairwise feature MSE of this model (min {spread['min']:.3g}, median "
+                    f"{spread['median']:.3g}, max {spread['max']:.3g}): every timestep gets the same density, so the counts "
+                    "follow diversity alone. Set --tdac-radius inside that range for density to count.")  # fmt: skip
+
+
 def tdac_scores(features: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(density, diversity) per step of `features` (steps, batch, ...), both min-max normalised.
 
@@ -69,10 +89,8 @@ def tdac_scores(features: torch.Tensor, radius: float) -> tuple[torch.Tensor, to
     dim of [B, tokens, C]) and summed over samples and positions.
     """
     steps = features.shape[0]
-    flat = features.reshape(steps, -1).double()
-    mse = torch.cdist(flat, flat).pow(2) / flat.shape[1]
     others = ~torch.eye(steps, dtype=torch.bool)
-    density = ((mse <= radius) & others).sum(1).double()
+    density = ((pairwise_mse(features) <= radius) & others).sum(1).double()
     channel = 2 if features.dim() == 5 else -1  # (steps, B, C, H, W) or (steps, B, tokens, C)
     unit = torch.nn.functional.normalize(features.double(), dim=channel).reshape(steps, -1)
     positions = unit.shape[1] / features.shape[channel]
@@ -95,12 +113,16 @@ def tdac_counts(weights: torch.Tensor, samples: int) -> torch.Tensor:
 
 def select_tdac(pool: Pool, samples: int, generator: torch.Generator, radius: float = 3.0, lam: float = 1.2, **_) -> Selection:
     density, diversity = tdac_scores(pool.features, radius)
+    spread, warning = radius_warning(pool.features, radius)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     counts = tdac_counts(density + lam * diversity, samples)
     labels = torch.repeat_interleave(torch.arange(len(counts)), counts)
     step = labels[torch.randperm(samples, generator=generator)]
     trajectory = torch.randperm(pool.n_trajectories, generator=generator)[:samples]  # each sample its own trajectory
     record = counts_record("tdac", pool, step, radius=radius, lam=lam, density=[round(v, 4) for v in density.tolist()],
-                           diversity=[round(v, 4) for v in diversity.tolist()], feature_shape=list(pool.features.shape[1:]))  # fmt: skip
+                           diversity=[round(v, 4) for v in diversity.tolist()], feature_shape=list(pool.features.shape[1:]),
+                           pairwise_mse=spread)  # fmt: skip
     return Selection(trajectory, step, record)
 
 

@@ -1,6 +1,7 @@
 """Calibration-data selection (calibrate/selection.py): random, uniform and EDA-DM's TDAC."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -82,3 +83,14 @@ def test_tdac_calibrates_every_family_and_records_its_counts(tiny_model_dirs, tm
     result = CliRunner().invoke(main, ["selection", "--calib", str(path), "--out", str(tmp_path / "tdac.png")])
     assert result.exit_code == 0 and "tdac: 12 samples over 4 timesteps" in result.output, result.output
     assert (tmp_path / "tdac.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_radius_outside_the_features_spread_is_warned_about_and_the_spread_recorded():
+    pool = Pool(40, [900, 700, 500, 300, 100, 0], features())
+    with pytest.warns(UserWarning, match="above every pairwise feature MSE"):
+        chosen = select_tdac(pool, 40, torch.Generator().manual_seed(0), radius=100.0)
+    spread = chosen.record["pairwise_mse"]
+    assert 0 < spread["min"] <= spread["median"] <= spread["max"] < 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a radius inside the spread: no warning
+        select_tdac(pool, 40, torch.Generator().manual_seed(0), radius=spread["median"])
