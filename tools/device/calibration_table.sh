@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Missing rows of docs/results/calibration.md, several `calibration_report run` processes side by side on one GPU
-# (each is launch-bound, so they share it well). One argument per process, "BITS|VARIANT,VARIANT", e.g.
+# (each is launch-bound, so they share it well; on a machine of several GPUs, round-robin over them). One argument per process, "BITS|VARIANT,VARIANT", e.g.
 #   bash tools/device/calibration_table.sh "W4A4|EDA-DM" "W4A4|DilateQuant (new defaults),DilateQuant + TDAC"
 # Each process starts from docs/results/calibration_rows.json (rows there are skipped) and writes its rows after
 # every row; after LIMIT seconds (default 500) unfinished ones are stopped. $OUT/rows.json: everything merged.
@@ -10,11 +10,12 @@ rm -rf /tmp/site /tmp/table && mkdir -p /tmp/table
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 report="python3 -m dilatequant.tools.calibration_report"
+gpus=$(nvidia-smi -L 2> /dev/null | wc -l) && [ "$gpus" -gt 0 ] || gpus=1  # processes go round-robin over the machine's GPUs
 k=0
 for spec in "$@"; do
   k=$((k + 1))
   cp docs/results/calibration_rows.json "/tmp/table/rows_$k.json"
-  $report run --bits "${spec%%|*}" --variants "${spec#*|}" --n "${N:-5000}" --device cuda --work "/tmp/table/work_$k" \
+  CUDA_VISIBLE_DEVICES=$(((k - 1) % gpus)) $report run --bits "${spec%%|*}" --variants "${spec#*|}" --n "${N:-5000}" --device cuda --work "/tmp/table/work_$k" \
     --rows "/tmp/table/rows_$k.json" > "/tmp/table/log_$k.txt" 2>&1 &
 done
 ( sleep "${LIMIT:-500}" && pkill -f dilatequant.tools.calibration_report ) 2> /dev/null &

@@ -17,9 +17,12 @@ if [ "${GPU_TESTS:-1}" = 1 ] && python3 -c "import pytest" 2> /dev/null; then
   tail -3 "$res/gpu_tests.log"
 fi
 
+gpus=$(nvidia-smi -L 2> /dev/null | wc -l) && [ "$gpus" -gt 0 ] || gpus=1  # jobs go round-robin over the machine's GPUs
+launched=0
 job() {
   local name=$1 bits=$2
   shift 2
+  export CUDA_VISIBLE_DEVICES=$((launched % gpus))
   {
     python3 -m dilatequant.tools.cli calibrate --model digits --bits "$bits" --device cuda --out "/tmp/lb/$name" "$@" &&
       cp "/tmp/lb/$name/calibration.json" "$res/$name.calibration.json" &&
@@ -32,11 +35,12 @@ first=1
 while read -r name bits options; do
   [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
   # shellcheck disable=SC2086  # options are words
-  if [ "$first" = 1 ] && [ "${ALONE_FIRST:-1}" = 1 ]; then first=0 && job "$name" "$bits" $options && continue; fi
+  if [ "$first" = 1 ] && [ "${ALONE_FIRST:-1}" = 1 ]; then first=0 && job "$name" "$bits" $options && launched=$((launched + 1)) && continue; fi
   while [ "$(jobs -rp | wc -l)" -ge "${P:-6}" ]; do wait -n; done
   if [ $(($(date +%s) - start)) -gt "${LIMIT:-520}" ]; then echo "out of time before $name"; break; fi
   # shellcheck disable=SC2086  # options are words
   job "$name" "$bits" $options &
+  launched=$((launched + 1))
 done < "$1"
 ( sleep $((${LIMIT:-520} + 40 - ($(date +%s) - start))) && pkill -f dilatequant.tools.cli ) 2> /dev/null &
 watchdog=$!
