@@ -60,15 +60,18 @@ class QuantAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def quantize_attention_matmuls(model: nn.Module, index: TimestepIndex, rows: int, bits: int, symmetric: bool) -> list[str]:
-    """Give every diffusers Attention its matmul quantizers and the explicit processor; returns their names."""
+def quantize_attention_matmuls(model: nn.Module, index: TimestepIndex, rows: int, bits: int, symmetric: bool,
+                               head_tables: bool = False) -> list[str]:  # fmt: skip
+    """Give every diffusers Attention its matmul quantizers and the explicit processor; returns their names.
+    `head_tables`: one table column per attention head (q, k, v and the probabilities are [batch, heads, ...])."""
     from diffusers.models.attention_processor import Attention
 
     names = []
     for name, module in model.named_modules():
         if isinstance(module, Attention):
             module.matmul_quantizers = nn.ModuleDict(
-                {role: ActQuantizer(index, rows, bits, symmetric, channel_dim=-1) for role in MATMUL_INPUTS}
+                {role: ActQuantizer(index, rows, bits, symmetric, channel_dim=-1, heads=module.heads if head_tables else 1)
+                 for role in MATMUL_INPUTS}  # fmt: skip
             )
             module.set_processor(QuantAttnProcessor())
             names += [f"{name}.attn_{role}" for role in MATMUL_INPUTS]

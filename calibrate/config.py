@@ -41,6 +41,7 @@ class CalibConfig:
     act_symmetric: bool = True
     boundary: str = "8bit"
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
+    attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
     weight_init: str | None = None  # the method's: minmax, mse (eda-dm)
     act_init: str | None = None  # the method's: mse (dilatequant, eda-dm), minmax (minmax)
     percentile: float = 99.99
@@ -95,6 +96,9 @@ class CalibConfig:
         if self.bkd_batch < 1 or min(rates.values()) <= 0:
             raise UserError(f"bkd_batch must be >= 1 and learning rates > 0; got bkd_batch={self.bkd_batch}, "
                             + ", ".join(f"{k}={v}" for k, v in rates.items()) + ".")
+        if self.attention_head_tables and not self.quantize_attention:
+            raise UserError("attention_head_tables=True would not run: it gives the attention matmul inputs one table "
+                            "entry per head, and those are quantized only with quantize_attention=True.")
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:

@@ -28,22 +28,29 @@ class RowObserver:
     (moving every observed activation to the CPU took half of a GPU calibration)."""
 
     def __init__(self, quantizer: ActQuantizer, percentile: float | None) -> None:
-        rows, device = len(quantizer.step), quantizer.step.device
+        cells, device = quantizer.step.numel(), quantizer.step.device  # rows, or rows x heads
         self.quantizer, self.percentile = quantizer, percentile
-        self.lo, self.hi = torch.full((rows,), float("inf"), device=device), torch.full((rows,), float("-inf"), device=device)
-        self.pct_lo, self.pct_hi, self.count = (torch.zeros(rows, device=device) for _ in range(3))
+        self.lo, self.hi = torch.full((cells,), float("inf"), device=device), torch.full((cells,), float("-inf"), device=device)
+        self.pct_lo, self.pct_hi, self.count = (torch.zeros(cells, device=device) for _ in range(3))
         self.channel_amax: torch.Tensor | None = None
-        self.mse = torch.zeros(rows, len(MSE_FRACTIONS), device=device)
-        self.mse_count = torch.zeros(rows, device=device)
+        self.mse = torch.zeros(cells, len(MSE_FRACTIONS), device=device)
+        self.mse_count = torch.zeros(cells, device=device)
 
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
+    def cells(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's table cell (its timestep row; with head columns, one cell per sample and head) and the
+        values of each, flattened."""
         if len(self.quantizer.step) > 1:
-            return self.quantizer.index.rows_for(len(x)).to(x.device)
-        return torch.zeros(len(x), dtype=torch.long, device=x.device)
+            rows = self.quantizer.index.rows_for(len(x)).to(x.device)
+        else:
+            rows = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        heads = self.quantizer.heads
+        if heads == 1:
+            return rows, x.flatten(1)
+        return (rows[:, None] * heads + torch.arange(heads, device=x.device)).flatten(), x.reshape(len(x) * heads, -1)
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float().to(self.lo.device)
-        rows, flat = self.rows(x), x.flatten(1)
+        rows, flat = self.cells(x)
         self.lo.scatter_reduce_(0, rows, flat.amin(1), "amin")
         self.hi.scatter_reduce_(0, rows, flat.amax(1), "amax")
         self.count.scatter_add_(0, rows, torch.ones(len(rows), device=x.device))
@@ -58,7 +65,7 @@ class RowObserver:
     def observe_mse(self, x: torch.Tensor) -> None:
         """Accumulate, per row, the quantization error of each candidate clipping range."""
         x = x.detach().float().to(self.lo.device)
-        rows, flat = self.rows(x), x.flatten(1)
+        rows, flat = self.cells(x)
         fmt = self.quantizer.fmt
         for k, fraction in enumerate(MSE_FRACTIONS.tolist()):
             step, zero = self.grid(fraction)
@@ -88,10 +95,17 @@ class RowObserver:
             step, zero = self.grid(1.0, percentile=method == "percentile")
         nearest = self.nearest_row(self.count > 0)
         with torch.no_grad():
-            self.quantizer.step.copy_(step[nearest])
-            self.quantizer.zero_point.copy_(zero[nearest])
+            self.quantizer.step.copy_(step[nearest].view_as(self.quantizer.step))
+            self.quantizer.zero_point.copy_(zero[nearest].view_as(self.quantizer.zero_point))
 
     def nearest_row(self, has_data: torch.Tensor) -> torch.Tensor:
+        """For every cell, itself if it has data, else the cell of the same head at the nearest timestep that has."""
+        heads = self.quantizer.heads
+        cells = torch.arange(len(has_data), device=has_data.device).view(-1, heads)
+        columns = has_data.view(-1, heads)
+        return torch.stack([cells[self.nearest_timestep(columns[:, h]), h] for h in range(heads)], 1).flatten()
+
+    def nearest_timestep(self, has_data: torch.Tensor) -> torch.Tensor:
         """For every row, itself if it has data, else the row of the nearest timestep that has."""
         observed = has_data.nonzero().flatten()
         if len(observed) == len(has_data) or len(observed) == 0:

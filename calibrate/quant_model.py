@@ -151,7 +151,7 @@ def wrap_layers(
     modules = dict(denoiser.model.named_modules())
     rows = len(index) if config.tpq else 1
     if config.quantize_attention:
-        quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric)
+        quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric, config.attention_head_tables)
     for group in groups:
         first = modules[group.layers[0]]
         quantizer = ActQuantizer(index, rows, bits[group.layers[0]].act_bits, config.act_symmetric,

@@ -6,6 +6,7 @@
 Weights: per output channel, symmetric (z = 0) — the only form TensorRT accepts.
 Activations: per tensor, one (Δ, z) row per calibrated timestep (Temporal Parallel Quantizer): every
 sample of a mixed-timestep batch gathers its own row, so one forward/backward pass trains all timesteps.
+Attention matmul inputs ([batch, heads, ...]) can have one column per head as well: a (timestep × head) table.
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ class ActQuantizer(nn.Module):
     Until `enabled` is set (after initialisation) the quantizer passes its (pre-scaled) input through.
     """
 
-    def __init__(self, index: TimestepIndex, rows: int, bits: int, symmetric: bool, channel_dim: int) -> None:
+    def __init__(self, index: TimestepIndex, rows: int, bits: int, symmetric: bool, channel_dim: int, heads: int = 1) -> None:
         super().__init__()
-        self.index, self.fmt, self.channel_dim = index, IntFormat(bits, symmetric), channel_dim
-        self.step = nn.Parameter(torch.ones(rows))
-        self.register_buffer("zero_point", torch.zeros(rows))
+        self.index, self.fmt, self.channel_dim, self.heads = index, IntFormat(bits, symmetric), channel_dim, heads
+        shape = (rows, heads) if heads > 1 else (rows,)  # heads: inputs shaped [batch, heads, ...]
+        self.step = nn.Parameter(torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
         self.register_buffer("dilation", torch.ones(0))
         self.prescale = False
         self.enabled = False
@@ -118,9 +120,9 @@ class ActQuantizer(nn.Module):
         return values.view(shape)
 
     def per_sample(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """This batch's row of `table` for every sample, shaped to broadcast against x."""
+        """This batch's row of `table` for every sample (and head), shaped to broadcast against x."""
         rows = self.index.rows_for(len(x)) if len(table) > 1 else torch.zeros(len(x), dtype=torch.long, device=x.device)
-        return table[rows].view(-1, *[1] * (x.dim() - 1))
+        return table[rows].view(len(x), *table.shape[1:], *[1] * (x.dim() - table.dim()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.prescale:  # multiply by 1/s, exactly as the exported constant Mul does

@@ -35,3 +35,41 @@ def test_matmul_quantizers_survive_the_artifact(tiny_model_dirs, tmp_path):
     assert len(probs) == len(attentions) > 0 and all(q.enabled and len(q.step) == 5 for q in probs)
     # softmax outputs lie in [0, 1]: their clipping range is at most 1
     assert all(float(q.step.detach().max()) * q.fmt.qmax <= 1.0 + 1e-6 for q in probs)
+
+
+def test_a_head_table_quantizes_each_head_with_its_own_step():
+    from dilatequant.calibrate.quantizer import ActQuantizer, fake_quantize
+    from dilatequant.calibrate.timesteps import TimestepIndex
+
+    index = TimestepIndex(torch.tensor([0, 500]))
+    quantizer = ActQuantizer(index, 2, 4, True, channel_dim=-1, heads=3)
+    with torch.no_grad():
+        quantizer.step.copy_(torch.tensor([[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]]))
+    quantizer.enabled = True
+    x = torch.randn(2, 3, 5, 4)  # [batch, heads, tokens, head_dim]
+    index.set_timesteps(torch.tensor([500, 0]))  # sample 0 reads row 1, sample 1 row 0
+    out = quantizer(x)
+    for b, row in ((0, 1), (1, 0)):
+        for h in range(3):
+            expected = fake_quantize(x[b, h], quantizer.step[row, h].detach(), 0.0, quantizer.fmt)
+            assert torch.equal(out[b, h], expected)
+
+
+def test_head_tables_are_calibrated_per_head_and_survive_the_artifact(tiny_model_dirs, tmp_path):
+    config = CalibConfig(quantize_attention=True, attention_head_tables=True, bkd_iters=5, bkd_batch=8, **TINY)
+    path = calibrate(tiny_model_dirs["dit"], config, tmp_path / "a", progress=False)
+    denoiser = load_artifact(path).model.denoiser
+    attentions = [m for m in denoiser.modules() if isinstance(m, Attention)]
+    keys = [q for name, q in denoiser.act_quantizers().items() if name.endswith(".attn_k")]
+    assert len(keys) == len(attentions) > 0 and attentions[0].heads > 1
+    assert all(q.step.shape == (5, attentions[0].heads) for q in keys)
+    assert all(not torch.allclose(q.step[:, 0], q.step[:, 1]) for q in keys)  # each head got its own range
+    probs = [q for name, q in denoiser.act_quantizers().items() if name.endswith(".attn_probs")]
+    assert all(float(q.step.detach().max()) * q.fmt.qmax <= 1.0 + 1e-6 for q in probs)
+
+
+def test_head_tables_without_attention_quantization_are_refused():
+    from dilatequant.core.errors import UserError
+
+    with pytest.raises(UserError, match="attention_head_tables=True would not run"):
+        CalibConfig(attention_head_tables=True)

@@ -167,6 +167,8 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @calib_option("--weight-init", "weight_init", type=click.Choice(WEIGHT_INITS))
 @calib_option("--boundary", "boundary", type=click.Choice(BOUNDARY), help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention matmul inputs (q, k, softmax, v).")
+@click.option("--head-tables", "attention_head_tables", is_flag=True,
+              help="With --quantize-attention: one table entry per (timestep, attention head) for those inputs.")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
 @calib_option("--recon-loss", "recon_loss", type=click.Choice(RECON_LOSSES),
               help="Reconstruction loss: block-output, or fbr (+ each layer's output).")
@@ -182,15 +184,15 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @calib_option("--seed", "seed", type=int)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact directory to write.")
-def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_attention: bool, asymmetric: bool, device: str,
-                      out: Path, **options) -> None:  # fmt: skip
+def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_attention: bool, attention_head_tables: bool,
+                      asymmetric: bool, device: str, out: Path, **options) -> None:  # fmt: skip
     """Calibrate a model (a method, or a named recipe) and write the calibration artifact."""
     from dilatequant.calibrate.flow import calibrate
     from dilatequant.calibrate.recipes import recipe
     from dilatequant.core.environment import resolve_device
 
     overrides = {key: value for key, value in options.items() if value is not None}
-    flags = {"quantize_attention": quantize_attention, "act_symmetric": not asymmetric}
+    flags = {"quantize_attention": quantize_attention, "attention_head_tables": attention_head_tables, "act_symmetric": not asymmetric}
     overrides.update({key: value for key, value in flags.items() if value != CalibConfig.__dataclass_fields__[key].default})
     config = recipe(recipe_name, bits, **overrides) if recipe_name else CalibConfig.from_bits(bits, **overrides)
     start = time.perf_counter()
