@@ -50,3 +50,21 @@ def test_an_unknown_variant_is_refused_by_name(tmp_path):
     args = ["run", "--variants", "DilateQuant (TPQ+WD+BKD)", "--rows", str(tmp_path / "rows.json")]
     result = CliRunner().invoke(calibration_report.main, args)
     assert result.exit_code != 0 and "unknown variants" in result.output and "DilateQuant v1 (old defaults)" in result.output
+
+
+def test_a_reference_file_is_written_once_then_read_and_checked(tmp_path, monkeypatch):
+    path = tmp_path / "fp.pt"
+    args = ["reference", "--n", "2", "--steps", "2", "--device", "cpu", "--out", str(path)]
+    assert CliRunner().invoke(calibration_report.main, args, catch_exceptions=False).exit_code == 0
+    rows = tmp_path / "rows.json"
+    run = ["run", "--bits", "W8A8", "--variants", "naive min-max", "--n", "2", "--steps", "2", "--samples", "4",
+           "--trajectories", "2", "--device", "cpu", "--work", str(tmp_path / "work"), "--rows", str(rows), "--reference", str(path)]  # fmt: skip
+    sampled = []
+    real_sample = calibration_report.sample
+    monkeypatch.setattr(calibration_report, "sample", lambda denoiser, *a, **k: sampled.append(denoiser) or real_sample(denoiser, *a, **k))
+    result = CliRunner().invoke(calibration_report.main, run, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(sampled) == 1  # only the quantized row's images: the FP ones were read from the file
+    other = [*run[:6], "4", *run[7:-3], str(tmp_path / "other.json"), *run[-2:]]  # n = 4 on a fresh rows file
+    mismatch = CliRunner().invoke(calibration_report.main, other)
+    assert mismatch.exit_code != 0 and "holds FP images of" in mismatch.output

@@ -11,6 +11,7 @@ calls of a time-limited GPU machine, or over processes sharing one GPU (one rows
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import click
 import torch
 
-from dilatequant.core.atomic import atomic_write_text
+from dilatequant.core.atomic import atomic_write_bytes, atomic_write_text
 from dilatequant.core.denoiser import load_model
 from dilatequant.core.environment import describe_device, library_versions, resolve_device
 from dilatequant.core.evaluate import labels_for, score
@@ -77,8 +78,11 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--work", default="calibration-work", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--rows", "rows_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reference", "reference_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="FP images of these sampler settings: read if the file exists, else sampled and written there "
+                   "(processes sharing one GPU sample the FP model once).")
 def run(bits: str, variants: str, n: int, steps: int, samples: int | None, trajectories: int | None, bkd_iters: int | None,
-        device: str, work: Path, rows_path: Path) -> None:  # fmt: skip
+        device: str, work: Path, rows_path: Path, reference_path: Path | None) -> None:  # fmt: skip
     """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
     from dilatequant.calibrate.artifact import load_artifact
     from dilatequant.calibrate.flow import calibrate
@@ -100,7 +104,7 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
     sampler = SamplerConfig(steps=steps, seed=0, batch_size=default_batch_size(torch_device))
     fp = load_model("digits", torch_device)
     labels = labels_for(fp, n)
-    fp_images = sample(fp.denoiser, fp.scheduler_config, labels, sampler, torch_device)
+    fp_images = reference_images(fp, labels, sampler, torch_device, reference_path)
     common = {"n": n, "steps": steps, "device": describe_device(torch_device)}
     if ("FP", "FP") not in done:
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
@@ -125,6 +129,37 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
         atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
         click.echo(json.dumps(results["rows"][-1]))
     atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
+
+
+def reference_images(fp, labels: torch.Tensor, sampler: SamplerConfig, device: torch.device, path: Path | None) -> torch.Tensor:
+    """The FP model's images for `labels` under `sampler`, from `path` when it holds them (checked), else sampled
+    (and written to `path` when given)."""
+    key = {"n": len(labels), "steps": sampler.steps, "seed": sampler.seed, "scheduler": sampler.scheduler}
+    if path is not None and path.is_file():
+        saved = torch.load(path)
+        if saved["key"] != key:
+            raise click.UsageError(f"{path} holds FP images of {saved['key']}, not of {key}; pass another --reference path.")
+        return saved["images"]
+    images = sample(fp.denoiser, fp.scheduler_config, labels, sampler, device)
+    if path is not None:
+        buffer = io.BytesIO()
+        torch.save({"key": key, "images": images}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+    return images
+
+
+@main.command()
+@click.option("--n", default=5000, show_default=True)
+@click.option("--steps", default=50, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def reference(n: int, steps: int, device: str, out_path: Path) -> None:
+    """Sample the FP images `run --reference` reads (once, before processes that share them start)."""
+    torch_device = resolve_device(device)
+    fp = load_model("digits", torch_device)
+    reference_images(fp, labels_for(fp, n), SamplerConfig(steps=steps, seed=0, batch_size=default_batch_size(torch_device)),
+                     torch_device, out_path)  # fmt: skip
+    click.echo(f"wrote {out_path}")
 
 
 @main.command()

@@ -10,13 +10,14 @@ rm -rf /tmp/site /tmp/table && mkdir -p /tmp/table
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 report="python3 -m dilatequant.tools.calibration_report"
+$report reference --n "${N:-5000}" --device cuda --out /tmp/table/fp.pt  # sampled once, read by every process
 gpus=$(nvidia-smi -L 2> /dev/null | wc -l) && [ "$gpus" -gt 0 ] || gpus=1  # processes go round-robin over the machine's GPUs
 k=0
 for spec in "$@"; do
   k=$((k + 1))
   cp docs/results/calibration_rows.json "/tmp/table/rows_$k.json"
   CUDA_VISIBLE_DEVICES=$(((k - 1) % gpus)) $report run --bits "${spec%%|*}" --variants "${spec#*|}" --n "${N:-5000}" --device cuda --work "/tmp/table/work_$k" \
-    --rows "/tmp/table/rows_$k.json" > "/tmp/table/log_$k.txt" 2>&1 &
+    --rows "/tmp/table/rows_$k.json" --reference /tmp/table/fp.pt > "/tmp/table/log_$k.txt" 2>&1 &
 done
 ( sleep "${LIMIT:-500}" && pkill -f dilatequant.tools.calibration_report ) 2> /dev/null &
 watchdog=$!
