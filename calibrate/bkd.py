@@ -165,7 +165,7 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
             inputs, fp_inputs, target, layer_targets, rows = example
             quantized.index.set_rows(rows)
             args, kwargs = inputs["args"], inputs["kwargs"]
-            if fp_inputs is not None:
+            if mix is not None:
                 args = mix(args, fp_inputs["args"], config.qdrop_prob, None)
                 kwargs = mix(kwargs, fp_inputs["kwargs"], config.qdrop_prob, None)
             output = first_tensor(block(*args, **kwargs))

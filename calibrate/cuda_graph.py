@@ -35,18 +35,11 @@ def copy_into(static: Any, value: Any) -> None:
             copy_into(s, value[k])
 
 
-def shapes(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.dtype
-    if isinstance(value, (tuple, list)):
-        return tuple(shapes(v) for v in value)
-    if isinstance(value, dict):
-        return tuple((k, shapes(v)) for k, v in sorted(value.items()))
-    return value
-
-
 def replayable(examples: list[Any]) -> bool:
     """Whether one set of static buffers fits every example (a ragged last batch does not)."""
+    def shapes(example: Any) -> Any:
+        return map_tensors(lambda t: (tuple(t.shape), t.dtype), example)
+
     first = shapes(examples[0])
     return all(shapes(e) == first for e in examples[1:])
 

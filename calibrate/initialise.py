@@ -39,11 +39,7 @@ class RowObserver:
     def cells(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's table cell (its timestep row; with head columns, one cell per sample and head) and the
         values of each, flattened."""
-        if len(self.quantizer.step) > 1:
-            rows = self.quantizer.index.rows_for(len(x)).to(x.device)
-        else:
-            rows = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        heads = self.quantizer.heads
+        rows, heads = self.quantizer.rows(x), self.quantizer.heads
         if heads == 1:
             return rows, x.flatten(1)
         return (rows[:, None] * heads + torch.arange(heads, device=x.device)).flatten(), x.reshape(len(x) * heads, -1)
@@ -180,7 +176,7 @@ class CandidateObserver:
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float().cpu()
-        rows = self.quantizer.index.rows_for(len(x)).cpu() if len(self.candidates) > 1 else torch.zeros(len(x), dtype=torch.long)
+        rows = self.quantizer.rows(x)
         for row in rows.unique().tolist():
             steps, zeros = self.candidates[row]
             if len(steps) > 1:

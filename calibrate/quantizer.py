@@ -119,14 +119,22 @@ class ActQuantizer(nn.Module):
         shape[self.channel_dim] = -1
         return values.view(shape)
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The table row of every sample of x: its timestep's, or row 0 of a one-row (shared) table."""
+        if len(self.step) > 1:
+            return self.index.rows_for(len(x)).to(x.device)
+        return torch.zeros(len(x), dtype=torch.long, device=x.device)
+
     def per_sample(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """This batch's row of `table` for every sample (and head), shaped to broadcast against x."""
-        rows = self.index.rows_for(len(x)) if len(table) > 1 else torch.zeros(len(x), dtype=torch.long, device=x.device)
-        return table[rows].view(len(x), *table.shape[1:], *[1] * (x.dim() - table.dim()))
+        return table[self.rows(x)].view(len(x), *table.shape[1:], *[1] * (x.dim() - table.dim()))
+
+    def prescaled(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the grid sees it: multiplied by 1/s when the dilation is a pre-scale (the exported constant Mul)."""
+        return x * self.channel_view(x, self.dilation.reciprocal()) if self.prescale else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.prescale:  # multiply by 1/s, exactly as the exported constant Mul does
-            x = x * self.channel_view(x, self.dilation.reciprocal())
+        x = self.prescaled(x)
         if not self.enabled:
             return x
         return fake_quantize(x, self.per_sample(x, self.step), self.per_sample(x, self.zero_point), self.fmt)

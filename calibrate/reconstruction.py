@@ -142,10 +142,6 @@ class RoundingWeights:
                 layer.weight_quantizer = original
 
 
-def no_mixing(quantized, fp, prob: float, generator: torch.Generator | None):
-    return quantized
-
-
 def cosine(iteration: int, total: int) -> float:
     """The learning rate's fraction of its base at `iteration` of `total`: from 1 down to 0 along a half cosine."""
     return 0.5 * (1 + math.cos(math.pi * iteration / total))
@@ -154,7 +150,7 @@ def cosine(iteration: int, total: int) -> float:
 # part name -> implementation (recipes.PARTS names them)
 LOSSES = {"block-output": block_output_loss, "fbr": fbr_loss}
 LAYER_TARGETS = frozenset({"fbr"})  # losses that need the FP block's layer outputs
-MIXERS = {"none": no_mixing, "qdrop": qdrop_mix}
-FP_INPUTS = frozenset({"qdrop"})  # mixings that need the FP block's input
+MIXERS: dict[str, Callable | None] = {"none": None, "qdrop": qdrop_mix}  # None: the quantized path's input as it is
+FP_INPUTS = frozenset(name for name, mixer in MIXERS.items() if mixer)  # mixings that read the FP block's input
 WEIGHT_ROUNDINGS = {"trained-weights": TrainedWeights, "learned-rounding": RoundingWeights}
 LR_SCHEDULES: dict[str, Callable[[int, int], float] | None] = {"constant": None, "cosine": cosine}  # None: rates never change

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 
-def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], value: Any) -> Any:
+def map_tensors(fn: Callable[[torch.Tensor], Any], value: Any) -> Any:
     """`value` with `fn` applied to every tensor in it; other values are kept as they are."""
     if isinstance(value, torch.Tensor):
         return fn(value)

@@ -110,7 +110,7 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
     for preset, variant, name in pending:
         distills = get_recipe(get_recipe(name).method).distills
-        config = recipe(name, preset, steps=steps, **given, **({"bkd_iters": bkd_iters} if distills and bkd_iters else {}))
+        config = recipe(name, preset, steps=steps, **given, **({"bkd_iters": bkd_iters} if distills and bkd_iters is not None else {}))
         out = work / f"{preset}-{slug(variant)}"
         start = time.perf_counter()
         calibrate("digits", config, out, torch_device)
@@ -119,7 +119,7 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
         images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
         metrics = score(images, labels, fp_images)
         metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
-        ran = json.loads((out / "calibration.json").read_text())["run"]  # what the calibration itself measured
+        ran = artifact.record.run  # what the calibration itself measured
         results["rows"].append({"bits": preset, "variant": variant, "recipe": name, **common, **metrics, "calib_seconds": round(seconds, 1),
                                 "phase_seconds": ran["seconds"], "peak_cuda_mib": max(ran.get("peak_cuda_mib", {}).values(), default=None),
                                 "peak_rss_mib": ran.get("peak_rss_mib")})  # fmt: skip

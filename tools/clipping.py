@@ -30,8 +30,7 @@ class ErrorSplit:
         self.seen, self.clipped, self.clip_error, self.round_error = (torch.zeros(rows, dtype=torch.float64) for _ in range(4))
 
     def observe(self, quantizer, x: torch.Tensor) -> None:
-        if quantizer.prescale:
-            x = x * quantizer.channel_view(x, quantizer.dilation.reciprocal())
+        x = quantizer.prescaled(x)
         step, zero = quantizer.per_sample(x, quantizer.step.detach()), quantizer.per_sample(x, quantizer.zero_point)
         lo, hi = (quantizer.fmt.qmin - zero) * step, (quantizer.fmt.qmax - zero) * step
         x = x.detach().float()
