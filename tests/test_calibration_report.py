@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -68,3 +69,25 @@ def test_a_reference_file_is_written_once_then_read_and_checked(tmp_path, monkey
     other = [*run[:6], "4", *run[7:-3], str(tmp_path / "other.json"), *run[-2:]]  # n = 4 on a fresh rows file
     mismatch = CliRunner().invoke(calibration_report.main, other)
     assert mismatch.exit_code != 0 and "holds FP images of" in mismatch.output
+
+
+def test_a_finished_artifact_is_reused_and_overrides_are_recorded(tmp_path, monkeypatch):
+    """A run stopped during its evaluation resumes without calibrating again; a variant's overrides reach its config."""
+    rows, work = tmp_path / "rows.json", tmp_path / "work"
+    args = ["run", "--bits", "W8A8", "--variants", "EDA-DM at 2000 iterations", "--n", "2", "--steps", "2", "--samples", "4",
+            "--trajectories", "4", "--bkd-iters", "1", "--device", "cpu", "--work", str(work), "--rows", str(rows)]  # fmt: skip
+    assert CliRunner().invoke(calibration_report.main, args, catch_exceptions=False).exit_code == 0
+    first = json.loads(rows.read_text())["rows"][-1]
+    assert first["recipe"] == "eda-dm" and first["overrides"] == {"bkd_iters": 2000} and first["bkd_iters"] == 1  # --bkd-iters wins
+    rows.unlink()  # as if the process had been killed before writing the row
+
+    import dilatequant.calibrate.flow as flow
+
+    monkeypatch.setattr(flow, "calibrate", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recalibrated")))
+    assert CliRunner().invoke(calibration_report.main, args, catch_exceptions=False).exit_code == 0
+    again = json.loads(rows.read_text())["rows"][-1]
+    assert again["fid_digits"] == first["fid_digits"] and again["phase_seconds"] == first["phase_seconds"]
+    rows.unlink()
+    changed = [a if i != args.index("--bkd-iters") + 1 else "2" for i, a in enumerate(args)]  # another configuration
+    with pytest.raises(AssertionError, match="recalibrated"):
+        CliRunner().invoke(calibration_report.main, changed, catch_exceptions=False)

@@ -25,18 +25,24 @@ from dilatequant.core.environment import describe_device, library_versions, reso
 from dilatequant.core.evaluate import labels_for, score
 from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
-# row -> its recipe (calibrate/recipes.py), in the table's order
-VARIANTS = {
-    "naive min-max": "naive-minmax",
-    "+TPQ": "minmax-tpq",
-    "+TPQ +WD": "minmax-tpq-wd",
-    "EDA-DM": "eda-dm",
-    "DilateQuant v1 (old defaults)": "dilatequant-v1",
-    "DilateQuant v1 + FP boundary layers": "dilatequant-v1-fp-boundary",
-    "DilateQuant (new defaults)": "dilatequant",
-    "DilateQuant + TDAC": "dilatequant-tdac",
-    "DilateQuant + FBR/QDrop": "dilatequant-fbr-qdrop",
-    "DilateQuant + FP boundary layers": "dilatequant-fp-boundary",
+# row -> (its recipe in calibrate/recipes.py, overrides of that recipe), in the table's order
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "naive min-max": ("naive-minmax", {}),
+    "+TPQ": ("minmax-tpq", {}),
+    "+TPQ +WD": ("minmax-tpq-wd", {}),
+    "EDA-DM": ("eda-dm", {}),
+    "EDA-DM at 2000 iterations": ("eda-dm", {"bkd_iters": 2000}),  # DilateQuant's default budget, side by side
+    "DilateQuant v1 (old defaults)": ("dilatequant-v1", {}),
+    "DilateQuant v1 + FP boundary layers": ("dilatequant-v1-fp-boundary", {}),
+    "DilateQuant (new defaults)": ("dilatequant", {}),
+    "DilateQuant at 5000 iterations": ("dilatequant", {"bkd_iters": 5000}),  # the paper's iterations per block
+    "DilateQuant + TDAC": ("dilatequant-tdac", {}),
+    "DilateQuant + FBR/QDrop": ("dilatequant-fbr-qdrop", {}),
+    "DilateQuant + 5120 samples": ("dilatequant", {"samples": 5120, "trajectories": 128}),  # the paper's count
+    # attention matmul inputs quantized too (simulation: export refuses them), one table per timestep or per (timestep, head)
+    "DilateQuant + attention matmuls": ("dilatequant", {"quantize_attention": True}),
+    "DilateQuant + attention matmuls, head tables": ("dilatequant", {"quantize_attention": True, "attention_head_tables": True}),
+    "DilateQuant + FP boundary layers": ("dilatequant-fp-boundary", {}),
 }
 RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
 # +TPQ +WD is drawn dashed over a wide +TPQ line: where dilation does not shrink the range, they coincide.
@@ -72,6 +78,7 @@ def main() -> None:
 @click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated subset of the rows.")
 @click.option("--n", default=5000, show_default=True)
 @click.option("--steps", default=50, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Sampling noise seed of every row (the FP row's too).")
 @click.option("--samples", type=int, default=None, help="Calibration samples.  [default: each recipe's]")
 @click.option("--trajectories", type=int, default=None, help="FP trajectories.  [default: each recipe's]")
 @click.option("--bkd-iters", type=int, default=None, help="Distillation iterations per block of the distilling recipes.  [default: each recipe's]")
@@ -81,7 +88,7 @@ def main() -> None:
 @click.option("--reference", "reference_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="FP images of these sampler settings: read if the file exists, else sampled and written there "
                    "(processes sharing one GPU sample the FP model once).")
-def run(bits: str, variants: str, n: int, steps: int, samples: int | None, trajectories: int | None, bkd_iters: int | None,
+def run(bits: str, variants: str, n: int, steps: int, seed: int, samples: int | None, trajectories: int | None, bkd_iters: int | None,
         device: str, work: Path, rows_path: Path, reference_path: Path | None) -> None:  # fmt: skip
     """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
     from dilatequant.calibrate.artifact import load_artifact
@@ -93,7 +100,7 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
     unknown = set(variants.split(",")) - set(VARIANTS)
     if unknown:
         raise click.UsageError(f"unknown variants {sorted(unknown)}; variants: {', '.join(VARIANTS)}")
-    wanted = sorted(VARIANTS.items(), key=lambda item: get_recipe(item[1]).method != "dilatequant")  # DilateQuant first
+    wanted = sorted(VARIANTS.items(), key=lambda item: get_recipe(item[1][0]).method != "dilatequant")  # DilateQuant first
     given = {k: v for k, v in (("samples", samples), ("trajectories", trajectories)) if v is not None}
     pending = [(preset, variant, options) for preset in bits.split(",") for variant, options in wanted
                if (preset, variant) not in done and variant in variants.split(",")]  # fmt: skip
@@ -101,27 +108,35 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
         click.echo(f"every requested row is already in {rows_path}")
         return
     torch_device = resolve_device(device)
-    sampler = SamplerConfig(steps=steps, seed=0, batch_size=default_batch_size(torch_device))
+    sampler = SamplerConfig(steps=steps, seed=seed, batch_size=default_batch_size(torch_device))
     fp = load_model("digits", torch_device)
     labels = labels_for(fp, n)
     fp_images = reference_images(fp, labels, sampler, torch_device, reference_path)
-    common = {"n": n, "steps": steps, "device": describe_device(torch_device)}
+    common = {"n": n, "steps": steps, "seed": seed, "device": describe_device(torch_device)}
     if ("FP", "FP") not in done:
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
-    for preset, variant, name in pending:
+    for preset, variant, (name, overrides) in pending:
         distills = get_recipe(get_recipe(name).method).distills
-        config = recipe(name, preset, steps=steps, **given, **({"bkd_iters": bkd_iters} if distills and bkd_iters is not None else {}))
+        iters = {"bkd_iters": bkd_iters} if distills and bkd_iters is not None else {}
+        config = recipe(name, preset, steps=steps, **{**overrides, **given, **iters})  # the command line wins
         out = work / f"{preset}-{slug(variant)}"
         start = time.perf_counter()
-        calibrate("digits", config, out, torch_device)
+        reused = calibrated(out, config.to_dict())
+        if not reused:
+            calibrate("digits", config, out, torch_device)
         seconds = time.perf_counter() - start
         artifact = load_artifact(out, torch_device)
         images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
         metrics = score(images, labels, fp_images)
         metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
         ran = artifact.record.run  # what the calibration itself measured
-        results["rows"].append({"bits": preset, "variant": variant, "recipe": name, **common, **metrics, "calib_seconds": round(seconds, 1),
-                                "phase_seconds": ran["seconds"], "peak_cuda_mib": max(ran.get("peak_cuda_mib", {}).values(), default=None),
+        blocks = artifact.record.statistics.get("blocks", {}).values()
+        results["rows"].append({"bits": preset, "variant": variant, "recipe": name, "overrides": overrides,
+                                "bkd_iters": config.bkd_iters if distills else None, **common, **metrics,
+                                # a reused artifact's own phases, not this process's wall time
+                                "calib_seconds": round(sum(ran["seconds"].values()) if reused else seconds, 1),
+                                "phase_seconds": ran["seconds"], "resumed_blocks": sum(bool(b.get("resumed")) for b in blocks),
+                                "peak_cuda_mib": max(ran.get("peak_cuda_mib", {}).values(), default=None),
                                 "peak_rss_mib": ran.get("peak_rss_mib")})  # fmt: skip
         if preset == "W8A8" and variant in RANGE_VARIANTS:
             results["ranges"][variant] = act_ranges(out)
@@ -129,6 +144,17 @@ def run(bits: str, variants: str, n: int, steps: int, samples: int | None, traje
         atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
         click.echo(json.dumps(results["rows"][-1]))
     atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
+
+
+def calibrated(out: Path, config: dict) -> bool:
+    """Whether `out` already holds a complete artifact of this configuration (a run stopped during its evaluation)."""
+    from dilatequant.calibrate.contract import load_artifact
+    from dilatequant.core.manifest import ArtifactError
+
+    try:
+        return load_artifact(out).record.config == config
+    except (ArtifactError, OSError, ValueError):
+        return False
 
 
 def reference_images(fp, labels: torch.Tensor, sampler: SamplerConfig, device: torch.device, path: Path | None) -> torch.Tensor:
@@ -151,13 +177,14 @@ def reference_images(fp, labels: torch.Tensor, sampler: SamplerConfig, device: t
 @main.command()
 @click.option("--n", default=5000, show_default=True)
 @click.option("--steps", default=50, show_default=True)
+@click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def reference(n: int, steps: int, device: str, out_path: Path) -> None:
+def reference(n: int, steps: int, seed: int, device: str, out_path: Path) -> None:
     """Sample the FP images `run --reference` reads (once, before processes that share them start)."""
     torch_device = resolve_device(device)
     fp = load_model("digits", torch_device)
-    reference_images(fp, labels_for(fp, n), SamplerConfig(steps=steps, seed=0, batch_size=default_batch_size(torch_device)),
+    reference_images(fp, labels_for(fp, n), SamplerConfig(steps=steps, seed=seed, batch_size=default_batch_size(torch_device)),
                      torch_device, out_path)  # fmt: skip
     click.echo(f"wrote {out_path}")
 
