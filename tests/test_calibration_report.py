@@ -91,3 +91,13 @@ def test_a_finished_artifact_is_reused_and_overrides_are_recorded(tmp_path, monk
     changed = [a if i != args.index("--bkd-iters") + 1 else "2" for i, a in enumerate(args)]  # another configuration
     with pytest.raises(AssertionError, match="recalibrated"):
         CliRunner().invoke(calibration_report.main, changed, catch_exceptions=False)
+
+
+def test_every_variant_can_be_named_on_the_command_line():
+    """--variants is comma-separated: a comma inside a name would make that row unreachable."""
+    from dilatequant.calibrate.recipes import recipe
+
+    assert not [name for name in calibration_report.VARIANTS if "," in name]
+    for name, overrides in calibration_report.VARIANTS.values():  # a known recipe, overrides that are config fields
+        config = recipe(name, "W4A4", **overrides)
+        assert all(getattr(config, field) == value for field, value in overrides.items())

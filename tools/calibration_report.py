@@ -41,9 +41,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "DilateQuant + 5120 samples": ("dilatequant", {"samples": 5120, "trajectories": 128}),  # the paper's count
     # attention matmul inputs quantized too (simulation: export refuses them), one table per timestep or per (timestep, head)
     "DilateQuant + attention matmuls": ("dilatequant", {"quantize_attention": True}),
-    "DilateQuant + attention matmuls, head tables": ("dilatequant", {"quantize_attention": True, "attention_head_tables": True}),
+    "DilateQuant + attention matmuls with head tables": ("dilatequant", {"quantize_attention": True, "attention_head_tables": True}),
     "DilateQuant + FP boundary layers": ("dilatequant-fp-boundary", {}),
 }
+# iterations per block of rows written before rows recorded them
+VARIANT_ITERS = {"DilateQuant v1 (old defaults)": 400, "DilateQuant v1 + FP boundary layers": 400}
 RANGE_VARIANTS = ("naive min-max", "+TPQ", "+TPQ +WD")
 # +TPQ +WD is drawn dashed over a wide +TPQ line: where dilation does not shrink the range, they coincide.
 RANGE_STYLES = {"naive min-max": {"linewidth": 1.5}, "+TPQ": {"linewidth": 4, "alpha": 0.45}, "+TPQ +WD": {"linestyle": "--"}}
@@ -262,15 +264,21 @@ def fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def calib_cell(row: dict) -> str:
+    """Calibration seconds; ‡ where blocks were resumed from an earlier device call (that call's seconds left out)."""
+    return fmt(row.get("calib_seconds"), 1) + (" ‡" if row.get("resumed_blocks") else "")
+
+
 def table(rows: list[dict], fp: dict) -> list[str]:
-    lines = ["| bits | variant | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) | peak CUDA (MiB) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = ["| bits | variant | iterations | fid_digits | vs FP | class_accuracy | psnr_vs_fp (dB) | calibration (s) "
+             "| peak CUDA (MiB) | machine |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         ratio = r["fid_digits"] / fp["fid_digits"]
         relative = "—" if r is fp else f"{100 * (ratio - 1):+.1f}%" if ratio < 2 else f"×{ratio:.1f}"
         psnr = "—" if r is fp else fmt(r.get("psnr_vs_fp"), 2)
-        lines.append(f"| {r['bits']} | {r['variant']} | {fmt(r['fid_digits'], 2)} | {relative} | {fmt(r['class_accuracy'])} "
-                     f"| {psnr} | {fmt(r.get('calib_seconds'), 1)} | {fmt(r.get('peak_cuda_mib'), 0)} |")  # fmt: skip
+        iters = fmt(r.get("bkd_iters", VARIANT_ITERS.get(r["variant"])))
+        lines.append(f"| {r['bits']} | {r['variant']} | {iters} | {fmt(r['fid_digits'], 2)} | {relative} | {fmt(r['class_accuracy'])} "
+                     f"| {psnr} | {calib_cell(r)} | {fmt(r.get('peak_cuda_mib'), 0)} | {r['device'].removeprefix('NVIDIA ')} |")  # fmt: skip
     return lines
 
 
@@ -309,11 +317,14 @@ def render(rows_path: Path, floor_path: Path, memory_path: Path, notes_path: Pat
     rows = sorted(rows, key=lambda r: (order.index(r["bits"]), list(VARIANTS).index(r["variant"]) if r["variant"] in VARIANTS else -1))
     floor = json.loads(floor_path.read_text())["summary"]["fid_digits"] if floor_path.is_file() else None
     lines = [f"# Calibration results: `digits`, DDIM {fp['steps']} steps, n = {fp['n']}", "",
-             f"Measured by `python -m dilatequant.tools.calibration_report run` on {fp['device']} "
-             f"({', '.join(f'{k} {v}' for k, v in results.get('versions', {}).items())}). Every row samples the same "
-             "initial noise (seed 0), so psnr_vs_fp is paired.", "", *table(rows, fp), ""]  # fmt: skip
+             "Measured by `python -m dilatequant.tools.calibration_report run` on the machine each row names (latest "
+             f"run: {', '.join(f'{k} {v}' for k, v in results.get('versions', {}).items())}). Every row samples the "
+             "same initial noise (seed 0), so psnr_vs_fp is paired. Iterations: distillation iterations per block "
+             "(— where the method does not distil).", "", *table(rows, fp), ""]  # fmt: skip
     lines += ["Peak CUDA: the calibration's largest allocation over its phases (recorded from issue 13 on; earlier "
-              "rows: —).", ""]
+              "rows: —). Calibration seconds are wall time, and the H200 rows calibrated 7 at a time on the one GPU, "
+              "so theirs are upper bounds of the time alone. ‡: resumed from block checkpoints of an earlier device "
+              "call; its seconds and peak are the last call's only.", ""]
     if floor:
         lines += [f"Seed-to-seed noise floor of the FP model at n = 5000 (seeds 0–2): fid_digits {floor['mean']:.2f} "
                   f"± {floor['std']:.2f} (min {floor['min']:.2f}, max {floor['max']:.2f}).", ""]  # fmt: skip
