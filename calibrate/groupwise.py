@@ -1,0 +1,113 @@
+"""Q-DiT's quantizer formats: group-wise weights along input channels, dynamic per-token-group activations.
+
+For `y = x Wᵀ` with `W` of shape [out, in], both `W` (each output row) and `x` (each token) are split along the
+input dimension into groups of `group_size` channels, and every group gets its own grid, so an outlier channel
+only coarsens the grid of its own group. Weights have calibrated grids (min/max or MSE-searched ranges);
+activations have *dynamic* grids, computed from each token's group at run time as ONNX's DynamicQuantizeLinear
+does for a whole tensor (uint8, the range widened to include 0, round half to even) — nothing per timestep is
+stored. Formats are listed in FORMATS, the group-size choices of a layer by `legal_group_sizes`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dilatequant.core.errors import UserError
+
+from .quantizer import IntFormat, asymmetric_step_and_zero, fake_quantize, mse_search_amax, symmetric_step
+
+
+def check_group_size(width: int, group_size: int, layer: str = "this layer") -> None:
+    """Refuse a group size that does not split `width` input channels into whole groups."""
+    if group_size < 1 or width % group_size:
+        raise UserError(f"group size {group_size} does not divide the {width} input channels of {layer}; "
+                        f"choose one of {legal_group_sizes(width, range(1, width + 1))[-6:]} or another divisor.")  # fmt: skip
+
+
+def legal_group_sizes(width: int, choices) -> list[int]:
+    """The choices that divide `width` (the genes a search may give this layer)."""
+    return [g for g in choices if g >= 1 and width % g == 0]
+
+
+def grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View [..., in] as [..., in / group_size, group_size]."""
+    return x.unflatten(-1, (x.shape[-1] // group_size, group_size))
+
+
+class GroupWeightQuantizer(nn.Module):
+    """Fake quantizer of a Linear weight [out, in] with one learnable step (and zero point) per (row, group)."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, init: str = "minmax",
+                 layer: str = "this layer") -> None:  # fmt: skip
+        super().__init__()
+        if weight.dim() != 2:
+            raise UserError(f"group-wise weights are for Linear layers ([out, in]); {layer} has a {weight.dim()}-d weight.")
+        check_group_size(weight.shape[1], group_size, layer)
+        self.fmt, self.group_size = IntFormat(bits, symmetric), group_size
+        groups = grouped(weight.detach(), group_size)
+        if symmetric:
+            amax = groups.abs().amax(-1)
+            if init == "mse":
+                amax = mse_search_amax(groups.flatten(0, 1), amax.flatten(), self.fmt, dim=0).view_as(amax)
+            step, zero = symmetric_step(amax, self.fmt), torch.zeros_like(amax)
+        else:
+            lo, hi = groups.amin(-1), groups.amax(-1)
+            if init == "mse":
+                shrink = mse_shrink(groups, lo, hi, self.fmt)
+                lo, hi = lo * shrink, hi * shrink
+            step, zero = asymmetric_step_and_zero(lo, hi, self.fmt)
+        self.step = nn.Parameter(step)
+        self.register_buffer("zero_point", zero)
+        self.enabled = True
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        groups = fake_quantize(grouped(weight, self.group_size), self.step.unsqueeze(-1), self.zero_point.unsqueeze(-1), self.fmt)
+        return groups.flatten(-2)
+
+
+def mse_shrink(groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat, steps: int = 36) -> torch.Tensor:
+    """Per group, the factor in [0.3, 1] on (min, max) whose asymmetric grid has the least squared error."""
+    best, best_err = torch.ones_like(lo), torch.full_like(lo, float("inf"))
+    for factor in torch.linspace(0.3, 1.0, steps).tolist():
+        step, zero = asymmetric_step_and_zero(lo * factor, hi * factor, fmt)
+        err = (fake_quantize(groups, step.unsqueeze(-1), zero.unsqueeze(-1), fmt) - groups).pow(2).mean(-1)
+        better = err < best_err
+        best, best_err = torch.where(better, torch.full_like(best, factor), best), torch.where(better, err, best_err)
+    return best
+
+
+def dynamic_step_and_zero(x: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """DynamicQuantizeLinear's grid over the last dimension: the range [min(x, 0), max(x, 0)] on uint8."""
+    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    step = (hi - lo) / (fmt.qmax - fmt.qmin)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero group: any step represents it exactly
+    return step, (fmt.qmin - lo / step).round().clamp(fmt.qmin, fmt.qmax)
+
+
+class DynamicActQuantizer(nn.Module):
+    """Fake quantizer of activations [..., in] with a grid per token and group, computed from the values at hand.
+
+    `group_size=None` takes the whole last dimension (per-token); `per_tensor=True` takes the whole tensor, which is
+    exactly ONNX's DynamicQuantizeLinear (what `DynamicQuantizeLinear` + `MatMulInteger` deploy).
+    """
+
+    def __init__(self, bits: int = 8, group_size: int | None = None, per_tensor: bool = False) -> None:
+        super().__init__()
+        if per_tensor and group_size is not None:
+            raise UserError("a per-tensor dynamic quantizer has no groups: give group_size or per_tensor, not both.")
+        self.fmt, self.group_size, self.per_tensor = IntFormat(bits, symmetric=False), group_size, per_tensor
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.per_tensor:
+            view = x.reshape(1, -1)
+        else:
+            check_group_size(x.shape[-1], self.group_size or x.shape[-1], "this activation")
+            view = grouped(x, self.group_size or x.shape[-1])
+        step, zero = dynamic_step_and_zero(view.detach(), self.fmt)  # the grid is data, not a trained parameter
+        return fake_quantize(view, step, zero, self.fmt).reshape(x.shape)
