@@ -80,25 +80,34 @@ def mse_shrink(groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: In
 
 
 def dynamic_step_and_zero(x: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """DynamicQuantizeLinear's grid over the last dimension: the range [min(x, 0), max(x, 0)] on uint8."""
-    lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
-    step = (hi - lo) / (fmt.qmax - fmt.qmin)
+    """The grid over the last dimension computed from the values at hand. Asymmetric: DynamicQuantizeLinear's
+    (the range [min(x, 0), max(x, 0)] on uint8); symmetric: max|x| / qmax, zero point 0 (the int8 blocks of
+    MatMulNBits' `accuracy_level=4`)."""
+    if fmt.symmetric:
+        step = x.abs().amax(-1, keepdim=True) / fmt.qmax
+        zero = torch.zeros_like(step)
+    else:
+        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+        step = (hi - lo) / (fmt.qmax - fmt.qmin)
     step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero group: any step represents it exactly
-    return step, (fmt.qmin - lo / step).round().clamp(fmt.qmin, fmt.qmax)
+    if not fmt.symmetric:
+        zero = (fmt.qmin - lo / step).round().clamp(fmt.qmin, fmt.qmax)
+    return step, zero
 
 
 class DynamicActQuantizer(nn.Module):
     """Fake quantizer of activations [..., in] with a grid per token and group, computed from the values at hand.
 
     `group_size=None` takes the whole last dimension (per-token); `per_tensor=True` takes the whole tensor, which is
-    exactly ONNX's DynamicQuantizeLinear (what `DynamicQuantizeLinear` + `MatMulInteger` deploy).
+    exactly ONNX's DynamicQuantizeLinear (what `DynamicQuantizeLinear` + `MatMulInteger` deploy). Asymmetric uint8
+    by default (Q-DiT's); `symmetric=True` gives int8 with zero point 0.
     """
 
-    def __init__(self, bits: int = 8, group_size: int | None = None, per_tensor: bool = False) -> None:
+    def __init__(self, bits: int = 8, group_size: int | None = None, per_tensor: bool = False, symmetric: bool = False) -> None:
         super().__init__()
         if per_tensor and group_size is not None:
             raise UserError("a per-tensor dynamic quantizer has no groups: give group_size or per_tensor, not both.")
-        self.fmt, self.group_size, self.per_tensor = IntFormat(bits, symmetric=False), group_size, per_tensor
+        self.fmt, self.group_size, self.per_tensor = IntFormat(bits, symmetric), group_size, per_tensor
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

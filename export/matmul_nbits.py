@@ -1,0 +1,66 @@
+"""Group-wise weights as ONNX Runtime's `com.microsoft.MatMulNBits`: block-quantized B, float A.
+
+MatMulNBits stores B [N, K] as unsigned `bits`-bit integers in blocks of `block_size` along K, with one scale and
+one (packed) zero point per (row, block): `B = (q − z) · scale`, exactly Q-DiT's group-wise weight grid with the
+group size as block size. Signed symmetric grids are shifted into that unsigned form (q + 2^(b−1), zero point
+2^(b−1)), value for value. `accuracy_level=4` makes ONNX Runtime quantize A too, per row and block to int8 with
+a symmetric dynamic scale, and run integer kernels (measured here: ONNX Runtime 1.31 accepts block sizes 16, 32,
+64, 128 and 256 only, so Q-DiT's 96/192/288 cannot be deployed there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dilatequant.core.errors import UserError
+
+ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
+ORT_BITS = (4, 8)
+
+
+def check_deployable(layer: str, bits: int, group_size: int) -> None:
+    """Refuse, by name, what ONNX Runtime's MatMulNBits cannot run."""
+    if bits not in ORT_BITS:
+        raise UserError(f"{layer}: {bits}-bit group-wise weights cannot be deployed as MatMulNBits (ONNX Runtime runs "
+                        f"{', '.join(map(str, ORT_BITS))} bits); calibrate with 4- or 8-bit weights.")  # fmt: skip
+    if group_size not in ORT_BLOCK_SIZES:
+        raise UserError(f"{layer}: group size {group_size} cannot be deployed as MatMulNBits (ONNX Runtime takes block "
+                        f"sizes {', '.join(map(str, ORT_BLOCK_SIZES))}); search over those group sizes.")  # fmt: skip
+
+
+def integer_weights(weight: np.ndarray, step: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The unsigned integers [N, G, group] and zero points [N, G] of a group-wise grid (the fake quantizer's rounding)."""
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    groups = weight.reshape(step.shape[0], step.shape[1], -1)
+    q = np.clip(np.rint(groups / step[..., None]) + zero[..., None], qmin, qmax)
+    return (q - qmin).astype(np.uint8), (zero - qmin).astype(np.uint8)
+
+
+def pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned integers along the last axis, low bits first (two 4-bit values a byte), padding an odd count."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def matmul_nbits(name: str, input_name: str, output_name: str, weight: np.ndarray, step: np.ndarray, zero: np.ndarray,
+                 bits: int, symmetric: bool, accuracy_level: int = 4, bias: np.ndarray | None = None):  # fmt: skip
+    """The MatMulNBits node computing `input @ weightᵀ (+ bias)` with the group-wise grid (step, zero) [N, G] of
+    `weight` [N, K], and its initializers (onnx TensorProtos named after `name`)."""
+    from onnx import helper, numpy_helper
+
+    n, k = weight.shape
+    group_size = k // step.shape[1]
+    check_deployable(name, bits, group_size)
+    q, z = integer_weights(weight, step, zero, bits, symmetric)
+    tensors = {f"{name}.qweight": pack(q, bits), f"{name}.scales": step.astype(np.float32).reshape(-1),
+               f"{name}.zero_points": pack(z, bits).reshape(-1)}  # fmt: skip
+    inputs = [input_name, *tensors]
+    if bias is not None:
+        tensors[f"{name}.bias"] = bias.astype(np.float32)
+        inputs += ["", f"{name}.bias"]  # no g_idx
+    node = helper.make_node("MatMulNBits", inputs, [output_name], name=name, domain="com.microsoft", K=k, N=n, bits=bits,
+                            block_size=group_size, accuracy_level=accuracy_level)  # fmt: skip
+    return node, [numpy_helper.from_array(value, key) for key, value in tensors.items()]
