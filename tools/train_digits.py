@@ -1,6 +1,7 @@
-"""Train the bundled `digits` model: a class-conditional DDPM (diffusers UNet2DModel) on scikit-learn's digits.
+"""Train a bundled model on scikit-learn's digits: `digits` (a class-conditional DDPM, diffusers UNet2DModel) or
+`digits-dit` (a class-conditional DiT with adaLN-Zero, diffusers DiTTransformer2DModel).
 
-    python -m dilatequant.tools.train_digits --out DIR [--steps 12000] [--device cuda]
+    python -m dilatequant.tools.train_digits --out DIR [--arch digits|digits-dit] [--steps 12000] [--device cuda]
 
 Seeded; runs on CUDA (bf16 autocast) or CPU. Writes DIR/config.json + diffusion_pytorch_model.safetensors
 (EMA weights, fp16), DIR/scheduler/scheduler_config.json and DIR/training.json (recipe and what was reached).
@@ -36,6 +37,21 @@ UNET_CONFIG = {
     "norm_num_groups": 16,
     "num_class_embeds": NUM_CLASSES,
 }
+# DiT-S-like blocks at width 256 (4 heads of 64): every Linear width (256, 1024) splits into groups of 32, 64 and
+# 128 for Q-DiT's search; patch 2 gives 256 tokens; 8 blocks keep the fp16 weights near 20 MB and CPU sampling
+# affordable. It predicts eps only (no learned variance).
+DIT_CONFIG = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "patch_size": 2,
+    "num_attention_heads": 4,
+    "attention_head_dim": 64,
+    "num_layers": 8,
+    "num_embeds_ada_norm": NUM_CLASSES,
+}
+# --arch -> (diffusers class, its config)
+ARCHITECTURES = {"digits": ("UNet2DModel", UNET_CONFIG), "digits-dit": ("DiTTransformer2DModel", DIT_CONFIG)}
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_schedule": "linear",
@@ -55,20 +71,27 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(out: Path, steps: int, batch: int, lr: float, ema_decay: float, seed: int, device: str, max_minutes: float) -> dict:
-    from diffusers import DDPMScheduler, UNet2DModel
+def train(out: Path, steps: int, batch: int, lr: float, ema_decay: float, seed: int, device: str, max_minutes: float,
+          arch: str = "digits") -> dict:  # fmt: skip
+    import diffusers
+    from diffusers import DDPMScheduler
+
+    from dilatequant.core.families import family_of_class
+
+    class_name, config = ARCHITECTURES[arch]
+    call = family_of_class(class_name).call
 
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)
     images, labels = (t.to(device) for t in load_digits_images())
-    model = UNet2DModel(**UNET_CONFIG).to(device).train()
+    model = getattr(diffusers, class_name)(**config).to(device).train()
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
     scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
     start, losses, step = time.monotonic(), [], 0
-    for step in (bar := tqdm(range(steps), desc="train digits", mininterval=5)):
+    for step in (bar := tqdm(range(steps), desc=f"train {arch}", mininterval=5)):
         if (time.monotonic() - start) / 60 > max_minutes:
             break
         idx = torch.randint(0, len(labels), (batch,), device=device, generator=generator)
@@ -79,7 +102,7 @@ def train(out: Path, steps: int, batch: int, lr: float, ema_decay: float, seed: 
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, 500, steps)
         with autocast:
-            prediction = model(noisy, t, class_labels=labels[idx]).sample
+            prediction = call(model, noisy, t, labels[idx])
         loss = F.mse_loss(prediction.float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,7 +118,7 @@ def train(out: Path, steps: int, batch: int, lr: float, ema_decay: float, seed: 
     seconds = time.monotonic() - start
     final = ema.module.to("cpu", torch.float16).eval()
     write_model(out, final, scheduler, {
-        "unet_config": UNET_CONFIG, "scheduler_config": SCHEDULER_CONFIG, "steps_requested": steps,
+        "arch": arch, "class_name": class_name, "model_config": config, "scheduler_config": SCHEDULER_CONFIG, "steps_requested": steps,
         "steps_taken": step, "batch": batch, "lr": lr, "ema_decay": ema_decay, "seed": seed, "device": device_name(device),
         "seconds": round(seconds, 1), "loss_last_1000_steps": sum(losses[-20:]) / max(1, len(losses[-20:])),
         "torch": torch.__version__,
@@ -120,6 +143,7 @@ def write_model(out: Path, model, scheduler, record: dict) -> None:
 
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="digits", show_default=True)
 @click.option("--steps", default=12000, show_default=True)
 @click.option("--batch", default=256, show_default=True)
 @click.option("--lr", default=4e-4, show_default=True)
@@ -127,8 +151,8 @@ def write_model(out: Path, model, scheduler, record: dict) -> None:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--max-minutes", default=float("inf"), help="Stop early (and record it) on a time-limited machine.")
-def main(out: Path, steps: int, batch: int, lr: float, ema_decay: float, seed: int, device: str, max_minutes: float) -> None:
-    result = train(out, steps, batch, lr, ema_decay, seed, device, max_minutes)
+def main(out: Path, arch: str, steps: int, batch: int, lr: float, ema_decay: float, seed: int, device: str, max_minutes: float) -> None:
+    result = train(out, steps, batch, lr, ema_decay, seed, device, max_minutes, arch)
     click.echo(f"trained {result['steps_taken']} steps in {result['seconds']:.0f} s; wrote {out}")
 
 
