@@ -2,8 +2,9 @@
 
     DIR/manifest.json                  kind "calibration", format version, sha256 of every file, summary
     DIR/model/                         the dilated (and distilled) FP model, diffusers format + scheduler/
-    DIR/quant_params.safetensors       per layer: weight steps; per input group: per-timestep activation
-                                       steps and zero points, dilation factors
+    DIR/quant_params.safetensors       per layer: weight steps (group-wise: steps and zero points per row and
+                                       group); per input group with a table: per-timestep activation steps and
+                                       zero points, dilation factors
     DIR/quant_plan.json                every layer: group, bits, boundary, where its dilation went (or why FP)
     DIR/calibration.json               config, timestep grid, source fingerprint, statistics, timings
     DIR/calibration_data.safetensors   the calibration inputs (export re-derives bucket scales from them)
@@ -26,6 +27,7 @@ from dilatequant.core.structure import InputGroup
 from .calib_data import CalibrationData
 from .config import CalibConfig
 from .dilation import DilationRecord
+from .groupwise import GroupWeightQuantizer
 from .quant_model import LayerPlan, QuantizedDenoiser, wrap_layers
 from .timesteps import TimestepIndex
 
@@ -50,6 +52,8 @@ def quant_tensors(quantized: QuantizedDenoiser) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, wrapper in quantized.quant_layers().items():
         tensors[f"{name}{SEPARATOR}weight_step"] = wrapper.weight_quantizer.step.detach().cpu()
+        if isinstance(wrapper.weight_quantizer, GroupWeightQuantizer):
+            tensors[f"{name}{SEPARATOR}weight_zero_point"] = wrapper.weight_quantizer.zero_point.cpu()
     for group, quantizer in quantized.act_quantizers().items():
         tensors[f"{group}{SEPARATOR}act_step"] = quantizer.step.detach().cpu()
         tensors[f"{group}{SEPARATOR}act_zero_point"] = quantizer.zero_point.detach().cpu()
@@ -169,12 +173,14 @@ def restore_quantized(model_dir: Path, plan: dict, tensors: dict[str, torch.Tens
     layer_plan = [LayerPlan(**row) for row in plan["layers"]]
     groups = [InputGroup(name, g["layers"]) for name, g in plan["groups"].items()
               if any(row.weight_bits for row in layer_plan if row.group == name)]  # fmt: skip
-    records = {g.name: DilationRecord(g.name, tensors[f"{g.name}{SEPARATOR}dilation"], plan["groups"][g.name]["folded_into"])
-               for g in groups if len(tensors[f"{g.name}{SEPARATOR}dilation"])}  # fmt: skip
+    dilations = {g.name: tensors.get(f"{g.name}{SEPARATOR}dilation", torch.ones(0)) for g in groups}  # none: a dynamic input
+    records = {name: DilationRecord(name, factors, plan["groups"][name]["folded_into"]) for name, factors in dilations.items() if len(factors)}
     quantized = wrap_layers(loaded.denoiser, groups, layer_plan, records, index, config)
     with torch.no_grad():
         for name, wrapper in quantized.quant_layers().items():
             wrapper.weight_quantizer.step.copy_(tensors[f"{name}{SEPARATOR}weight_step"])
+            if isinstance(wrapper.weight_quantizer, GroupWeightQuantizer):
+                wrapper.weight_quantizer.zero_point.copy_(tensors[f"{name}{SEPARATOR}weight_zero_point"])
         for group, quantizer in quantized.act_quantizers().items():
             if quantizer.step.shape == tensors[f"{group}{SEPARATOR}act_step"].shape:
                 quantizer.step.copy_(tensors[f"{group}{SEPARATOR}act_step"])

@@ -42,6 +42,8 @@ class CalibConfig:
     boundary: str = "8bit"
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
     attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
+    weight_group_size: int | None = None  # the method's: 0 = per output channel, else Linear weights in groups of input channels (q-dit: 128)
+    act_dynamic: bool | None = None  # the method's: Linear inputs quantized per token and group at run time (q-dit)
     weight_init: str | None = None  # the method's: minmax, mse (eda-dm)
     act_init: str | None = None  # the method's: mse (dilatequant, eda-dm), minmax (minmax)
     percentile: float = 99.99
@@ -99,6 +101,14 @@ class CalibConfig:
         if self.attention_head_tables and not self.quantize_attention:
             raise UserError("attention_head_tables=True would not run: it gives the attention matmul inputs one table "
                             "entry per head, and those are quantized only with quantize_attention=True.")
+        if self.weight_group_size < 0:
+            raise UserError(f"weight_group_size must be 0 (per output channel) or a group size, got {self.weight_group_size}.")
+        if self.weight_group_size and self.weight_rounding == "learned-rounding" and self.bkd_iters:
+            raise UserError("weight_rounding='learned-rounding' learns per-channel rounding; with weight_group_size="
+                            f"{self.weight_group_size} use weight_rounding='trained-weights'.")  # fmt: skip
+        if self.act_dynamic and self.dilation:
+            raise UserError("act_dynamic=True with dilation=True: dilation moves range between a static table's input "
+                            "channels, a dynamic grid already adapts to every token; turn one of them off.")  # fmt: skip
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:

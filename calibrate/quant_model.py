@@ -20,6 +20,7 @@ from dilatequant.core.structure import InputGroup, input_groups
 from .attention import matmul_quantizers, quantize_attention_matmuls
 from .config import CalibConfig
 from .dilation import DilationRecord, dilate_group
+from .groupwise import DynamicActQuantizer, GroupWeightQuantizer, check_group_size
 from .quantizer import ActQuantizer, WeightQuantizer
 from .timesteps import TimestepIndex
 
@@ -28,17 +29,19 @@ OUTPUT_SUFFIX = "::output"
 
 
 class QuantLayer(nn.Module):
-    """A Conv2d or Linear whose input and weight pass through fake quantizers.
+    """A Conv2d or Linear whose input and weight pass through fake quantizers: per-timestep tables and per-channel
+    weights, or (Q-DiT, Linear only) dynamic per-token-group inputs and group-wise weights.
 
     An `output_quantizer` is attached only for deployments that quantize layer outputs too (ONNX Runtime
     fuses DequantizeLinear -> Conv -> QuantizeLinear into QLinearConv only with the output quantized).
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, input_quantizer: ActQuantizer, weight_bits: int, weight_init: str) -> None:
+    def __init__(self, layer: nn.Conv2d | nn.Linear, input_quantizer: ActQuantizer | DynamicActQuantizer,
+                 weight_quantizer: WeightQuantizer | GroupWeightQuantizer) -> None:  # fmt: skip
         super().__init__()
         self.layer = layer
         self.input_quantizer = input_quantizer
-        self.weight_quantizer = WeightQuantizer(layer.weight, weight_bits, weight_init)
+        self.weight_quantizer = weight_quantizer
         self.output_quantizer: ActQuantizer | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,6 +64,7 @@ class LayerPlan:
     act_bits: int | None
     boundary: bool
     note: str = ""
+    group_size: int | None = None  # group-wise weights and dynamic inputs (Q-DiT): input channels per group
 
 
 class QuantizedDenoiser(Denoiser):
@@ -92,10 +96,11 @@ class QuantizedDenoiser(Denoiser):
         return state
 
     def act_quantizers(self) -> dict[str, ActQuantizer]:
-        """Input group name (or '<attention>.attn_<q|k|probs|v>', '<layer>::output') -> its activation quantizer."""
+        """Input group name (or '<attention>.attn_<q|k|probs|v>', '<layer>::output') -> its activation table (dynamic
+        inputs have none)."""
         groups = {p.layer: p.group for p in self.plan}
         wrappers = self.quant_layers()
-        layers = {groups[name]: wrapper.input_quantizer for name, wrapper in wrappers.items()}
+        layers = {groups[name]: w.input_quantizer for name, w in wrappers.items() if isinstance(w.input_quantizer, ActQuantizer)}
         outputs = {f"{name}{OUTPUT_SUFFIX}": w.output_quantizer for name, w in wrappers.items() if w.output_quantizer}
         return {**layers, **matmul_quantizers(self.model), **outputs}
 
@@ -112,22 +117,28 @@ class QuantizedDenoiser(Denoiser):
         for quantizer in self.act_quantizers().values():
             quantizer.enabled = activations
         for wrapper in self.quant_layers().values():
+            wrapper.input_quantizer.enabled = activations
             wrapper.weight_quantizer.enabled = weights
 
 
 def quantized_groups(model: nn.Module, family: Family, config: CalibConfig) -> tuple[list[InputGroup], list[LayerPlan]]:
     """The groups to quantize and the full plan (boundary layers kept in FP when configured so)."""
-    groups, plan = [], []
+    groups, plan, modules = [], [], dict(model.named_modules())
     for group in input_groups(model, family.boundary_patterns):
         keep_fp = group.boundary and config.boundary == "fp"
         if not keep_fp:
             groups.append(group)
         bits = BOUNDARY_BITS if group.boundary else None
+        linear = all(isinstance(modules[layer], nn.Linear) for layer in group.layers)
+        group_size = config.weight_group_size if linear and not group.boundary and config.weight_group_size else None
         for layer in group.layers:
             if keep_fp:
                 plan.append(LayerPlan(layer, group.name, None, None, True, "kept FP: boundary layer, --boundary fp"))
-            else:
-                plan.append(LayerPlan(layer, group.name, bits or config.weight_bits, bits or config.act_bits, group.boundary))
+                continue
+            if group_size:
+                check_group_size(modules[layer].in_features, group_size, layer)
+            plan.append(LayerPlan(layer, group.name, bits or config.weight_bits, bits or config.act_bits, group.boundary,
+                                  group_size=group_size))  # fmt: skip
     return groups, plan
 
 
@@ -153,19 +164,28 @@ def wrap_layers(
     if config.quantize_attention:
         quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric, config.attention_head_tables)
     for group in groups:
-        first = modules[group.layers[0]]
-        quantizer = ActQuantizer(index, rows, bits[group.layers[0]].act_bits, config.act_symmetric,
-                                 channel_dim=1 if isinstance(first, nn.Conv2d) else -1)  # fmt: skip
+        first, row = modules[group.layers[0]], bits[group.layers[0]]
+        if row.group_size and config.act_dynamic:
+            quantizer = DynamicActQuantizer(row.act_bits, row.group_size, symmetric=config.act_symmetric)
+        else:
+            quantizer = ActQuantizer(index, rows, row.act_bits, config.act_symmetric, channel_dim=1 if isinstance(first, nn.Conv2d) else -1)
         if group.name in dilation:
             record = dilation[group.name]
             quantizer.set_dilation(record.factors, prescale=record.folded_into is None)
         for name in group.layers:
             parent_name, _, child = name.rpartition(".")
             parent = modules[parent_name] if parent_name else denoiser.model
-            wrapped = QuantLayer(modules[name], quantizer, bits[name].weight_bits, config.weight_init)
-            setattr(parent, child, wrapped)
+            setattr(parent, child, QuantLayer(modules[name], quantizer, weight_quantizer(modules[name], bits[name], config)))
     # new quantizers start on the CPU: move them to where the model lives
     return QuantizedDenoiser(denoiser, index, plan).to(next(denoiser.parameters()).device)
+
+
+def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: CalibConfig) -> WeightQuantizer | GroupWeightQuantizer:
+    """Group-wise (asymmetric, as Q-DiT's and MatMulNBits' zero points allow) where the plan gives a group size,
+    else per output channel (symmetric, as TensorRT requires)."""
+    if row.group_size:
+        return GroupWeightQuantizer(layer.weight, row.weight_bits, row.group_size, init=config.weight_init, layer=row.layer)
+    return WeightQuantizer(layer.weight, row.weight_bits, config.weight_init)
 
 
 def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig) -> tuple[QuantizedDenoiser, dict[str, DilationRecord]]:

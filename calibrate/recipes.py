@@ -4,8 +4,8 @@ A *method* recipe (`dilatequant`, `minmax`, `eda-dm`) sets the CalibConfig field
 job of a calibration run (`parts_of` reads the parts off them):
 
     selector        which (x_t, t) samples calibrate              calibrate/selection.py
-    weight_format   how weights are quantized                    calibrate/quantizer.py
-    act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py
+    weight_format   how weights are quantized                    calibrate/quantizer.py, groupwise.py
+    act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py, groupwise.py
     transforms      equivalent transforms applied first          calibrate/dilation.py
     initialisation  how activation tables start                  calibrate/initialise.py
     reconstruction  what is learned afterwards (or nothing)      calibrate/bkd.py
@@ -32,8 +32,8 @@ from dilatequant.core.errors import UserError
 # The parts each job can be done by today; a recipe naming another is refused.
 PARTS: dict[str, tuple[Any, ...]] = {
     "selector": ("random", "uniform", "tdac"),  # calibrate/selection.py
-    "weight_format": ("per-channel",),
-    "act_format": ("per-tensor-per-timestep", "per-tensor"),
+    "weight_format": ("per-channel", "group-wise"),  # group-wise: Linear layers, along input channels (Q-DiT)
+    "act_format": ("per-tensor-per-timestep", "per-tensor", "dynamic"),  # dynamic: Linear inputs, per token and group
     "transforms": ("weight-dilation",),
     "initialisation": ("minmax", "percentile", "mse"),
     "reconstruction": (None, "block-distillation"),
@@ -45,7 +45,7 @@ PARTS: dict[str, tuple[Any, ...]] = {
 }
 # CalibConfig fields that follow from the method: left None, they take the method recipe's setting.
 METHOD_FIELDS = ("act_init", "weight_init", "bkd_iters", "tpq", "dilation", "timestep_sampling", "trajectories",
-                 "recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")  # fmt: skip
+                 "recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule", "weight_group_size", "act_dynamic")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ def parts_of(values: Mapping[str, Any], distills: bool) -> Method:
     reconstruction at all. No transform without dilation, one activation row without TPQ, no reconstruction
     (and none of its parts) with zero iterations."""
     reconstruction = "block-distillation" if distills and values["bkd_iters"] else None
-    return Method(values["timestep_sampling"], "per-channel", "per-tensor-per-timestep" if values["tpq"] else "per-tensor",
+    act_format = "dynamic" if values["act_dynamic"] else "per-tensor-per-timestep" if values["tpq"] else "per-tensor"
+    return Method(values["timestep_sampling"], "group-wise" if values["weight_group_size"] else "per-channel", act_format,
                   ("weight-dilation",) if values["dilation"] else (), values["act_init"], reconstruction,
                   *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")),
                   "local")  # fmt: skip
@@ -115,7 +116,8 @@ DEFAULT_BKD_ITERS = 2000
 # DilateQuant's and min-max's method settings: the CalibConfig defaults before methods had recipes.
 DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_BKD_ITERS, "tpq": True, "dilation": True,
                "timestep_sampling": "random", "trajectories": 64, "recon_loss": "block-output", "input_mixing": "none",
-               "weight_rounding": "trained-weights", "bkd_lr_schedule": "constant"}  # fmt: skip
+               "weight_rounding": "trained-weights", "bkd_lr_schedule": "constant", "weight_group_size": 0,
+               "act_dynamic": False}  # fmt: skip
 # EDA-DM as released (algorithms.md §2; CIFAR-10 DDIM scripts): one shared activation range per layer, MSE-searched
 # init, TDAC over 1024 trajectories, FBR (layer weight 0.8) with QDrop (p 0.5) and learned rounding, 5000
 # iterations per block at batch 32, first and last layers at 8 bits (here: the 8-bit boundary layers, which also
@@ -123,7 +125,12 @@ DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_
 # learns absolute steps, here their rate is relative to their size. Its rounding rate is 5e-2 at W8A8, 5e-1 at W4A8.
 EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": False, "dilation": False,
           "timestep_sampling": "tdac", "trajectories": 1024, "recon_loss": "fbr", "input_mixing": "qdrop",
-          "weight_rounding": "learned-rounding", "bkd_lr_schedule": "cosine"}  # fmt: skip
+          "weight_rounding": "learned-rounding", "bkd_lr_schedule": "cosine", "weight_group_size": 0, "act_dynamic": False}  # fmt: skip
+# Q-DiT (algorithms.md §4): no training; Linear weights in groups of 128 input channels with min/max (RTN) ranges,
+# Linear inputs quantized dynamically per token and group. Here the dynamic grids are symmetric int8 (what ONNX
+# Runtime's MatMulNBits runs, export/matmul_nbits.py) unless --asymmetric; convs (none in a DiT's blocks) keep
+# per-timestep tables. The group-size search (calibrate/search.py) is not wired in yet.
+Q_DIT = {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0, "dilation": False, "weight_group_size": 128, "act_dynamic": True}
 RECIPES = _recipes(
     Recipe("dilatequant", 2, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
            "block-wise distillation", "dilatequant", DILATEQUANT),
@@ -131,6 +138,8 @@ RECIPES = _recipes(
            {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0}, distills=False),
     Recipe("eda-dm", 2, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
            "QDrop and learned rounding", "eda-dm", EDA_DM),
+    Recipe("q-dit", 1, "Q-DiT: group-wise Linear weights (groups of 128 input channels), dynamic per-token-group "
+           "activations, no training", "q-dit", Q_DIT, distills=False),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
            {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),

@@ -46,6 +46,10 @@ def check_exportable(artifact) -> None:
     if config.quantize_attention:
         raise UserError(f"{artifact.path} quantizes attention matmul inputs; export does not support that yet. "
                         "Calibrate without --quantize-attention.")  # fmt: skip
+    if config.weight_group_size or config.act_dynamic:
+        raise UserError(f"{artifact.path} has group-wise weights or dynamic activations (method '{config.method}'); no export "
+                        "profile writes those yet (ONNX Runtime's MatMulNBits layer, export/matmul_nbits.py, is not yet "
+                        "a profile). Evaluate it with `dilatequant eval --calib`, or calibrate with --method dilatequant.")  # fmt: skip
 
 
 def fp_graph(artifact, config: ExportConfig, work: Path):

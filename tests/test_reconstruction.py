@@ -16,6 +16,7 @@ from dilatequant.calibrate.quantizer import ActQuantizer, WeightQuantizer
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.calibrate.reconstruction import LR_SCHEDULES, LearnedRounding, RoundingWeights, cosine, fbr_loss, layer_outputs, qdrop_mix
 from dilatequant.calibrate.timesteps import TimestepIndex
+from dilatequant.core.errors import UserError
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
 from dilatequant.export.profiles import PROFILES
@@ -26,7 +27,8 @@ def tiny_block(bits: int = 4) -> nn.Sequential:
     index = TimestepIndex(torch.tensor([0]))
 
     def layer(i: int, o: int) -> QuantLayer:
-        return QuantLayer(nn.Linear(i, o), ActQuantizer(index, 1, 8, True, -1), bits, "minmax")
+        linear = nn.Linear(i, o)
+        return QuantLayer(linear, ActQuantizer(index, 1, 8, True, -1), WeightQuantizer(linear.weight, bits, "minmax"))
 
     return nn.Sequential(layer(4, 6), nn.ReLU(), layer(6, 3))
 
@@ -84,8 +86,9 @@ def test_learned_rounding_starts_at_the_weight():
 @pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
 def test_every_method_calibrates_round_trips_and_exports_in_both_profiles(tiny_model_dirs, tmp_path, family, method):
     tiny = {"samples": 8, "trajectories": 8, "steps": 4, "bkd_batch": 4}
-    iters = {} if method == "minmax" else {"bkd_iters": 3}
-    config = CalibConfig.from_bits("W4A8", method=method, **tiny, **iters)
+    iters = {"bkd_iters": 3} if RECIPES[method].distills else {}
+    groups = {"weight_group_size": 4} if method == "q-dit" else {}  # the tiny models' Linear layers are 8-32 wide
+    config = CalibConfig.from_bits("W4A8", method=method, **tiny, **iters, **groups)
     path = calibrate(tiny_model_dirs[family], config, tmp_path / "c", progress=False)
     artifact = load_artifact(path)
     assert artifact.config == config
@@ -95,6 +98,11 @@ def test_every_method_calibrates_round_trips_and_exports_in_both_profiles(tiny_m
         assert record["recipe"]["parts"]["transforms"] == []
         assert (record["recipe"]["parts"]["loss"], record["recipe"]["parts"]["weight_rounding"]) == ("fbr", "learned-rounding")
         assert len(artifact.act_table(artifact.groups()[0])[0]) == 1  # one shared range, no TPQ
+    if method == "q-dit":
+        assert record["recipe"]["parts"]["weight_format"] == "group-wise" and record["recipe"]["parts"]["act_format"] == "dynamic"
+        with pytest.raises(UserError, match="group-wise weights or dynamic activations"):
+            export(path, ExportConfig(buckets=2), tmp_path / "refused")
+        return
     for profile in PROFILES if family == "unet" else ():  # exports of every family: tests/test_export.py
         assert (export(path, ExportConfig(buckets=2, profile=profile, fp32=True), tmp_path / profile) / "bucket_1.onnx").is_file()
 

@@ -143,7 +143,7 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @click.option("--bits", default="W8A8", show_default=True, type=click.Choice(BIT_PRESETS))
 @calib_option("--method", "method", type=click.Choice(METHODS),
               help="dilatequant: MSE-initialised tables + block-wise distillation; minmax: min/max tables only; eda-dm: "
-              "TDAC, one shared range, FBR with QDrop and learned rounding.")
+              "TDAC, one shared range, FBR with QDrop and learned rounding; q-dit: group-wise Linear weights, dynamic Linear inputs.")
 @click.option("--dilation/--no-dilation", "dilation", default=None, help="Weight dilation.  [default: the method's]")
 @click.option("--tpq/--no-tpq", "tpq", default=None,
               help="One activation scale per timestep, or one shared by all.  [default: the method's]")
@@ -169,6 +169,10 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention matmul inputs (q, k, softmax, v).")
 @click.option("--head-tables", "attention_head_tables", is_flag=True,
               help="With --quantize-attention: one table entry per (timestep, attention head) for those inputs.")
+@calib_option("--group-size", "weight_group_size", type=click.IntRange(min=0),
+              help="Linear weights in groups of this many input channels (Q-DiT); 0: per output channel.")
+@click.option("--dynamic-activations/--static-activations", "act_dynamic", default=None,
+              help="Quantize Linear inputs per token and group at run time (Q-DiT), or from calibrated tables.  [default: the method's]")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
 @calib_option("--recon-loss", "recon_loss", type=click.Choice(RECON_LOSSES),
               help="Reconstruction loss: block-output, or fbr (+ each layer's output).")
