@@ -12,7 +12,7 @@ from dilatequant.core.denoiser import load_model
 from dilatequant.core.errors import UserError
 from dilatequant.export.flow import export_unquantized
 from dilatequant.tools.bench import BenchConfig, main, merge_reports
-from dilatequant.tools.peers import MODELOPT_VARIANTS, ORT_VARIANTS, boundary_layers, modelopt_quantize, ort_quantize
+from dilatequant.tools.peers import PEERS, boundary_layers, modelopt_quantize, ort_quantize
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("modelopt")
@@ -25,8 +25,8 @@ def test_quick_bench_covers_every_entry(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
     expected = {"fp32", "dilatequant-w8a8-k1", "dilatequant-w8a8-k4", "dilatequant-w8a8-nowd-k4", "dilatequant-w4a8-k4",
-                *ORT_VARIANTS, *MODELOPT_VARIANTS}  # fmt: skip
-    assert {"ort-percentile-uint8-fp-boundary", "modelopt-int8-fp-boundary"} <= expected
+                *PEERS}  # fmt: skip
+    assert {"ort-percentile-uint8-fp-boundary", "modelopt-int8-fp-boundary", "ort-dynamic-int8"} <= expected
     assert set(rows) == expected
     assert rows["fp32"]["psnr_vs_fp"] is None and all(r["psnr_vs_fp"] > 15 for n, r in rows.items() if n != "fp32")
     assert rows["dilatequant-w8a8-k4"]["graphs"] == 4 and rows["ort-minmax-int8"]["graphs"] == 1

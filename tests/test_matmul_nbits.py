@@ -64,3 +64,16 @@ def test_what_onnx_runtime_cannot_run_is_refused_by_name():
         matmul_nbits("blocks.0.fc1", "x", "y", w.numpy(), quantizer.step.detach().numpy(), quantizer.zero_point.numpy(), 4, False)
     with pytest.raises(UserError, match="6-bit group-wise weights cannot be deployed"):
         matmul_nbits("blocks.0.fc1", "x", "y", w.numpy(), quantizer.step.detach().numpy(), quantizer.zero_point.numpy(), 6, False)
+
+
+def test_the_layer_benchmark_deploys_what_it_simulates():
+    import json
+
+    from click.testing import CliRunner
+
+    from dilatequant.tools import layer_bench
+
+    args = ["--tokens", "32", "--width", "64", "--out-features", "32", "--group-size", "32", "--rounds", "2", "--threads", "1"]
+    result = CliRunner().invoke(layer_bench.main, args, catch_exceptions=False)
+    layers = json.loads(result.output)["layers"]
+    assert len(layers) == 3 and all(row["max_error_vs_simulated"] < 1e-5 and row["p50_ms"] > 0 for row in layers.values())

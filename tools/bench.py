@@ -80,9 +80,9 @@ def dilatequant_entries(config: BenchConfig) -> dict[str, tuple[str, dict, int]]
 
 
 def entry_names(config: BenchConfig) -> list[str]:
-    from .peers import MODELOPT_VARIANTS, ORT_VARIANTS
+    from .peers import PEERS
 
-    return ["fp32", *dilatequant_entries(config), *ORT_VARIANTS, *MODELOPT_VARIANTS]
+    return ["fp32", *dilatequant_entries(config), *PEERS]
 
 
 def timed(work):
@@ -100,7 +100,7 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
     from dilatequant.export.config import ExportConfig
     from dilatequant.export.flow import export, export_single_graph, export_unquantized
 
-    from .peers import MODELOPT_VARIANTS, ORT_VARIANTS, calibration_batches, quantize_peer
+    from .peers import PEERS, calibration_batches
 
     exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
     calibrations: dict[tuple, tuple[Path, float]] = {}
@@ -116,13 +116,13 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
         path, calibration_seconds = calibrations[key]
         exports[name], export_seconds = timed(lambda: export(path, ExportConfig(buckets=buckets, profile="ort-cpu"), out / name))
         seconds[name] = calibration_seconds + export_seconds
-    peers = [name for name in [*ORT_VARIANTS, *MODELOPT_VARIANTS] if config.selected(name)]
-    data = peer_calibration_data(config, calibrations, echo) if peers else None
+    peers = [name for name in PEERS if config.selected(name)]
+    data = peer_calibration_data(config, calibrations, echo) if any(PEERS[name].calibrates for name in peers) else None
     for name in peers:
         echo(f"[{name}] quantizing")
         loaded = load_model(config.model)  # fresh: ModelOpt edits the torch model in place
-        batches = calibration_batches(data, loaded)
-        graph, seconds[name] = timed(lambda: quantize_peer(name, loaded, batches, exports["fp32"] / "bucket_0.onnx"))
+        batches = calibration_batches(data, loaded) if PEERS[name].calibrates else []
+        graph, seconds[name] = timed(lambda: PEERS[name].quantize(loaded, batches, exports["fp32"] / "bucket_0.onnx"))
         exports[name] = export_single_graph(graph, loaded, name, "fp32", out / name)
     return exports, seconds
 

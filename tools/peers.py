@@ -1,8 +1,9 @@
-"""The quantizers a user would pick instead of dilatequant, each producing one ONNX graph with Q/DQ that runs in
-ONNX Runtime: ONNX Runtime's `quantize_static` (QDQ, per-channel weights) and NVIDIA ModelOpt (torch
-`mtq.quantize`, exported with Q/DQ). They calibrate on the same inputs as dilatequant: the (x_t, t, class)
-samples of a calibration artifact. Both are imported on use: onnxruntime comes with the `export` extra,
-ModelOpt with `bench`.
+"""The quantizers a user would pick instead of dilatequant, each producing one ONNX graph that runs in ONNX
+Runtime (the PEERS registry): ONNX Runtime's `quantize_static` (QDQ, per-channel weights), its `quantize_dynamic`
+(int8 weights, activations quantized at run time: the dynamic baseline that needs no calibration and stores no
+scales), and NVIDIA ModelOpt (torch `mtq.quantize`, exported with Q/DQ). The calibrating ones see the same inputs
+as dilatequant: the (x_t, t, class) samples of a calibration artifact. All are imported on use: onnxruntime
+comes with the `export` extra, ModelOpt with `bench`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import copy
 import tempfile
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +27,12 @@ ORT_VARIANTS = {
     "ort-percentile-int8": ("Percentile", "QInt8", False),
     "ort-percentile-uint8": ("Percentile", "QUInt8", False),
     "ort-percentile-uint8-fp-boundary": ("Percentile", "QUInt8", True),
+}
+# name -> (op types whose inputs are quantized at run time, keep the boundary layers FP) for quantize_dynamic;
+# measured on digits (2-core CPU, batch 8): Linear only ~ FP32 latency, with Conv (ConvInteger) 2-4x slower
+ORT_DYNAMIC_VARIANTS = {
+    "ort-dynamic-int8": (("Conv", "MatMul", "Gemm"), False),
+    "ort-dynamic-linear-int8": (("MatMul", "Gemm"), False),
 }
 # name -> (ModelOpt config, keep the boundary layers FP)
 MODELOPT_VARIANTS = {
@@ -107,11 +116,34 @@ def modelopt_quantize(loaded: LoadedModel, batches: list, config_name: str, excl
         return onnx.load(str(path))
 
 
-def quantize_peer(name: str, loaded: LoadedModel, batches: list, fp32_graph: Path) -> object:
-    """The ModelProto of peer `name` (a key of ORT_VARIANTS or MODELOPT_VARIANTS): ORT quantizes the FP32
-    graph, ModelOpt the torch model (in place: pass a freshly loaded one)."""
-    if name in ORT_VARIANTS:
-        method, activation, fp_boundary = ORT_VARIANTS[name]
-        return ort_quantize(fp32_graph, batches, method, activation, boundary_layers(loaded) if fp_boundary else [])
-    config_name, fp_boundary = MODELOPT_VARIANTS[name]
-    return modelopt_quantize(loaded, batches, config_name, boundary_layers(loaded) if fp_boundary else [])
+def ort_quantize_dynamic(fp32_graph: Path, op_types: tuple[str, ...], exclude: list[str]) -> object:
+    """quantize_dynamic on the FP32 graph: per-channel int8 weights, the inputs of `op_types` quantized at run time
+    (DynamicQuantizeLinear + MatMulInteger / ConvInteger), the `exclude` layers left FP; returns the ModelProto."""
+    onnx = require("onnx", "ONNX Runtime quantize_dynamic", "export")
+    q = require("onnxruntime.quantization", "ONNX Runtime quantize_dynamic", "export")
+    with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = Path(work) / "dynamic.onnx"
+        q.quantize_dynamic(str(fp32_graph), str(path), per_channel=True, weight_type=q.QuantType.QInt8,
+                           op_types_to_quantize=list(op_types), nodes_to_exclude=exclude, use_external_data_format=True)  # fmt: skip
+        return onnx.load(str(path))
+
+
+@dataclass(frozen=True)
+class Peer:
+    quantize: Callable[[LoadedModel, list, Path], object]  # (fresh model, calibration batches, FP32 graph) -> ModelProto
+    calibrates: bool = True  # reads the calibration samples
+
+
+def excluded(loaded: LoadedModel, fp_boundary: bool) -> list[str]:
+    return boundary_layers(loaded) if fp_boundary else []
+
+
+PEERS: dict[str, Peer] = {
+    **{name: Peer(lambda loaded, batches, graph, m=method, a=act, b=fp: ort_quantize(graph, batches, m, a, excluded(loaded, b)))
+       for name, (method, act, fp) in ORT_VARIANTS.items()},
+    **{name: Peer(lambda loaded, batches, graph, o=ops, b=fp: ort_quantize_dynamic(graph, o, excluded(loaded, b)), calibrates=False)
+       for name, (ops, fp) in ORT_DYNAMIC_VARIANTS.items()},
+    **{name: Peer(lambda loaded, batches, graph, c=config, b=fp: modelopt_quantize(loaded, batches, c, excluded(loaded, b)))
+       for name, (config, fp) in MODELOPT_VARIANTS.items()},
+}  # fmt: skip
