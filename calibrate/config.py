@@ -106,6 +106,9 @@ class CalibConfig:
         if self.weight_group_size and self.weight_rounding == "learned-rounding" and self.bkd_iters:
             raise UserError("weight_rounding='learned-rounding' learns per-channel rounding; with weight_group_size="
                             f"{self.weight_group_size} use weight_rounding='trained-weights'.")  # fmt: skip
+        if self.act_dynamic and not self.weight_group_size:
+            raise UserError("act_dynamic=True quantizes each Linear input per token and weight group, and "
+                            "weight_group_size=0 has no groups; give weight_group_size (e.g. 128) or act_dynamic=False.")  # fmt: skip
         if self.act_dynamic and self.dilation:
             raise UserError("act_dynamic=True with dilation=True: dilation moves range between a static table's input "
                             "channels, a dynamic grid already adapts to every token; turn one of them off.")  # fmt: skip

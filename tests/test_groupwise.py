@@ -152,6 +152,11 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_calibrating
     from dilatequant.calibrate.config import CalibConfig
     from dilatequant.calibrate.flow import calibrate
 
+    with pytest.raises(UserError, match="weight_group_size=0 has no groups"):
+        CalibConfig(method="q-dit", weight_group_size=0)
+    with pytest.raises(UserError, match="turn one of them off"):
+        CalibConfig(method="q-dit", dilation=True)
+
     config = CalibConfig.from_bits("W4A8", method="q-dit", weight_group_size=5, samples=8, trajectories=8, steps=4)
     with pytest.raises(UserError, match=r"group size 5 does not divide the \d+ input channels of transformer_blocks\.0\."):
         calibrate(tiny_model_dirs["dit"], config, tmp_path / "c", progress=False)
