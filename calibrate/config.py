@@ -44,6 +44,14 @@ class CalibConfig:
     attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
     weight_group_size: int | None = None  # the method's: 0 = per output channel, else Linear weights in groups of input channels (q-dit: 128)
     act_dynamic: bool | None = None  # the method's: Linear inputs quantized per token and group at run time (q-dit)
+    # Q-DiT's group-size search (calibrate/group_search.py): one group size per Linear input group from
+    # group_choices, their mean at least weight_group_size, fitness from search_images sampled images
+    group_search: bool = False
+    group_choices: tuple[int, ...] = (32, 64, 128, 256)  # block sizes ONNX Runtime's MatMulNBits runs
+    search_population: int = 20
+    search_top_k: int = 5
+    search_generations: int = 5
+    search_images: int = 64
     weight_init: str | None = None  # the method's: minmax, mse (eda-dm)
     act_init: str | None = None  # the method's: mse (dilatequant, eda-dm), minmax (minmax)
     percentile: float = 99.99
@@ -75,6 +83,7 @@ class CalibConfig:
         if self.method not in METHODS:
             raise UserError(f"Calibration option method='{self.method}' is not one of: {', '.join(METHODS)}.")
         self._resolve_method_settings()
+        object.__setattr__(self, "group_choices", tuple(self.group_choices))  # a JSON record holds a list
         for name, value, allowed in (
             ("act_init", self.act_init, ACT_INITS), ("recipe", self.recipe, tuple(RECIPES)),
             ("weight_init", self.weight_init, WEIGHT_INITS), ("boundary", self.boundary, BOUNDARY),
@@ -106,6 +115,11 @@ class CalibConfig:
         if self.weight_group_size and self.weight_rounding == "learned-rounding" and self.bkd_iters:
             raise UserError("weight_rounding='learned-rounding' learns per-channel rounding; with weight_group_size="
                             f"{self.weight_group_size} use weight_rounding='trained-weights'.")  # fmt: skip
+        if self.group_search and not self.weight_group_size:
+            raise UserError("group_search=True searches group sizes whose mean is at least weight_group_size; give "
+                            "weight_group_size (e.g. 128), the budget.")  # fmt: skip
+        if self.group_search and min(self.search_population, self.search_top_k, self.search_generations, self.search_images) < 1:
+            raise UserError("search_population, search_top_k, search_generations and search_images must be >= 1.")
         if self.act_dynamic and not self.weight_group_size:
             raise UserError("act_dynamic=True quantizes each Linear input per token and weight group, and "
                             "weight_group_size=0 has no groups; give weight_group_size (e.g. 128) or act_dynamic=False.")  # fmt: skip

@@ -19,6 +19,7 @@ from .bkd import distill
 from .calib_data import collect
 from .config import CalibConfig
 from .dilation import summarise
+from .group_search import ModelFitness, search_group_sizes
 from .initialise import initialise_activations
 from .quant_model import prepare
 from .recipes import parts_that_ran, recorded_recipe
@@ -54,11 +55,12 @@ class PhaseTimer:
 
 
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
-              progress: bool = True) -> Path:  # fmt: skip
+              progress: bool = True, fitness: ModelFitness | None = None) -> Path:  # fmt: skip
     """Calibrate `model` (zoo name or local directory) and write the artifact to `out`.
 
-    Progress is kept in `OUT.work/` (calibration data, one checkpoint per distilled block): running the
-    same command again after a crash or kill resumes there and writes the same artifact.
+    Progress is kept in `OUT.work/` (calibration data, the group-size search's state, one checkpoint per distilled
+    block): running the same command again after a crash or kill resumes there and writes the same artifact.
+    `fitness(model) -> float` replaces the group-size search's default (calibrate/group_search.py).
     """
     device, out = torch.device(device), Path(out)
     check_replaceable(out, KIND)  # fail before the long work, not after it
@@ -78,6 +80,10 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
         quantized, records = prepare(loaded.denoiser, timesteps, config)
     with timer.phase("initialisation"):
         ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
+    searched = None
+    if config.group_search:
+        with timer.phase("group_search"):
+            searched = search_group_sizes(quantized, loaded, config, device, work.path / "group_search.json", fitness, progress)
     blocks = {}
     if parts_that_ran(config).reconstruction == "block-distillation":
         with timer.phase("distillation"):
@@ -93,7 +99,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
                 "class_name": type(loaded.denoiser.model).__name__, "family": loaded.denoiser.family},
         statistics={"dilation": summarise(list(records.values())), "groups": {
             name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges},
-            "blocks": blocks, "data_selection": data.selection},
+            "blocks": blocks, "data_selection": data.selection, **({"group_search": searched} if searched else {})},
         run=timer.record(),
     )  # fmt: skip
     path = write_artifact(out, loaded, quantized, records, data, record)

@@ -180,6 +180,24 @@ def wrap_layers(
     return QuantizedDenoiser(denoiser, index, plan).to(next(denoiser.parameters()).device)
 
 
+def set_group_sizes(quantized: QuantizedDenoiser, sizes: dict[str, int], config: CalibConfig) -> None:
+    """Give the layers of each input group in `sizes` that group size: fresh group-wise weight quantizers and, with
+    act_dynamic, one shared dynamic input quantizer (the plan rows follow)."""
+    wrappers = quantized.quant_layers()
+    for row in quantized.plan:
+        if row.group in sizes:
+            row.group_size = sizes[row.group]
+    for group, size in sizes.items():
+        rows = [row for row in quantized.plan if row.group == group]
+        shared = DynamicActQuantizer(rows[0].act_bits, size, symmetric=config.act_symmetric) if config.act_dynamic else None
+        for row in rows:
+            wrapper = wrappers[row.layer]
+            device = wrapper.layer.weight.device
+            wrapper.weight_quantizer = weight_quantizer(wrapper.layer, row, config).to(device)
+            if shared is not None:
+                wrapper.input_quantizer = shared
+
+
 def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: CalibConfig) -> WeightQuantizer | GroupWeightQuantizer:
     """Group-wise (asymmetric, as Q-DiT's and MatMulNBits' zero points allow) where the plan gives a group size,
     else per output channel (symmetric, as TensorRT requires)."""

@@ -8,6 +8,7 @@ job of a calibration run (`parts_of` reads the parts off them):
     act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py, groupwise.py
     transforms      equivalent transforms applied first          calibrate/dilation.py
     initialisation  how activation tables start                  calibrate/initialise.py
+    search          group sizes searched (Q-DiT), or none        calibrate/search.py, group_search.py
     reconstruction  what is learned afterwards (or nothing)      calibrate/bkd.py
       loss            block output, or FBR (+ each layer's)      calibrate/reconstruction.py
       input_mixing    the student's input, or QDrop mixing       calibrate/reconstruction.py
@@ -41,6 +42,7 @@ PARTS: dict[str, tuple[Any, ...]] = {
     "input_mixing": (None, "none", "qdrop"),
     "weight_rounding": (None, "trained-weights", "learned-rounding"),
     "lr_schedule": (None, "constant", "cosine"),
+    "search": (None, "evolutionary-group-sizes"),  # calibrate/search.py, group_search.py
     "execution": ("local",),
 }
 # CalibConfig fields that follow from the method: left None, they take the method recipe's setting.
@@ -63,6 +65,7 @@ class Method:
     input_mixing: str | None
     weight_rounding: str | None
     lr_schedule: str | None
+    search: str | None
     execution: str
 
     def __post_init__(self) -> None:
@@ -82,7 +85,7 @@ def parts_of(values: Mapping[str, Any], distills: bool) -> Method:
     return Method(values["timestep_sampling"], "group-wise" if values["weight_group_size"] else "per-channel", act_format,
                   ("weight-dilation",) if values["dilation"] else (), values["act_init"], reconstruction,
                   *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")),
-                  "local")  # fmt: skip
+                  "evolutionary-group-sizes" if values.get("group_search") else None, "local")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": Fal
 # Q-DiT (algorithms.md §4): no training; Linear weights in groups of 128 input channels with min/max (RTN) ranges,
 # Linear inputs quantized dynamically per token and group. Here the dynamic grids are symmetric int8 (what ONNX
 # Runtime's MatMulNBits runs, export/matmul_nbits.py) unless --asymmetric; convs (none in a DiT's blocks) keep
-# per-timestep tables. The group-size search (calibrate/search.py) is not wired in yet.
+# per-timestep tables. Its group-size search is the recipe q-dit-search (off in the method: it samples images
+# for every candidate).
 Q_DIT = {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0, "dilation": False, "weight_group_size": 128, "act_dynamic": True}
 RECIPES = _recipes(
     Recipe("dilatequant", 2, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
@@ -140,6 +144,8 @@ RECIPES = _recipes(
            "QDrop and learned rounding", "eda-dm", EDA_DM),
     Recipe("q-dit", 1, "Q-DiT: group-wise Linear weights (groups of 128 input channels), dynamic per-token-group "
            "activations, no training", "q-dit", Q_DIT, distills=False),
+    Recipe("q-dit-search", 1, "Q-DiT with its evolutionary group-size search (mean group size >= 128 over 32-256)",
+           "q-dit", {"group_search": True}),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
            {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),

@@ -173,6 +173,12 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
               help="Linear weights in groups of this many input channels (Q-DiT); 0: per output channel.")
 @click.option("--dynamic-activations/--static-activations", "act_dynamic", default=None,
               help="Quantize Linear inputs per token and group at run time (Q-DiT), or from calibrated tables.  [default: the method's]")
+@click.option("--group-search/--no-group-search", "group_search", default=None,
+              help="Search each Linear input group's group size (Q-DiT; mean at least --group-size).  [default: off]")
+@calib_option("--group-choices", "group_choices", type=str, help="Comma-separated group sizes the search may give a layer.")
+@calib_option("--search-generations", "search_generations", type=int, help="Group-size search: generations.")
+@calib_option("--search-population", "search_population", type=int, help="Group-size search: candidates per generation.")
+@calib_option("--search-images", "search_images", type=int, help="Group-size search: images sampled per candidate.")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
 @calib_option("--recon-loss", "recon_loss", type=click.Choice(RECON_LOSSES),
               help="Reconstruction loss: block-output, or fbr (+ each layer's output).")
@@ -196,12 +202,21 @@ def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_a
     from dilatequant.core.environment import resolve_device
 
     overrides = {key: value for key, value in options.items() if value is not None}
+    if "group_choices" in overrides:
+        overrides["group_choices"] = group_sizes(overrides["group_choices"])
     flags = {"quantize_attention": quantize_attention, "attention_head_tables": attention_head_tables, "act_symmetric": not asymmetric}
     overrides.update({key: value for key, value in flags.items() if value != CalibConfig.__dataclass_fields__[key].default})
     config = recipe(recipe_name, bits, **overrides) if recipe_name else CalibConfig.from_bits(bits, **overrides)
     start = time.perf_counter()
     path = calibrate(model, config, out, resolve_device(device))
     click.echo(f"wrote {path} ({config.bits_name}, {config.recipe}, {time.perf_counter() - start:.1f} s)")
+
+
+def group_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--group-choices takes comma-separated integers such as 32,64,128, got '{text}'.") from None
 
 
 @cli.command("export")
