@@ -1,7 +1,7 @@
 """An ONNX graph executed operator by operator with PyTorch: a reference executor for deployed Q/DQ graphs.
 
 QuantizeLinear/DequantizeLinear run as float fake quantization with ONNX's semantics (round half to even,
-saturation to the zero point's integer type, per-tensor or per-axis scales); every other operator is its torch
+saturation to the zero point's integer type, per-tensor, per-axis or blocked scales); every other operator is its torch
 equivalent. This lets the deployed graphs of any toolchain (dilatequant's bucket graphs, ONNX Runtime
 quantize_static, ModelOpt) be sampled on a GPU that has no TensorRT, at the n a quality measurement needs.
 It computes in the graph's own types with TF32 off; what differs from ONNX Runtime is float summation order
@@ -16,6 +16,7 @@ DequantizeLinear, shape arithmetic on initializers) are folded once at load.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,11 +28,11 @@ import torch.nn.functional as F
 from dilatequant.core.manifest import ArtifactError
 from dilatequant.core.optional import require
 
-# ONNX TensorProto data types -> torch dtypes (INT4 initializers are widened to int8 at load)
+# ONNX TensorProto data types -> torch dtypes (4-bit initializers are widened at load: INT4 to int8, UINT4 to uint8)
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 6: torch.int32, 7: torch.int64, 9: torch.bool,
-          10: torch.float16, 11: torch.float64, 16: torch.bfloat16, 22: torch.int8}  # fmt: skip
+          10: torch.float16, 11: torch.float64, 16: torch.bfloat16, 21: torch.uint8, 22: torch.int8}  # fmt: skip
 INTEGER_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int32: (-(2**31), 2**31 - 1)}
-INT4 = 22
+WIDENED = {22: np.int8, 21: np.uint8}  # INT4, UINT4
 
 
 def attributes(node) -> dict:
@@ -41,8 +42,12 @@ def attributes(node) -> dict:
     return {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
 
 
-def axis_view(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
-    """A per-axis parameter (scale or zero point) shaped to broadcast along `axis` of a rank-`rank` tensor."""
+def axis_view(values: torch.Tensor, rank: int, axis: int, block_size: int = 0, length: int = 0) -> torch.Tensor:
+    """A per-axis parameter (scale or zero point) shaped to broadcast along `axis` of a rank-`rank` tensor; with
+    `block_size` (blocked quantization, opset 21), a full-rank parameter whose `axis` holds one entry per block of
+    `block_size` elements, repeated to the `length` of that axis."""
+    if block_size:
+        return values.repeat_interleave(block_size, dim=axis % rank).narrow(axis % rank, 0, length)
     if values.dim() == 0:
         return values
     shape = [1] * rank
@@ -51,20 +56,18 @@ def axis_view(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
 
 
 def quantize_linear(x, scale, zero_point=None, axis=1, saturate=1, output_dtype=0, block_size=0):
-    if block_size:
-        raise ArtifactError("QuantizeLinear with block_size (blocked quantization) is not supported by the torch backend.")
     dtype = zero_point.dtype if zero_point is not None else DTYPES.get(output_dtype, torch.uint8)
     low, high = INTEGER_RANGES[dtype]
-    zero = 0.0 if zero_point is None else axis_view(zero_point, x.dim(), axis).float()
-    q = torch.round(x.float() / axis_view(scale, x.dim(), axis).float()) + zero
+    view = functools.partial(axis_view, rank=x.dim(), axis=axis, block_size=block_size, length=x.shape[axis])
+    zero = 0.0 if zero_point is None else view(zero_point).float()
+    q = torch.round(x.float() / view(scale).float()) + zero
     return q.clamp(low, high).to(dtype)
 
 
 def dequantize_linear(q, scale, zero_point=None, axis=1, block_size=0):
-    if block_size:
-        raise ArtifactError("DequantizeLinear with block_size (blocked quantization) is not supported by the torch backend.")
-    zero = 0.0 if zero_point is None else axis_view(zero_point, q.dim(), axis).float()
-    return ((q.float() - zero) * axis_view(scale, q.dim(), axis).float()).to(scale.dtype)
+    view = functools.partial(axis_view, rank=q.dim(), axis=axis, block_size=block_size, length=q.shape[axis])
+    zero = 0.0 if zero_point is None else view(zero_point).float()
+    return ((q.float() - zero) * view(scale).float()).to(scale.dtype)
 
 
 def conv(x, w, b=None, group=1, pads=None, strides=None, dilations=None, auto_pad="NOTSET", kernel_shape=None):
@@ -134,7 +137,7 @@ def numpy_value(tensor) -> np.ndarray:
     from onnx import numpy_helper
 
     values = numpy_helper.to_array(tensor)
-    return values.astype(np.int8) if tensor.data_type == INT4 else values
+    return values.astype(WIDENED[tensor.data_type]) if tensor.data_type in WIDENED else values
 
 
 def gather(x, indices, axis=0):

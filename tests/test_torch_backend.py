@@ -141,3 +141,34 @@ def test_unsupported_operators_and_options_are_named(exports, tmp_path):
         with pytest.raises(ArtifactError, match="sees no CUDA GPU here. Use --provider cpu"):
             build(exports["unet", VARIANTS[0]], BuildConfig(backend="torch", provider="cuda"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_blocked_dequantize_linear_matches_onnx_runtime(tmp_path, signed):
+    """Block-quantized int4 weights (opset 21 `block_size`: TensorRT's and Q-DiT's group-wise layout): one scale and
+    zero point per 32 input channels of every column."""
+    rng = np.random.default_rng(0)
+    low, high, kind = (-8, 7, TensorProto.INT4) if signed else (0, 15, TensorProto.UINT4)
+    values = rng.integers(low, high + 1, (64, 6))
+    scale = rng.uniform(0.01, 0.1, (2, 6)).astype(np.float32)
+    zero = rng.integers(low, high + 1, (2, 6))
+    weight = helper.make_tensor("w", kind, [64, 6], values.flatten().tolist())
+    zeros = helper.make_tensor("z", kind, [2, 6], zero.flatten().tolist())
+    path = tmp_path / "blocked.onnx"
+    path.write_bytes(single_node_graph("DequantizeLinear", [], [weight, numpy_helper.from_array(scale, "s"), zeros], TensorProto.FLOAT,
+                                       axis=0, block_size=32))  # fmt: skip
+    expected = reference_run(path, {})
+    assert np.allclose(expected, (values - np.repeat(zero, 32, axis=0)) * np.repeat(scale, 32, axis=0))
+    assert np.array_equal(TorchGraph(path)().numpy(), expected)
+
+
+def test_blocked_quantize_linear_matches_onnx_runtime(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    scale = rng.uniform(0.01, 0.05, (3, 4)).astype(np.float32)
+    zero = rng.integers(-20, 20, (3, 4)).astype(np.int8)
+    path = tmp_path / "blocked-q.onnx"
+    path.write_bytes(single_node_graph("QuantizeLinear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                                       [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")], TensorProto.INT8,
+                                       axis=1, block_size=16))  # fmt: skip
+    assert np.array_equal(TorchGraph(path)(x=torch.from_numpy(x)).numpy(), reference_run(path, {"x": x}))
