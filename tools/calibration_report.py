@@ -123,7 +123,7 @@ def run(bits: str, variants: str, n: int, steps: int, seed: int, samples: int | 
         config = recipe(name, preset, steps=steps, **{**overrides, **given, **iters})  # the command line wins
         out = work / f"{preset}-{slug(variant)}"
         start = time.perf_counter()
-        reused = calibrated(out, config.to_dict())
+        reused = calibrated(out, config)
         if not reused:
             calibrate("digits", config, out, torch_device)
         seconds = time.perf_counter() - start
@@ -148,13 +148,13 @@ def run(bits: str, variants: str, n: int, steps: int, seed: int, samples: int | 
     atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
 
 
-def calibrated(out: Path, config: dict) -> bool:
-    """Whether `out` already holds a complete artifact of this configuration (a run stopped during its evaluation)."""
+def calibrated(out: Path, config) -> bool:
+    """Whether `out` already holds a complete artifact of this CalibConfig (a run stopped during its evaluation)."""
     from dilatequant.calibrate.contract import load_artifact
     from dilatequant.core.manifest import ArtifactError
 
     try:
-        return load_artifact(out).record.config == config
+        return load_artifact(out).config == config
     except (ArtifactError, OSError, ValueError):
         return False
 
