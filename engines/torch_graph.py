@@ -55,17 +55,22 @@ def axis_view(values: torch.Tensor, rank: int, axis: int, block_size: int = 0, l
     return values.reshape(shape)
 
 
+def scale_view(x: torch.Tensor, axis: int, block_size: int):
+    """axis_view for the scales and zero points of x (the axis need not exist for a per-tensor scale)."""
+    return functools.partial(axis_view, rank=x.dim(), axis=axis, block_size=block_size, length=x.shape[axis] if block_size else 0)
+
+
 def quantize_linear(x, scale, zero_point=None, axis=1, saturate=1, output_dtype=0, block_size=0):
     dtype = zero_point.dtype if zero_point is not None else DTYPES.get(output_dtype, torch.uint8)
     low, high = INTEGER_RANGES[dtype]
-    view = functools.partial(axis_view, rank=x.dim(), axis=axis, block_size=block_size, length=x.shape[axis])
+    view = scale_view(x, axis, block_size)
     zero = 0.0 if zero_point is None else view(zero_point).float()
     q = torch.round(x.float() / view(scale).float()) + zero
     return q.clamp(low, high).to(dtype)
 
 
 def dequantize_linear(q, scale, zero_point=None, axis=1, block_size=0):
-    view = functools.partial(axis_view, rank=q.dim(), axis=axis, block_size=block_size, length=q.shape[axis])
+    view = scale_view(q, axis, block_size)
     zero = 0.0 if zero_point is None else view(zero_point).float()
     return ((q.float() - zero) * view(scale).float()).to(scale.dtype)
 

@@ -172,3 +172,12 @@ def test_blocked_quantize_linear_matches_onnx_runtime(tmp_path):
                                        [numpy_helper.from_array(scale, "s"), numpy_helper.from_array(zero, "z")], TensorProto.INT8,
                                        axis=1, block_size=16))  # fmt: skip
     assert np.array_equal(TorchGraph(path)(x=torch.from_numpy(x)).numpy(), reference_run(path, {"x": x}))
+
+
+def test_a_per_tensor_scale_needs_no_axis_of_that_rank(tmp_path):
+    """An int32 bias (rank 1) dequantized with a per-tensor scale and the default axis 1, as quantize_static writes it."""
+    bias = np.array([3, -7, 12], np.int32)
+    path = tmp_path / "bias.onnx"
+    path.write_bytes(single_node_graph("DequantizeLinear", [], [numpy_helper.from_array(bias, "b"), numpy_helper.from_array(np.float32(0.25), "s"),
+                                                             numpy_helper.from_array(np.int32(0), "z")], TensorProto.FLOAT))  # fmt: skip
+    assert np.array_equal(TorchGraph(path)().numpy(), reference_run(path, {}))
