@@ -120,6 +120,9 @@ class CalibConfig:
                             "weight_group_size (e.g. 128), the budget.")  # fmt: skip
         if self.group_search and min(self.search_population, self.search_top_k, self.search_generations, self.search_images) < 1:
             raise UserError("search_population, search_top_k, search_generations and search_images must be >= 1.")
+        if self.group_search and (self.search_top_k > self.search_population or self.search_population < 2):
+            raise UserError(f"search_top_k={self.search_top_k} parents must come from search_population={self.search_population} "
+                            "(at least 2) candidates; raise the population or lower top_k.")  # fmt: skip
         if self.act_dynamic and not self.weight_group_size:
             raise UserError("act_dynamic=True quantizes each Linear input per token and weight group, and "
                             "weight_group_size=0 has no groups; give weight_group_size (e.g. 128) or act_dynamic=False.")  # fmt: skip

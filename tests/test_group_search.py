@@ -54,3 +54,5 @@ def test_search_settings_that_would_not_run_are_refused():
         CalibConfig(method="dilatequant", group_search=True)
     with pytest.raises(UserError, match="must be >= 1"):
         CalibConfig(method="q-dit", group_search=True, search_images=0)
+    with pytest.raises(UserError, match="search_top_k=5 parents must come from search_population=3"):
+        CalibConfig(method="q-dit", group_search=True, search_population=3)  # refused before any work, not mid-run

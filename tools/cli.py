@@ -178,6 +178,7 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @calib_option("--group-choices", "group_choices", type=str, help="Comma-separated group sizes the search may give a layer.")
 @calib_option("--search-generations", "search_generations", type=int, help="Group-size search: generations.")
 @calib_option("--search-population", "search_population", type=int, help="Group-size search: candidates per generation.")
+@calib_option("--search-top-k", "search_top_k", type=int, help="Group-size search: parents kept per generation.")
 @calib_option("--search-images", "search_images", type=int, help="Group-size search: images sampled per candidate.")
 @click.option("--asymmetric", is_flag=True, help="Asymmetric uint8 activations (CPU-only targets; TensorRT needs symmetric).")
 @calib_option("--recon-loss", "recon_loss", type=click.Choice(RECON_LOSSES),
