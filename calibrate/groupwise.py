@@ -15,7 +15,7 @@ from torch import nn
 
 from dilatequant.core.errors import UserError
 
-from .quantizer import IntFormat, asymmetric_step_and_zero, fake_quantize, mse_search_amax, symmetric_step
+from .quantizer import IntFormat, fake_quantize, grid, mse_shrink
 
 
 def check_group_size(width: int, group_size: int, layer: str = "this layer") -> None:
@@ -46,17 +46,11 @@ class GroupWeightQuantizer(nn.Module):
         check_group_size(weight.shape[1], group_size, layer)
         self.fmt, self.group_size = IntFormat(bits, symmetric), group_size
         groups = grouped(weight.detach(), group_size)
-        if symmetric:
-            amax = groups.abs().amax(-1)
-            if init == "mse":
-                amax = mse_search_amax(groups.flatten(0, 1), amax.flatten(), self.fmt, dim=0).view_as(amax)
-            step, zero = symmetric_step(amax, self.fmt), torch.zeros_like(amax)
-        else:
-            lo, hi = groups.amin(-1), groups.amax(-1)
-            if init == "mse":
-                shrink = mse_shrink(groups, lo, hi, self.fmt)
-                lo, hi = lo * shrink, hi * shrink
-            step, zero = asymmetric_step_and_zero(lo, hi, self.fmt)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        if init == "mse":
+            shrink = mse_shrink(groups, lo, hi, self.fmt)
+            lo, hi = lo * shrink, hi * shrink
+        step, zero = grid(lo, hi, self.fmt)
         self.step = nn.Parameter(step)
         self.register_buffer("zero_point", zero)
         self.enabled = True
@@ -68,31 +62,11 @@ class GroupWeightQuantizer(nn.Module):
         return groups.flatten(-2)
 
 
-def mse_shrink(groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat, steps: int = 36) -> torch.Tensor:
-    """Per group, the factor in [0.3, 1] on (min, max) whose asymmetric grid has the least squared error."""
-    best, best_err = torch.ones_like(lo), torch.full_like(lo, float("inf"))
-    for factor in torch.linspace(0.3, 1.0, steps).tolist():
-        step, zero = asymmetric_step_and_zero(lo * factor, hi * factor, fmt)
-        err = (fake_quantize(groups, step.unsqueeze(-1), zero.unsqueeze(-1), fmt) - groups).pow(2).mean(-1)
-        better = err < best_err
-        best, best_err = torch.where(better, torch.full_like(best, factor), best), torch.where(better, err, best_err)
-    return best
-
-
 def dynamic_step_and_zero(x: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid over the last dimension computed from the values at hand. Asymmetric: DynamicQuantizeLinear's
-    (the range [min(x, 0), max(x, 0)] on uint8); symmetric: max|x| / qmax, zero point 0 (the int8 blocks of
+    """The grid over the last dimension computed from the values at hand. Asymmetric, it is DynamicQuantizeLinear's
+    (the range [min(x, 0), max(x, 0)] on uint8); symmetric, max|x| / qmax with zero point 0 (the int8 blocks of
     MatMulNBits' `accuracy_level=4`)."""
-    if fmt.symmetric:
-        step = x.abs().amax(-1, keepdim=True) / fmt.qmax
-        zero = torch.zeros_like(step)
-    else:
-        lo, hi = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
-        step = (hi - lo) / (fmt.qmax - fmt.qmin)
-    step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero group: any step represents it exactly
-    if not fmt.symmetric:
-        zero = (fmt.qmin - lo / step).round().clamp(fmt.qmin, fmt.qmax)
-    return step, zero
+    return grid(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), fmt)
 
 
 class DynamicActQuantizer(nn.Module):

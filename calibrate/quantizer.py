@@ -60,18 +60,30 @@ def asymmetric_step_and_zero(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat)
     return step, (fmt.qmin - lo / step).round().clamp(fmt.qmin, fmt.qmax)
 
 
-def mse_search_amax(x: torch.Tensor, amax: torch.Tensor, fmt: IntFormat, dim: int | None = None) -> torch.Tensor:
-    """Clipping range in (0.3, 1] x amax minimising the quantization MSE (per slice of `dim`, or overall)."""
-    best, best_err = amax.clone(), torch.full_like(amax, float("inf"))
-    view = [-1] + [1] * (x.dim() - 1) if dim == 0 else []
-    for fraction in torch.linspace(0.3, 1.0, 36).tolist():
-        candidate = amax * fraction
-        step = symmetric_step(candidate, fmt)
-        err = (fake_quantize(x, step.view(view) if view else step, 0.0, fmt) - x).pow(2)
-        err = err.flatten(1).mean(1) if dim == 0 else err.mean()
+def grid(lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of `fmt`'s grid over [lo, hi]: symmetric over max(|lo|, |hi|) (zero point 0), or asymmetric."""
+    if fmt.symmetric:
+        step = symmetric_step(torch.maximum(-lo, hi), fmt)
+        return step, torch.zeros_like(step)
+    return asymmetric_step_and_zero(lo, hi, fmt)
+
+
+def mse_shrink(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """Per slice of x's last dimension (lo and hi: one value per slice), the factor in [0.3, 1] on its range whose
+    grid has the least squared error."""
+    best, best_err = torch.ones_like(lo), torch.full_like(lo, float("inf"))
+    for factor in torch.linspace(0.3, 1.0, 36).tolist():
+        step, zero = grid(lo * factor, hi * factor, fmt)
+        err = (fake_quantize(x, step.unsqueeze(-1), zero.unsqueeze(-1), fmt) - x).pow(2).mean(-1)
         better = err < best_err
-        best, best_err = torch.where(better, candidate, best), torch.where(better, err, best_err)
+        best, best_err = torch.where(better, torch.full_like(best, factor), best), torch.where(better, err, best_err)
     return best
+
+
+def mse_search_amax(x: torch.Tensor, amax: torch.Tensor, fmt: IntFormat, dim: int | None = None) -> torch.Tensor:
+    """Symmetric clipping range in [0.3, 1] x amax minimising the quantization MSE (per slice of `dim` 0, or overall)."""
+    flat, bound = (x.flatten(1), amax) if dim == 0 else (x.reshape(1, -1), amax.reshape(1))
+    return amax * mse_shrink(flat, -bound, bound, fmt).view_as(amax)
 
 
 class WeightQuantizer(nn.Module):
