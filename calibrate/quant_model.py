@@ -164,11 +164,7 @@ def wrap_layers(
     if config.quantize_attention:
         quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric, config.attention_head_tables)
     for group in groups:
-        first, row = modules[group.layers[0]], bits[group.layers[0]]
-        if row.group_size and config.act_dynamic:
-            quantizer = DynamicActQuantizer(row.act_bits, row.group_size, symmetric=config.act_symmetric)
-        else:
-            quantizer = ActQuantizer(index, rows, row.act_bits, config.act_symmetric, channel_dim=1 if isinstance(first, nn.Conv2d) else -1)
+        quantizer = input_quantizer(modules[group.layers[0]], bits[group.layers[0]], index, rows, config)
         if group.name in dilation:
             record = dilation[group.name]
             quantizer.set_dilation(record.factors, prescale=record.folded_into is None)
@@ -182,20 +178,28 @@ def wrap_layers(
 
 def set_group_sizes(quantized: QuantizedDenoiser, sizes: dict[str, int], config: CalibConfig) -> None:
     """Give the layers of each input group in `sizes` that group size: fresh group-wise weight quantizers and, with
-    act_dynamic, one shared dynamic input quantizer (the plan rows follow)."""
+    act_dynamic, one shared dynamic input quantizer; groups already at their size are left as they are."""
     wrappers = quantized.quant_layers()
-    for row in quantized.plan:
-        if row.group in sizes:
-            row.group_size = sizes[row.group]
-    for group, size in sizes.items():
+    changed = {row.group for row in quantized.plan if row.group in sizes and row.group_size != sizes[row.group]}
+    for group in changed:
         rows = [row for row in quantized.plan if row.group == group]
-        shared = DynamicActQuantizer(rows[0].act_bits, size, symmetric=config.act_symmetric) if config.act_dynamic else None
         for row in rows:
-            wrapper = wrappers[row.layer]
-            device = wrapper.layer.weight.device
-            wrapper.weight_quantizer = weight_quantizer(wrapper.layer, row, config).to(device)
-            if shared is not None:
-                wrapper.input_quantizer = shared
+            row.group_size = sizes[group]
+            layer = wrappers[row.layer].layer
+            wrappers[row.layer].weight_quantizer = weight_quantizer(layer, row, config).to(layer.weight.device)
+        if config.act_dynamic:
+            shared = input_quantizer(wrappers[rows[0].layer].layer, rows[0], quantized.index, 1, config)
+            for row in rows:
+                wrappers[row.layer].input_quantizer = shared
+
+
+def input_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, index: TimestepIndex, rows: int,
+                    config: CalibConfig) -> ActQuantizer | DynamicActQuantizer:  # fmt: skip
+    """Dynamic per token and group where the plan gives a group size and activations are dynamic, else a table of
+    `rows` rows (per timestep, or one shared)."""
+    if row.group_size and config.act_dynamic:
+        return DynamicActQuantizer(row.act_bits, row.group_size, symmetric=config.act_symmetric)
+    return ActQuantizer(index, rows, row.act_bits, config.act_symmetric, channel_dim=1 if isinstance(layer, nn.Conv2d) else -1)
 
 
 def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: CalibConfig) -> WeightQuantizer | GroupWeightQuantizer:
