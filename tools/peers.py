@@ -139,11 +139,20 @@ def excluded(loaded: LoadedModel, fp_boundary: bool) -> list[str]:
     return boundary_layers(loaded) if fp_boundary else []
 
 
+def static_peer(method: str, activation: str, fp_boundary: bool) -> Peer:
+    return Peer(lambda loaded, batches, graph: ort_quantize(graph, batches, method, activation, excluded(loaded, fp_boundary)))
+
+
+def dynamic_peer(op_types: tuple[str, ...], fp_boundary: bool) -> Peer:
+    return Peer(lambda loaded, batches, graph: ort_quantize_dynamic(graph, op_types, excluded(loaded, fp_boundary)), calibrates=False)
+
+
+def modelopt_peer(config_name: str, fp_boundary: bool) -> Peer:
+    return Peer(lambda loaded, batches, graph: modelopt_quantize(loaded, batches, config_name, excluded(loaded, fp_boundary)))
+
+
 PEERS: dict[str, Peer] = {
-    **{name: Peer(lambda loaded, batches, graph, m=method, a=act, b=fp: ort_quantize(graph, batches, m, a, excluded(loaded, b)))
-       for name, (method, act, fp) in ORT_VARIANTS.items()},
-    **{name: Peer(lambda loaded, batches, graph, o=ops, b=fp: ort_quantize_dynamic(graph, o, excluded(loaded, b)), calibrates=False)
-       for name, (ops, fp) in ORT_DYNAMIC_VARIANTS.items()},
-    **{name: Peer(lambda loaded, batches, graph, c=config, b=fp: modelopt_quantize(loaded, batches, c, excluded(loaded, b)))
-       for name, (config, fp) in MODELOPT_VARIANTS.items()},
-}  # fmt: skip
+    **{name: static_peer(*settings) for name, settings in ORT_VARIANTS.items()},
+    **{name: dynamic_peer(*settings) for name, settings in ORT_DYNAMIC_VARIANTS.items()},
+    **{name: modelopt_peer(*settings) for name, settings in MODELOPT_VARIANTS.items()},
+}
