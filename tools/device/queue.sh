@@ -7,12 +7,21 @@
 # stays warm, so running the same file again skips finished jobs, and a stopped calibration resumes from its
 # OUT.work/ block checkpoints. On a machine of several GPUs, jobs go round-robin over them.
 #   LIMIT=540 P=7 bash tools/device/queue.sh tools/device/issue13_rows.jobs    (device tool, carry .whl)
+# Two job files side by side (each with its own P):
+#   LIMIT=540 P=1 bash tools/device/queue.sh A.jobs > a.log & LIMIT=540 P=7 bash tools/device/queue.sh B.jobs; wait; cat a.log
 set -uo pipefail
 start=$(date +%s)
 deadline=$((start + ${LIMIT:-540}))
 export WORK=${WORK:-$PWD/.device-work} PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 mkdir -p "$WORK/done" "$WORK/logs"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+# Several queues may run side by side: the first installs the carried wheels, the others wait and reuse them.
+(
+  flock 9
+  sha256sum .whl/*.whl > "$WORK/wheels.sha256"
+  cmp -s "$WORK/wheels.sha256" /tmp/site/.wheels.sha256 && exit
+  rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+    cp "$WORK/wheels.sha256" /tmp/site/.wheels.sha256
+) 9> /tmp/site.lock || exit
 gpus=$(nvidia-smi -L 2> /dev/null | wc -l) && [ "$gpus" -gt 0 ] || gpus=1
 
 section() { sed -n "s/^$1: //p" "$2"; }
