@@ -14,14 +14,7 @@ start=$(date +%s)
 deadline=$((start + ${LIMIT:-540}))
 export WORK=${WORK:-$PWD/.device-work} PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 mkdir -p "$WORK/done" "$WORK/logs"
-# Several queues may run side by side: the first installs the carried wheels, the others wait and reuse them.
-(
-  flock 9
-  sha256sum .whl/*.whl > "$WORK/wheels.sha256"
-  cmp -s "$WORK/wheels.sha256" /tmp/site/.wheels.sha256 && exit
-  rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
-    cp "$WORK/wheels.sha256" /tmp/site/.wheels.sha256
-) 9> /tmp/site.lock || exit
+bash tools/device/install_wheels.sh || exit
 gpus=$(nvidia-smi -L 2> /dev/null | wc -l) && [ "$gpus" -gt 0 ] || gpus=1
 
 section() { sed -n "s/^$1: //p" "$2"; }
