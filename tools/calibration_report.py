@@ -322,7 +322,7 @@ def render(rows_path: Path, floor_path: Path, memory_path: Path, notes_path: Pat
              "same initial noise (seed 0), so psnr_vs_fp is paired. Iterations: distillation iterations per block "
              "(— where the method does not distil).", "", *table(rows, fp), ""]  # fmt: skip
     lines += ["Peak CUDA: the calibration's largest allocation over its phases (recorded from issue 13 on; earlier "
-              "rows: —). Calibration seconds are wall time, and the H200 rows calibrated 7 at a time on the one GPU, "
+              "rows: —). Calibration seconds are wall time, and the H200 rows calibrated 7 or 8 at a time on the one GPU, "
               "so theirs are upper bounds of the time alone. ‡: resumed from block checkpoints of an earlier device "
               "call; its seconds and peak are the last call's only.", ""]
     if floor:
