@@ -125,6 +125,10 @@ class CalibrationArtifact:
         """A layer's per-output-channel weight steps (of the dilated weights)."""
         return self.tensors[f"{layer}{SEPARATOR}weight_step"]
 
+    def weight_zero_point(self, layer: str) -> torch.Tensor | None:
+        """A group-wise layer's [out, groups] weight zero points (None for per-channel symmetric layers)."""
+        return self.tensors.get(f"{layer}{SEPARATOR}weight_zero_point")
+
     def dilation(self, group: str) -> torch.Tensor:
         """A group's per-input-channel dilation factors (empty when the group is not dilated)."""
         return self.tensors[f"{group}{SEPARATOR}dilation"]

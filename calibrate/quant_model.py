@@ -67,6 +67,11 @@ class LayerPlan:
     group_size: int | None = None  # group-wise weights and dynamic inputs (Q-DiT): input channels per group
 
 
+# Group-wise weight grids are asymmetric (a zero point per group, as Q-DiT's and MatMulNBits' formats allow); the
+# artifact's weight_zero_point tensors hold them.
+GROUP_WEIGHTS_SYMMETRIC = False
+
+
 class QuantizedDenoiser(Denoiser):
     """A Denoiser whose every call first tells the activation quantizers each sample's timestep row."""
 
@@ -85,7 +90,7 @@ class QuantizedDenoiser(Denoiser):
     def fp_state_dict(self) -> dict[str, torch.Tensor]:
         """The (dilated, distilled) weights under the original diffusers names, quantizers left out."""
         quantizers = tuple(f"{name}." for name, m in self.model.named_modules(remove_duplicate=False)
-                           if isinstance(m, (ActQuantizer, WeightQuantizer)))  # shared ones under every name
+                           if isinstance(m, (ActQuantizer, WeightQuantizer, GroupWeightQuantizer)))  # shared ones under every name
         wrappers = {f"{name}.layer.": f"{name}." for name in self.quant_layers()}
         state = {}
         for key, value in self.model.state_dict().items():
@@ -206,7 +211,7 @@ def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: Calib
     """Group-wise (asymmetric, as Q-DiT's and MatMulNBits' zero points allow) where the plan gives a group size,
     else per output channel (symmetric, as TensorRT requires)."""
     if row.group_size:
-        return GroupWeightQuantizer(layer.weight, row.weight_bits, row.group_size, init=config.weight_init, layer=row.layer)
+        return GroupWeightQuantizer(layer.weight, row.weight_bits, row.group_size, GROUP_WEIGHTS_SYMMETRIC, config.weight_init, row.layer)
     return WeightQuantizer(layer.weight, row.weight_bits, config.weight_init)
 
 

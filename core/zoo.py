@@ -8,7 +8,7 @@ from .errors import ModelLoadError
 
 ASSETS = Path(__file__).parent / "assets"
 # Zoo name -> directory under assets/, in diffusers' own format.
-ZOO: dict[str, str] = {"digits": "digits"}
+ZOO: dict[str, str] = {"digits": "digits", "digits-dit": "digits-dit"}
 CLASSIFIER_DIR = ASSETS / "digits_classifier"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.calibrate.contract import OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
+from dilatequant.calibrate.contract import GROUP_WEIGHTS_SYMMETRIC, OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
 from dilatequant.core.buckets import BucketTable
 from dilatequant.core.denoiser import ModelSpec, load_model
 from dilatequant.core.environment import library_versions
@@ -24,21 +24,24 @@ from .compact import compact
 from .config import ExportConfig
 from .contract import CHECK_INPUTS_FILE, FORMAT_VERSION, KIND, WEIGHTS_FILE
 from .graph import compute_node_names, export_fp_graph
+from .matmul_nbits import check_deployable, replace_linear
 from .precision import to_float16
-from .profiles import ExportProfile
+from .profiles import PROFILES, ExportProfile
 from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights
 from .simplify import simplify
 
 CHECK_SAMPLES_PER_BUCKET = 4
 # ONNX Runtime fuses these into QLinearConv / QGemm only when their output is quantized too (measured, ORT 1.31)
 FUSED_WITH_OUTPUT = ("Conv", "Gemm")
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
 
 
 def require_onnx():
     return require("onnx", "ONNX export", "export"), require("onnx_graphsurgeon", "ONNX export", "export")
 
 
-def check_exportable(artifact) -> None:
+def check_exportable(artifact, profile: ExportProfile) -> None:
+    """Refuse, naming the fix, what the profile's runtime cannot run."""
     config = artifact.config
     if config.act_bits != 8:
         raise UserError(f"{artifact.path} quantizes activations to {config.act_bits} bits; ONNX QuantizeLinear "
@@ -46,10 +49,23 @@ def check_exportable(artifact) -> None:
     if config.quantize_attention:
         raise UserError(f"{artifact.path} quantizes attention matmul inputs; export does not support that yet. "
                         "Calibrate without --quantize-attention.")  # fmt: skip
-    if config.weight_group_size or config.act_dynamic:
-        raise UserError(f"{artifact.path} has group-wise weights or dynamic activations (method '{config.method}'); no export "
-                        "profile writes those yet (ONNX Runtime's MatMulNBits layer, export/matmul_nbits.py, is not yet "
-                        "a profile). Evaluate it with `dilatequant eval --calib`, or calibrate with --method dilatequant.")  # fmt: skip
+    grouped = [row for row in artifact.quantized_layers() if row.get("group_size")]
+    if grouped and not profile.group_weights:
+        raise UserError(f"{artifact.path} has group-wise weights (method '{config.method}'), which the {profile.name} profile "
+                        f"cannot run; export with --profile {group_profiles()}.")  # fmt: skip
+    if config.act_dynamic and not profile.dynamic_activations:
+        raise UserError(f"{artifact.path} quantizes activations dynamically (per token and group, at run time); the "
+                        f"{profile.name} profile has static scales only. Export with --profile {group_profiles()}, or "
+                        "calibrate with --static-activations.")  # fmt: skip
+    if config.act_dynamic and not config.act_symmetric:
+        raise UserError(f"{artifact.path} has asymmetric dynamic activations; MatMulNBits quantizes its input symmetrically "
+                        "(int8, zero point 0). Calibrate with symmetric activations.")  # fmt: skip
+    for row in grouped:
+        check_deployable(row["layer"], row["weight_bits"], row["group_size"])
+
+
+def group_profiles() -> str:
+    return " or ".join(name for name, profile in PROFILES.items() if profile.group_weights)
 
 
 def fp_graph(artifact, config: ExportConfig, work: Path):
@@ -70,22 +86,39 @@ def name_layer_nodes(graph, layers: list[str]) -> dict:
     return {layer: by_name[name] for layer, name in names.items()}
 
 
-def output_quantized_layers(graph, nodes: dict, profile: ExportProfile) -> frozenset[str]:
+def output_quantized_layers(graph, nodes: dict, profile: ExportProfile, grouped: frozenset[str] = frozenset()) -> frozenset[str]:
     """Profiles that quantize fused outputs (ort-cpu): every quantized Conv/Gemm whose output is not the model's
-    prediction (ONNX Runtime fuses them into integer kernels only with their output quantized, DESIGN.md §4).
-    Others (tensorrt): none."""
+    prediction (ONNX Runtime fuses them into integer kernels only with their output quantized, DESIGN.md §4),
+    except group-wise layers (MatMulNBits has a float output). Others (tensorrt): none."""
     if not profile.quantize_fused_outputs:
         return frozenset()
     outputs = {tensor.name for tensor in graph.outputs}
-    return frozenset(layer for layer, node in nodes.items() if node.op in FUSED_WITH_OUTPUT and node.outputs[0].name not in outputs)
+    return frozenset(layer for layer, node in nodes.items()
+                     if node.op in FUSED_WITH_OUTPUT and node.outputs[0].name not in outputs and layer not in grouped)  # fmt: skip
+
+
+def grouped_layers(artifact) -> frozenset[str]:
+    return frozenset(row["layer"] for row in artifact.quantized_layers() if row.get("group_size"))
+
+
+def write_group_weights(graph, nodes: dict, artifact) -> None:
+    """Group-wise layers as MatMulNBits; with dynamic activations at accuracy_level 4 (int8 blocks of the input,
+    the fake quantizer's symmetric dynamic grid), else weight-only (float input: the static Q/DQ before it or none)."""
+    level = 4 if artifact.config.act_dynamic else 0
+    for row in artifact.quantized_layers():
+        if row.get("group_size"):
+            layer = row["layer"]
+            step, zero = artifact.weight_step(layer).numpy(), artifact.weight_zero_point(layer).numpy()
+            replace_linear(graph, nodes[layer], layer, step, zero, row["weight_bits"], GROUP_WEIGHTS_SYMMETRIC, level)
 
 
 def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: ExportConfig):
     """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
-    _, gs = require_onnx()
+    onnx, gs = require_onnx()
     plan = artifact.quantized_layers()
-    steps = {row["layer"]: artifact.weight_step(row["layer"]).numpy() for row in plan}
-    quantize_weights(graph, nodes, steps, {row["layer"]: row["weight_bits"] for row in plan})
+    static = [row for row in plan if not row.get("group_size")]
+    steps = {row["layer"]: artifact.weight_step(row["layer"]).numpy() for row in static}
+    quantize_weights(graph, {row["layer"]: nodes[row["layer"]] for row in static}, steps, {row["layer"]: row["weight_bits"] for row in static})
     unsigned = config.target.unsigned_activations
     for index, (group, rows) in enumerate(scales.groups.items()):
         scale, zero_point = float(rows.steps[0]), int(rows.zero_points[0])
@@ -100,11 +133,14 @@ def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: E
             prescale = rows.prescale.reshape(shape)
         insert_activation_qdq(graph, group, index, consumers, scale, zero_point, rows.symmetric, prescale,
                               per_consumer=config.target.qdq_per_consumer, unsigned=unsigned)  # fmt: skip
+    write_group_weights(graph, nodes, artifact)
     if config.precision == "fp16":
         to_float16(graph)
     compact(graph)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
+    if any(node.domain == MS_DOMAIN for node in model.graph.node) and all(o.domain != MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
     del model.graph.value_info[:]  # inferred shapes: not needed to run, and they cost bytes in every bucket graph
     if config.target.pack_int4_weights:  # ONNX Runtime's integer kernels take int8 weights only
         pack_int4_weights(model, {row["layer"] for row in plan if row["weight_bits"] == 4})
@@ -162,7 +198,7 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
     out = Path(out)
     check_replaceable(out, KIND)
     artifact = load_artifact(calib)
-    check_exportable(artifact)
+    check_exportable(artifact, config.target)
     table, estimated = choose_buckets(artifact.record.timesteps, artifact.act_steps(), config.buckets, config.auto_tolerance)
     source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
@@ -172,7 +208,7 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
-        quantized_outputs = output_quantized_layers(graph, nodes, config.target)
+        quantized_outputs = output_quantized_layers(graph, nodes, config.target, grouped_layers(artifact))
         scales = bucket_scales(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
         template = quantize_graph(graph, nodes, artifact, scales, config)
     fields.update(quantized_outputs=sorted(quantized_outputs),

@@ -4,7 +4,8 @@ tensorrt (static, DESIGN.md §4): symmetric int8 (zero points 0), constant posit
 activations, per-output-channel weights on the right axis, Q/DQ only on inputs of Conv/ConvTranspose/Gemm/
 MatMul (optionally a residual Add), none on outputs, one QuantizeLinear per quantized tensor, no
 DynamicQuantizeLinear or QLinear*/integer ops.
-ort-cpu: ONNX Runtime optimizes the graph; the share of quantized Conv/MatMul/Gemm that became integer kernels.
+ort-cpu, ort-dynamic: ONNX Runtime optimizes the graph; the share of quantized Conv/MatMul/Gemm that became integer
+kernels, MatMulNBits counted as one where it quantizes its input (accuracy_level 4; weight-only ones compute in float).
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def ort_fusion(path: Path, threads: int = 1) -> dict:
     integer = [n for n in optimized.graph.node if n.op_type in INTEGER_KERNELS]
     quantized_names = {n.name for n in quantized}
     left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in QUANTIZABLE and n.name in quantized_names]
-    return {"quantized_compute_nodes": len(quantized), "integer_kernels": len(integer),
-            "fused_share": len(integer) / max(1, len(quantized)), "left_in_float": left,
-            "integer_kernel_types": sorted({n.op_type for n in integer})}  # fmt: skip
+    nbits = [n for n in source.graph.node if n.op_type == "MatMulNBits"]
+    nbits_integer = [n for n in nbits if next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) == 4]
+    return {"quantized_compute_nodes": len(quantized) + len(nbits), "integer_kernels": len(integer) + len(nbits_integer),
+            "fused_share": (len(integer) + len(nbits_integer)) / max(1, len(quantized) + len(nbits)),
+            "left_in_float": left + [n.name for n in nbits if n not in nbits_integer],
+            "integer_kernel_types": sorted({n.op_type for n in integer + nbits_integer}),
+            "matmul_nbits": {"nodes": len(nbits), "integer_inputs": len(nbits_integer)}}  # fmt: skip

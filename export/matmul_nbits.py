@@ -45,22 +45,50 @@ def pack(values: np.ndarray, bits: int) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
+def matmul_nbits_parts(name: str, weight: np.ndarray, step: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool,
+                       accuracy_level: int) -> tuple[dict, dict[str, np.ndarray]]:  # fmt: skip
+    """MatMulNBits' attributes and its B initializers (packed weights, scales, packed zero points, in input order)
+    for the group-wise grid (step, zero) [N, G] of `weight` [N, K]."""
+    n, k = weight.shape
+    group_size = k // step.shape[1]
+    check_deployable(name, bits, group_size)
+    q, z = integer_weights(weight, step, zero, bits, symmetric)
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": group_size, "accuracy_level": accuracy_level}
+    tensors = {f"{name}.qweight": pack(q, bits), f"{name}.scales": step.astype(np.float32).reshape(-1),
+               f"{name}.zero_points": pack(z, bits).reshape(-1)}  # fmt: skip
+    return attrs, tensors
+
+
 def matmul_nbits(name: str, input_name: str, output_name: str, weight: np.ndarray, step: np.ndarray, zero: np.ndarray,
                  bits: int, symmetric: bool, accuracy_level: int = 4, bias: np.ndarray | None = None):  # fmt: skip
     """The MatMulNBits node computing `input @ weightᵀ (+ bias)` with the group-wise grid (step, zero) [N, G] of
     `weight` [N, K], and its initializers (onnx TensorProtos named after `name`)."""
     from onnx import helper, numpy_helper
 
-    n, k = weight.shape
-    group_size = k // step.shape[1]
-    check_deployable(name, bits, group_size)
-    q, z = integer_weights(weight, step, zero, bits, symmetric)
-    tensors = {f"{name}.qweight": pack(q, bits), f"{name}.scales": step.astype(np.float32).reshape(-1),
-               f"{name}.zero_points": pack(z, bits).reshape(-1)}  # fmt: skip
+    attrs, tensors = matmul_nbits_parts(name, weight, step, zero, bits, symmetric, accuracy_level)
     inputs = [input_name, *tensors]
     if bias is not None:
         tensors[f"{name}.bias"] = bias.astype(np.float32)
         inputs += ["", f"{name}.bias"]  # no g_idx
-    node = helper.make_node("MatMulNBits", inputs, [output_name], name=name, domain="com.microsoft", K=k, N=n, bits=bits,
-                            block_size=group_size, accuracy_level=accuracy_level)  # fmt: skip
+    node = helper.make_node("MatMulNBits", inputs, [output_name], name=name, domain="com.microsoft", **attrs)
     return node, [numpy_helper.from_array(value, key) for key, value in tensors.items()]
+
+
+def replace_linear(graph, node, layer: str, step: np.ndarray, zero: np.ndarray, bits: int, symmetric: bool,
+                   accuracy_level: int) -> None:  # fmt: skip
+    """Graph pass (onnx-graphsurgeon): compute a Linear layer's MatMul or Gemm node as MatMulNBits with its
+    group-wise grid, named after the layer; the old node is left disconnected for cleanup()."""
+    import onnx_graphsurgeon as gs
+
+    weight = node.inputs[1].values  # MatMul: [K, N]; Gemm: [N, K] with transB, else [K, N]
+    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
+    if node.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0 or node.attrs.get("transA", 0)):
+        raise UserError(f"{layer}: a Gemm with alpha/beta/transA cannot be written as MatMulNBits.")
+    attrs, tensors = matmul_nbits_parts(layer, weight if transposed else weight.T, step, zero, bits, symmetric, accuracy_level)
+    inputs = [node.inputs[0], *(gs.Constant(key, value) for key, value in tensors.items())]
+    if node.op == "Gemm" and len(node.inputs) > 2:
+        inputs += [gs.Variable.empty(), node.inputs[2]]  # no g_idx, then the bias
+    graph.nodes.append(gs.Node("MatMulNBits", name=layer, domain="com.microsoft", attrs=attrs, inputs=inputs,
+                               outputs=list(node.outputs)))  # fmt: skip
+    node.inputs.clear()
+    node.outputs.clear()

@@ -21,6 +21,10 @@ class ExportProfile:
     quantize_fused_outputs: bool  # Q/DQ on quantized Conv/Gemm outputs, so the runtime fuses integer kernels
     pack_int4_weights: bool  # 4-bit weights stored as INT4 (TensorRT); else int8 holding 4-bit values
     lint: str  # the rule set `dilatequant lint` checks: 'static-qdq' or 'ort-fusion' (export/lint.py)
+    # how group-wise Linear weights (Q-DiT) are written: 'matmulnbits' (ONNX Runtime's MatMulNBits), or None: refused
+    group_weights: str | None = None
+    # dynamic per-token-group activations run in the group-wise layers (MatMulNBits accuracy_level 4)
+    dynamic_activations: bool = False
 
 
 PROFILES = {
@@ -33,6 +37,12 @@ PROFILES = {
         "fuse into QLinearConv/QGemm; FP32 elsewhere (ONNX Runtime's CPU kernels have no FP16)",
         float_precision="fp32", qdq_per_consumer=True, unsigned_activations=True, quantize_fused_outputs=True,
         pack_int4_weights=False, lint="ort-fusion"),
+    "ort-dynamic": ExportProfile(
+        "ort-dynamic", "ONNX Runtime CPU with Q-DiT's formats: group-wise Linear weights as MatMulNBits (4/8-bit, blocks "
+        "of 16-256), their inputs quantized at run time per token and block to int8 (accuracy_level 4); the other "
+        "quantized layers as in ort-cpu",
+        float_precision="fp32", qdq_per_consumer=True, unsigned_activations=True, quantize_fused_outputs=True,
+        pack_int4_weights=False, lint="ort-fusion", group_weights="matmulnbits", dynamic_activations=True),
 }  # fmt: skip
 
 

@@ -94,3 +94,23 @@ def test_paired_images_sample_to_files_and_compare_them(tiny_model_dirs, tmp_pat
     assert same["psnr_db"] > 100 and same["n"] == 2 and same["steps"] == 2
     with pytest.raises(SystemExit, match="different settings"):
         compare(tmp_path / "a.pt", tmp_path / "c.pt")
+
+
+@pytest.mark.slow
+def test_digits_dit_through_every_verb(tmp_path):
+    """The bundled DiT: inspect, eval (digit metrics: it draws digits), calibrate with Q-DiT, export to ort-dynamic,
+    build and sample through the engines."""
+    summary = json.loads(invoke("inspect", "digits-dit", "--json").stdout)
+    assert summary["class_name"] == "DiTTransformer2DModel" and 1e7 < summary["parameters"] < 1.2e7
+    assert sum(w["bytes"] for w in summary["weights"]) <= 25e6  # fp16, as shipped
+    record = json.loads(invoke("eval", "--model", "digits-dit", "--n", 20, "--steps", 4, "--device", "cpu").stdout)
+    assert {"fid_digits", "class_accuracy"} <= record.keys()
+    steps = [("calibrate", "--model", "digits-dit", "--method", "q-dit", "--bits", "W4A8", "--samples", 8, "--trajectories", 2,
+              "--steps", 4, "--device", "cpu", "--out", tmp_path / "calib"),
+             ("export", "--calib", tmp_path / "calib", "--profile", "ort-dynamic", "--buckets", 1, "--out", tmp_path / "export"),
+             ("build", "--export", tmp_path / "export", "--out", tmp_path / "engines"),
+             ("sample", "--engines", tmp_path / "engines", "--n", 4, "--steps", 2, "--out", tmp_path / "g.png")]  # fmt: skip
+    for args in steps:
+        result = invoke(*args)
+        assert result.exit_code == 0, (args[0], result.output)
+    assert Image.open(tmp_path / "g.png").format == "PNG"

@@ -14,11 +14,14 @@ from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.sampling import SCHEDULERS
+from dilatequant.core.zoo import ZOO
 from dilatequant.engines.config import BACKENDS, FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
 from dilatequant.export.config import SCALE_SOURCES, ExportConfig
 from dilatequant.export.profiles import PROFILES
 
-MODEL_HELP = "Bundled model name (digits) or a local diffusers model/pipeline directory. Offline: no hub ids."
+from .demo import DemoConfig
+
+MODEL_HELP = f"Bundled model name ({' or '.join(ZOO)}) or a local diffusers model/pipeline directory. Offline: no hub ids."
 CALIB_HELP = "Calibration artifact directory: run its fake-quant model (--model, if given, must be its source)."
 ENGINES_HELP = "Engine directory (dilatequant build): sample through its engines, one per timestep bucket."
 
@@ -376,13 +379,15 @@ def check_ratio(report: dict, batch: str, limit: float) -> None:
 @click.option("--n", default=200, show_default=True, help="Images sampled per engine set for the quality numbers.")
 @click.option("--streams", default=2, show_default=True, help="ONNX Runtime sessions per bucket, each running a slice of the batch.")
 @click.option("--threads", default=BuildConfig.threads, show_default=True, help="ONNX Runtime intra-op threads per session (0: cores / streams).")
-def demo_command(out: Path, n: int, streams: int, threads: int) -> None:
-    """Calibrate digits (W8A8, quick), export 4 buckets, build ONNX Runtime engines, profile them against FP32,
-    sample both and write OUT/report.html."""
-    from .demo import DemoConfig, run_demo
+@click.option("--model", default=DemoConfig.model, show_default=True, type=click.Choice(list(ZOO)), help="The bundled model to run it on.")
+def demo_command(out: Path, n: int, streams: int, threads: int, model: str) -> None:
+    """Calibrate a bundled model (W8A8, quick), export 4 buckets, build ONNX Runtime engines, profile them against
+    FP32, sample both and write OUT/report.html."""
+    from .demo import run_demo
 
     start = time.perf_counter()
-    report = run_demo(out, DemoConfig(quality_n=n, streams=streams, threads=threads), echo=lambda line: click.echo(line, err=True))
+    config = DemoConfig(model=model, quality_n=n, streams=streams, threads=threads)
+    report = run_demo(out, config, echo=lambda line: click.echo(line, err=True))
     summary = json.loads((Path(out) / "report.json").read_text())
     for target in summary["targets"]:
         click.echo(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['measured']}")
