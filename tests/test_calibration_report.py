@@ -101,3 +101,17 @@ def test_every_variant_can_be_named_on_the_command_line():
     for name, overrides in calibration_report.VARIANTS.values():  # a known recipe, overrides that are config fields
         config = recipe(name, "W4A4", **overrides)
         assert all(getattr(config, field) == value for field, value in overrides.items())
+
+
+@pytest.mark.slow
+def test_q_dit_rows_run_on_the_bundled_dit(tmp_path):
+    """docs/results/dit.md's rows: the same script with --model digits-dit and Q-DiT's ablation variants."""
+    rows = tmp_path / "rows.json"
+    variants = "Q-DiT groups of 128 with static activations,Q-DiT groups of 128 + dynamic activations"
+    args = ["run", "--model", "digits-dit", "--bits", "W4A8", "--variants", variants, "--n", "4", "--steps", "2",
+            "--samples", "8", "--trajectories", "4", "--device", "cpu", "--work", str(tmp_path / "work"), "--rows", str(rows)]  # fmt: skip
+    result = CliRunner().invoke(calibration_report.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads(rows.read_text())["rows"]
+    assert [(r["model"], r["variant"]) for r in recorded] == [("digits-dit", "FP"), *[("digits-dit", v) for v in variants.split(",")]]
+    assert [r["recipe"] for r in recorded[1:]] == ["q-dit", "q-dit"] and recorded[1]["overrides"] == {"act_dynamic": False}

@@ -1,4 +1,5 @@
-"""The calibration results table: FP vs naive min-max, +TPQ, +WD, EDA-DM and DilateQuant's recipes, per bit width.
+"""The calibration results table: FP vs naive min-max, +TPQ, +WD, EDA-DM, DilateQuant's and Q-DiT's recipes, per bit
+width, on a bundled model (`digits`, or `digits-dit` for docs/results/dit.md).
 
     python -m dilatequant.tools.calibration_report run --bits W8A8 --n 5000 --device cuda --rows rows.json
     python -m dilatequant.tools.calibration_report merge --rows a.json --rows b.json --out rows.json
@@ -43,6 +44,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "DilateQuant + attention matmuls": ("dilatequant", {"quantize_attention": True}),
     "DilateQuant + attention matmuls with head tables": ("dilatequant", {"quantize_attention": True, "attention_head_tables": True}),
     "DilateQuant + FP boundary layers": ("dilatequant-fp-boundary", {}),
+    # Q-DiT's ablation (docs/results/dit.md): group-wise weights with static tables, + dynamic inputs, + the search
+    "Q-DiT groups of 128 with static activations": ("q-dit", {"act_dynamic": False}),
+    "Q-DiT groups of 128 + dynamic activations": ("q-dit", {}),
+    "Q-DiT + group-size search": ("q-dit-search", {}),
 }
 # iterations per block of rows written before rows recorded them
 VARIANT_ITERS = {"DilateQuant v1 (old defaults)": 400, "DilateQuant v1 + FP boundary layers": 400}
@@ -76,6 +81,7 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--model", default="digits", show_default=True, help="The bundled model (or model directory) every row calibrates.")
 @click.option("--bits", default="W8A8,W4A8,W4A4", show_default=True)
 @click.option("--variants", default=",".join(VARIANTS), show_default=True, help="Comma-separated subset of the rows.")
 @click.option("--n", default=5000, show_default=True)
@@ -90,7 +96,7 @@ def main() -> None:
 @click.option("--reference", "reference_path", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="FP images of these sampler settings: read if the file exists, else sampled and written there "
                    "(processes sharing one GPU sample the FP model once).")
-def run(bits: str, variants: str, n: int, steps: int, seed: int, samples: int | None, trajectories: int | None, bkd_iters: int | None,
+def run(model: str, bits: str, variants: str, n: int, steps: int, seed: int, samples: int | None, trajectories: int | None, bkd_iters: int | None,
         device: str, work: Path, rows_path: Path, reference_path: Path | None) -> None:  # fmt: skip
     """Calibrate and evaluate every (bits, variant) row not yet in the rows file."""
     from dilatequant.calibrate.artifact import load_artifact
@@ -111,10 +117,10 @@ def run(bits: str, variants: str, n: int, steps: int, seed: int, samples: int | 
         return
     torch_device = resolve_device(device)
     sampler = SamplerConfig(steps=steps, seed=seed, batch_size=default_batch_size(torch_device))
-    fp = load_model("digits", torch_device)
+    fp = load_model(model, torch_device)
     labels = labels_for(fp, n)
     fp_images = reference_images(fp, labels, sampler, torch_device, reference_path)
-    common = {"n": n, "steps": steps, "seed": seed, "device": describe_device(torch_device)}
+    common = {"model": model, "n": n, "steps": steps, "seed": seed, "device": describe_device(torch_device)}
     if ("FP", "FP") not in done:
         results["rows"].append({"bits": "FP", "variant": "FP", **common, **score(fp_images, labels, fp_images)})
     for preset, variant, (name, overrides) in pending:
@@ -125,7 +131,7 @@ def run(bits: str, variants: str, n: int, steps: int, seed: int, samples: int | 
         start = time.perf_counter()
         reused = calibrated(out, config)
         if not reused:
-            calibrate("digits", config, out, torch_device)
+            calibrate(model, config, out, torch_device)
         seconds = time.perf_counter() - start
         artifact = load_artifact(out, torch_device)
         images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
@@ -162,7 +168,7 @@ def calibrated(out: Path, config) -> bool:
 def reference_images(fp, labels: torch.Tensor, sampler: SamplerConfig, device: torch.device, path: Path | None) -> torch.Tensor:
     """The FP model's images for `labels` under `sampler`, from `path` when it holds them (checked), else sampled
     (and written to `path` when given)."""
-    key = {"n": len(labels), "steps": sampler.steps, "seed": sampler.seed, "scheduler": sampler.scheduler}
+    key = {"model": fp.source, "n": len(labels), "steps": sampler.steps, "seed": sampler.seed, "scheduler": sampler.scheduler}
     if path is not None and path.is_file():
         saved = torch.load(path)
         if saved["key"] != key:
@@ -177,15 +183,16 @@ def reference_images(fp, labels: torch.Tensor, sampler: SamplerConfig, device: t
 
 
 @main.command()
+@click.option("--model", default="digits", show_default=True)
 @click.option("--n", default=5000, show_default=True)
 @click.option("--steps", default=50, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
-def reference(n: int, steps: int, seed: int, device: str, out_path: Path) -> None:
+def reference(model: str, n: int, steps: int, seed: int, device: str, out_path: Path) -> None:
     """Sample the FP images `run --reference` reads (once, before processes that share them start)."""
     torch_device = resolve_device(device)
-    fp = load_model("digits", torch_device)
+    fp = load_model(model, torch_device)
     reference_images(fp, labels_for(fp, n), SamplerConfig(steps=steps, seed=seed, batch_size=default_batch_size(torch_device)),
                      torch_device, out_path)  # fmt: skip
     click.echo(f"wrote {out_path}")
