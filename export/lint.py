@@ -17,7 +17,14 @@ from pathlib import Path
 import numpy as np
 
 QUANTIZABLE = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-FORBIDDEN = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm"}
+FORBIDDEN = {"DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "QGemm", "MatMulNBits"}
+# why TensorRT refuses an op, where there is more to say than "not allowed"
+REFUSAL_REASONS = {
+    "DynamicQuantizeLinear": "TensorRT INT8 has no dynamic (run-time, per-token) activation quantization: its scales are "
+                             "constants of the graph; calibrate static tables (--static-activations) for this profile",
+    "MatMulNBits": "an ONNX Runtime contrib op (com.microsoft) that TensorRT's parser does not take; group-wise weights with "
+                   "dynamic int8 inputs run on ONNX Runtime (--profile ort-dynamic)",
+}
 INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul"}
 
 
@@ -64,7 +71,8 @@ def lint_tensorrt(model, allow_residual_add: bool = False) -> list[Violation]:
     for index, node in enumerate(graph.node):
         label = node_label(node, index)
         if node.op_type in FORBIDDEN:
-            violations.append(Violation("op", label, f"{node.op_type} is not allowed in a TensorRT explicit-quantization graph"))
+            reason = REFUSAL_REASONS.get(node.op_type, "not allowed in a TensorRT explicit-quantization graph")
+            violations.append(Violation("op", label, f"{node.op_type}: {reason}"))
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         scale = initializers.get(node.input[1])

@@ -78,7 +78,7 @@ def test_onnx_runtime_follows_the_fake_quantized_model_in_every_bucket(q_dit):
 def test_profiles_that_cannot_run_q_dit_say_which_can(q_dit, tmp_path):
     calib, _ = q_dit
     for profile in ("tensorrt", "ort-cpu"):
-        with pytest.raises(UserError, match=f"group-wise weights .*cannot run; export with --profile ort-dynamic"):
+        with pytest.raises(UserError, match="group-wise weights .*cannot run; export with --profile ort-dynamic"):
             export(calib, ExportConfig(buckets=2, profile=profile, fp32=True), tmp_path / profile)
         assert not (tmp_path / profile).exists()
 
@@ -89,3 +89,11 @@ def test_group_sizes_onnx_runtime_cannot_run_are_refused_by_layer(tiny_model_dir
     with pytest.raises(UserError, match=r"transformer_blocks\.0\..*group size 8 cannot be deployed as MatMulNBits"):
         export(calib, ExportConfig(buckets=1, profile="ort-dynamic"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_lint_explains_why_it_refuses_an_ort_dynamic_graph(q_dit):
+    from dilatequant.export.lint import lint_tensorrt
+
+    _, out = q_dit
+    violations = [v for v in lint_tensorrt(onnx.load(str(out / "bucket_0.onnx"))) if v.rule == "op"]
+    assert violations and all("MatMulNBits" in str(v) and "--profile ort-dynamic" in str(v) for v in violations)

@@ -34,12 +34,12 @@ def test_wheel_cli_help(fresh_venv_with_wheel):
     assert result.returncode == 0 and "inspect" in result.stdout
 
 
-def test_wheel_loads_its_bundled_model(fresh_venv_with_wheel):
+def test_wheel_loads_its_bundled_models(fresh_venv_with_wheel):
     code = ("import dilatequant.tools as t; from dilatequant.core.denoiser import load_model; "
-            "m = load_model('digits'); print(t.__file__); print(m.model_dir)")  # fmt: skip
+            "print(t.__file__); [print(load_model(name).model_dir) for name in ('digits', 'digits-dit')]")  # fmt: skip
     # cwd outside the repo: from its root, `dilatequant/` itself would be imported
     result = subprocess.run([fresh_venv_with_wheel / "bin" / "python", "-c", code], capture_output=True, text=True,
                             cwd=fresh_venv_with_wheel)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    module_file, model_dir = result.stdout.split()
-    assert str(fresh_venv_with_wheel) in module_file and str(fresh_venv_with_wheel) in model_dir
+    module_file, *model_dirs = result.stdout.split()
+    assert len(model_dirs) == 2 and all(str(fresh_venv_with_wheel) in path for path in [module_file, *model_dirs])
