@@ -8,7 +8,7 @@
 # reference; it is deterministic, so its row must come out the same in each). Results: $OUT/bench.json|md.
 set -euo pipefail
 rm -rf /tmp/site /tmp/bench
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+bash tools/device/install_wheels.sh
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 python3 -m dilatequant.tools.bench --out /tmp/bench --backend torch --device cuda --n "${N:-5000}" \
   --bkd-iters "${BKD_ITERS:-400}" ${ENTRIES:+--entries "$ENTRIES"} 2>&1 | grep --line-buffered -v "W:onnxruntime" |

@@ -5,7 +5,7 @@
 # Writes $OUT/<name>.calibration.json (the artifacts' records) and prints each run's phases.
 set -euo pipefail
 rm -rf /tmp/site /tmp/cal
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+bash tools/device/install_wheels.sh
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 run() {
   name=$1; shift

@@ -5,7 +5,7 @@
 # Rows already in docs/results/calibration_rows.json are skipped; the updated file lands in $OUT/rows.json.
 set -euo pipefail
 rm -rf /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+bash tools/device/install_wheels.sh
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 if [ -f docs/results/calibration_rows.json ]; then cp docs/results/calibration_rows.json "$OUT/rows.json"; fi
 if [ "${MEMORY:-0}" = 1 ]; then

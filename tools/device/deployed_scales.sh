@@ -8,7 +8,7 @@
 # Results: $OUT/<bits>_fakequant.json (against FP) and $OUT/<bits>_k<K>_<scales>.json (against fake-quant).
 set -euo pipefail
 rm -rf /tmp/site /tmp/ds && mkdir -p /tmp/ds
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+bash tools/device/install_wheels.sh
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 dq() { python3 -m dilatequant.tools.cli "$@" 2>&1 | sed "/W:onnxruntime/d" | while IFS= read -r line; do echo "$(date +%T) $line"; done; }
 N=${N:-5000}; STEPS=${STEPS:-25}

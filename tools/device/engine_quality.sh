@@ -5,7 +5,7 @@
 # engines as the paired reference; also the torch fake-quant model on CUDA (TORCH=1). Results: $OUT/*.json.
 set -euo pipefail
 rm -rf /tmp/site /tmp/eq && mkdir -p /tmp/eq
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+bash tools/device/install_wheels.sh
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 dq() { python3 -m dilatequant.tools.cli "$@"; }
 N=${N:-5000}; STEPS=${STEPS:-25}; K=${K:-4}

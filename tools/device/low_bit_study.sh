@@ -7,7 +7,7 @@
 # <name>.log), with $OUT/summary.txt.
 set -uo pipefail
 rm -rf /tmp/site /tmp/lb && mkdir -p /tmp/lb/out
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+bash tools/device/install_wheels.sh
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 start=$(date +%s)
 res=/tmp/lb/out
