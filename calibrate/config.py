@@ -44,6 +44,8 @@ class CalibConfig:
     attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
     weight_group_size: int | None = None  # the method's: 0 = per output channel, else Linear weights in groups of input channels (q-dit: 128)
     act_dynamic: bool | None = None  # the method's: Linear inputs quantized per token and group at run time (q-dit)
+    # group grids symmetric (zero point 0: TensorRT's block-quantized INT4) instead of asymmetric (MatMulNBits)
+    weight_group_symmetric: bool = False
     # Q-DiT's group-size search (calibrate/group_search.py): one group size per Linear input group from
     # group_choices, their mean at least weight_group_size, fitness from search_images sampled images
     group_search: bool = False
@@ -123,6 +125,9 @@ class CalibConfig:
         if self.group_search and (self.search_top_k > self.search_population or self.search_population < 2):
             raise UserError(f"search_top_k={self.search_top_k} parents must come from search_population={self.search_population} "
                             "(at least 2) candidates; raise the population or lower top_k.")  # fmt: skip
+        if self.weight_group_symmetric and not self.weight_group_size:
+            raise UserError("weight_group_symmetric=True sets the grid of group-wise weights, and weight_group_size=0 has "
+                            "no groups; give weight_group_size (e.g. 128).")  # fmt: skip
         if self.act_dynamic and not self.weight_group_size:
             raise UserError("act_dynamic=True quantizes each Linear input per token and weight group, and "
                             "weight_group_size=0 has no groups; give weight_group_size (e.g. 128) or act_dynamic=False.")  # fmt: skip

@@ -13,8 +13,8 @@ export/ imports calibrate only through this module (import-linter checks it, pyp
 
 from .artifact import FORMAT_VERSION, KIND, CalibrationArtifact, describe, load_artifact
 from .calib_data import CalibrationData
-from .quant_model import GROUP_WEIGHTS_SYMMETRIC, OUTPUT_SUFFIX
+from .quant_model import OUTPUT_SUFFIX
 from .rebucket import BucketScales, GroupTable, bucket_scales, bucketed_model
 
-__all__ = ["FORMAT_VERSION", "GROUP_WEIGHTS_SYMMETRIC", "KIND", "OUTPUT_SUFFIX", "BucketScales", "CalibrationArtifact", "CalibrationData",
+__all__ = ["FORMAT_VERSION", "KIND", "OUTPUT_SUFFIX", "BucketScales", "CalibrationArtifact", "CalibrationData",
            "GroupTable", "bucket_scales", "bucketed_model", "describe", "load_artifact"]  # fmt: skip

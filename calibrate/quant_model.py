@@ -67,11 +67,6 @@ class LayerPlan:
     group_size: int | None = None  # group-wise weights and dynamic inputs (Q-DiT): input channels per group
 
 
-# Group-wise weight grids are asymmetric (a zero point per group, as Q-DiT's and MatMulNBits' formats allow); the
-# artifact's weight_zero_point tensors hold them.
-GROUP_WEIGHTS_SYMMETRIC = False
-
-
 class QuantizedDenoiser(Denoiser):
     """A Denoiser whose every call first tells the activation quantizers each sample's timestep row."""
 
@@ -208,10 +203,11 @@ def input_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, index: Timeste
 
 
 def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: CalibConfig) -> WeightQuantizer | GroupWeightQuantizer:
-    """Group-wise (asymmetric, as Q-DiT's and MatMulNBits' zero points allow) where the plan gives a group size,
-    else per output channel (symmetric, as TensorRT requires)."""
+    """Group-wise where the plan gives a group size (asymmetric, as Q-DiT and MatMulNBits allow, unless
+    weight_group_symmetric), else per output channel (symmetric, as TensorRT requires)."""
     if row.group_size:
-        return GroupWeightQuantizer(layer.weight, row.weight_bits, row.group_size, GROUP_WEIGHTS_SYMMETRIC, config.weight_init, row.layer)
+        return GroupWeightQuantizer(layer.weight, row.weight_bits, row.group_size, config.weight_group_symmetric, config.weight_init,
+                                    row.layer)  # fmt: skip
     return WeightQuantizer(layer.weight, row.weight_bits, config.weight_init)
 
 

@@ -146,6 +146,9 @@ RECIPES = _recipes(
            "activations, no training", "q-dit", Q_DIT, distills=False),
     Recipe("q-dit-search", 1, "Q-DiT with its evolutionary group-size search (mean group size >= 128 over 32-256)",
            "q-dit", {"group_search": True}),
+    Recipe("q-dit-tensorrt", 1, "Q-DiT's group-wise weights in the form TensorRT runs: symmetric groups (block-quantized "
+           "INT4/INT8 weights), per-tensor activation tables per timestep instead of dynamic ones", "q-dit",
+           {"weight_group_symmetric": True, "act_dynamic": False}),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
            {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dilatequant.calibrate.contract import GROUP_WEIGHTS_SYMMETRIC, OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
+from dilatequant.calibrate.contract import OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
 from dilatequant.core.buckets import BucketTable
 from dilatequant.core.denoiser import ModelSpec, load_model
 from dilatequant.core.environment import library_versions
@@ -27,7 +27,7 @@ from .graph import compute_node_names, export_fp_graph
 from .matmul_nbits import check_deployable, replace_linear
 from .precision import to_float16
 from .profiles import PROFILES, ExportProfile
-from .qdq import ACT_SCALE, ACT_ZERO_POINT, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights
+from .qdq import ACT_SCALE, ACT_ZERO_POINT, BLOCKED_OPSET, blocked_weight_dq, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights, raise_opset
 from .simplify import simplify
 
 CHECK_SAMPLES_PER_BUCKET = 4
@@ -55,17 +55,40 @@ def check_exportable(artifact, profile: ExportProfile) -> None:
                         f"cannot run; export with --profile {group_profiles()}.")  # fmt: skip
     if config.act_dynamic and not profile.dynamic_activations:
         raise UserError(f"{artifact.path} quantizes activations dynamically (per token and group, at run time); the "
-                        f"{profile.name} profile has static scales only. Export with --profile {group_profiles()}, or "
-                        "calibrate with --static-activations.")  # fmt: skip
-    if config.act_dynamic and not config.act_symmetric:
+                        f"{profile.name} profile has static scales only (TensorRT INT8 has no run-time activation "
+                        f"quantization). Export with --profile {dynamic_profiles()}, or calibrate static tables "
+                        "(--static-activations; --recipe q-dit-tensorrt for TensorRT).")  # fmt: skip
+    if grouped:
+        GROUP_CHECKS[profile.group_weights](artifact, grouped)
+
+
+def check_matmul_nbits(artifact, grouped: list[dict]) -> None:
+    if artifact.config.act_dynamic and not artifact.config.act_symmetric:
         raise UserError(f"{artifact.path} has asymmetric dynamic activations; MatMulNBits quantizes its input symmetrically "
                         "(int8, zero point 0). Calibrate with symmetric activations.")  # fmt: skip
     for row in grouped:
         check_deployable(row["layer"], row["weight_bits"], row["group_size"])
 
 
+def check_blocked_dq(artifact, grouped: list[dict]) -> None:
+    if not artifact.config.weight_group_symmetric:
+        raise UserError(f"{artifact.path} has asymmetric group-wise weights (a zero point per group); TensorRT's "
+                        "block-quantized DequantizeLinear takes zero points of 0 only. Calibrate with --symmetric-groups "
+                        "(--recipe q-dit-tensorrt), or export with --profile ort-dynamic.")  # fmt: skip
+    for row in grouped:
+        if row["weight_bits"] not in (4, 8):
+            raise UserError(f"{row['layer']}: {row['weight_bits']}-bit group-wise weights have no TensorRT type; use 4 or 8 bits.")
+
+
+GROUP_CHECKS = {"matmulnbits": check_matmul_nbits, "blocked-dq": check_blocked_dq}
+
+
 def group_profiles() -> str:
     return " or ".join(name for name, profile in PROFILES.items() if profile.group_weights)
+
+
+def dynamic_profiles() -> str:
+    return " or ".join(name for name, profile in PROFILES.items() if profile.dynamic_activations)
 
 
 def fp_graph(artifact, config: ExportConfig, work: Path):
@@ -101,15 +124,21 @@ def grouped_layers(artifact) -> frozenset[str]:
     return frozenset(row["layer"] for row in artifact.quantized_layers() if row.get("group_size"))
 
 
-def write_group_weights(graph, nodes: dict, artifact) -> None:
-    """Group-wise layers as MatMulNBits; with dynamic activations at accuracy_level 4 (int8 blocks of the input,
-    the fake quantizer's symmetric dynamic grid), else weight-only (float input: the static Q/DQ before it or none)."""
+def write_group_weights(graph, nodes: dict, artifact, profile: ExportProfile) -> None:
+    """Group-wise layers in the profile's form. MatMulNBits: with dynamic activations at accuracy_level 4 (int8 blocks
+    of the input, the fake quantizer's symmetric dynamic grid), else weight-only (float input: the static Q/DQ before
+    it or none). Blocked DQ: symmetric integers with a scale per (row, group) feeding the float GEMM."""
     level = 4 if artifact.config.act_dynamic else 0
     for row in artifact.quantized_layers():
-        if row.get("group_size"):
-            layer = row["layer"]
-            step, zero = artifact.weight_step(layer).numpy(), artifact.weight_zero_point(layer).numpy()
-            replace_linear(graph, nodes[layer], layer, step, zero, row["weight_bits"], GROUP_WEIGHTS_SYMMETRIC, level)
+        if not row.get("group_size"):
+            continue
+        layer, bits = row["layer"], row["weight_bits"]
+        step = artifact.weight_step(layer).numpy()
+        if profile.group_weights == "blocked-dq":
+            blocked_weight_dq(graph, nodes[layer], layer, step, bits)
+        else:
+            zero = artifact.weight_zero_point(layer).numpy()
+            replace_linear(graph, nodes[layer], layer, step, zero, bits, artifact.config.weight_group_symmetric, level)
 
 
 def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: ExportConfig):
@@ -133,7 +162,7 @@ def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: E
             prescale = rows.prescale.reshape(shape)
         insert_activation_qdq(graph, group, index, consumers, scale, zero_point, rows.symmetric, prescale,
                               per_consumer=config.target.qdq_per_consumer, unsigned=unsigned)  # fmt: skip
-    write_group_weights(graph, nodes, artifact)
+    write_group_weights(graph, nodes, artifact, config.target)
     if config.precision == "fp16":
         to_float16(graph)
     compact(graph)
@@ -141,6 +170,8 @@ def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: E
     model = gs.export_onnx(graph)
     if any(node.domain == MS_DOMAIN for node in model.graph.node) and all(o.domain != MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+    if any(attr.name == "block_size" for node in model.graph.node for attr in node.attribute):
+        raise_opset(model, BLOCKED_OPSET)
     del model.graph.value_info[:]  # inferred shapes: not needed to run, and they cost bytes in every bucket graph
     if config.target.pack_int4_weights:  # ONNX Runtime's integer kernels take int8 weights only
         pack_int4_weights(model, {row["layer"] for row in plan if row["weight_bits"] == 4})

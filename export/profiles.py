@@ -21,7 +21,8 @@ class ExportProfile:
     quantize_fused_outputs: bool  # Q/DQ on quantized Conv/Gemm outputs, so the runtime fuses integer kernels
     pack_int4_weights: bool  # 4-bit weights stored as INT4 (TensorRT); else int8 holding 4-bit values
     lint: str  # the rule set `dilatequant lint` checks: 'static-qdq' or 'ort-fusion' (export/lint.py)
-    # how group-wise Linear weights (Q-DiT) are written: 'matmulnbits' (ONNX Runtime's MatMulNBits), or None: refused
+    # how group-wise Linear weights (Q-DiT) are written: 'matmulnbits' (ONNX Runtime's MatMulNBits), 'blocked-dq'
+    # (symmetric integers behind a block-quantized DequantizeLinear, opset 21), or None: refused
     group_weights: str | None = None
     # dynamic per-token-group activations run in the group-wise layers (MatMulNBits accuracy_level 4)
     dynamic_activations: bool = False
@@ -31,7 +32,7 @@ PROFILES = {
     "tensorrt": ExportProfile(
         "tensorrt", "TensorRT: one shared symmetric int8 Q/DQ per tensor, FP16 elsewhere (--fp32 to keep FP32)",
         float_precision=None, qdq_per_consumer=False, unsigned_activations=False, quantize_fused_outputs=False,
-        pack_int4_weights=True, lint="static-qdq"),
+        pack_int4_weights=True, lint="static-qdq", group_weights="blocked-dq"),
     "ort-cpu": ExportProfile(
         "ort-cpu", "ONNX Runtime CPU: uint8 activations, one Q/DQ per consumer, quantized Conv/Gemm outputs so they "
         "fuse into QLinearConv/QGemm; FP32 elsewhere (ONNX Runtime's CPU kernels have no FP16)",

@@ -123,6 +123,38 @@ def insert_output_qdq(graph, name: str, index: int, node, scale: float, zero_poi
     return 1
 
 
+def blocked_weight_dq(graph, node, layer: str, step: np.ndarray, bits: int) -> None:
+    """Replace a Linear layer's MatMul/Gemm weight by symmetric integers (int8 containers) behind a block-quantized
+    DequantizeLinear (opset 21 `block_size`): one scale per (output channel, group of input channels), as
+    calibrate's symmetric GroupWeightQuantizer [N, G] rounds them."""
+    import onnx_graphsurgeon as gs
+
+    weight = node.inputs[1]
+    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)  # [N, K]; MatMul and plain Gemm: [K, N]
+    values = weight.values if transposed else weight.values.T
+    n, k = values.shape
+    qmax = 2 ** (bits - 1) - 1
+    q = np.clip(np.round(values.reshape(n, step.shape[1], -1) / step[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
+    scale = step.astype(np.float32)
+    if not transposed:
+        q, scale = q.T, scale.T
+    dequantized = gs.Variable(f"{layer}::weight_dq", dtype=np.float32, shape=weight.shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", attrs={"axis": 1 if transposed else 0, "block_size": k // step.shape[1]},
+                               inputs=[gs.Constant(f"{layer}::weight_int8", np.ascontiguousarray(q)),
+                                       gs.Constant(f"{layer}::weight_scale", np.ascontiguousarray(scale)),
+                                       gs.Constant(f"{layer}::weight_zero_point", np.zeros_like(scale, dtype=np.int8))],
+                               outputs=[dequantized]))  # fmt: skip
+    node.inputs[1] = dequantized
+
+
+def raise_opset(model, version: int) -> None:
+    """Raise the default-domain opset to at least `version` (the ops these graphs use keep their meaning)."""
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, version)
+
+
+BLOCKED_OPSET = 21  # the first opset whose DequantizeLinear takes `block_size`
 INT4_OPSET = 21  # the first opset whose DequantizeLinear takes INT4
 INT4_CONSUMERS = ("MatMul", "Gemm")  # TensorRT dequantizes INT4 weights only into GEMMs (weight-only INT4)
 
@@ -150,7 +182,5 @@ def pack_int4_weights(model, layers: set[str]) -> int:
         del dequantize.input[2:]
         packed += 1
     if packed:
-        for opset in model.opset_import:
-            if opset.domain in ("", "ai.onnx"):
-                opset.version = max(opset.version, INT4_OPSET)
+        raise_opset(model, INT4_OPSET)
     return packed

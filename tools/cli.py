@@ -176,6 +176,9 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
               help="Linear weights in groups of this many input channels (Q-DiT); 0: per output channel.")
 @click.option("--dynamic-activations/--static-activations", "act_dynamic", default=None,
               help="Quantize Linear inputs per token and group at run time (Q-DiT), or from calibrated tables.  [default: the method's]")
+@click.option("--symmetric-groups/--asymmetric-groups", "weight_group_symmetric", default=None,
+              help="Group-wise weights with zero point 0 (TensorRT's block quantization) or with a zero point per group "
+                   "(ONNX Runtime's MatMulNBits).  [default: asymmetric]")
 @click.option("--group-search/--no-group-search", "group_search", default=None,
               help="Search each Linear input group's group size (Q-DiT; mean at least --group-size).  [default: off]")
 @calib_option("--group-choices", "group_choices", type=str, help="Comma-separated group sizes the search may give a layer.")
