@@ -25,7 +25,7 @@ def test_quick_bench_covers_every_entry(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["rows"]
     expected = {"fp32", "dilatequant-w8a8-k1", "dilatequant-w8a8-k4", "dilatequant-w8a8-nowd-k4", "dilatequant-w4a8-k4",
-                *PEERS}  # fmt: skip
+                "q-dit-w4a8-dynamic-k4", *PEERS}  # fmt: skip
     assert {"ort-percentile-uint8-fp-boundary", "modelopt-int8-fp-boundary", "ort-dynamic-int8"} <= expected
     assert set(rows) == expected
     assert rows["fp32"]["psnr_vs_fp"] is None and all(r["psnr_vs_fp"] > 15 for n, r in rows.items() if n != "fp32")
@@ -34,7 +34,7 @@ def test_quick_bench_covers_every_entry(tmp_path):
     assert all(rows[name]["calibration_seconds"] > 0 for name in expected - {"fp32"})
     # every entry's engines were checked against their graphs; FP32 has no quantized layer to check
     assert rows["fp32"]["worst_layer_vs_graph"] is None and rows["fp32"]["end_to_end_vs_graph"] < 1e-4
-    assert all(r["worst_layer_vs_graph"] < 1e-2 for n, r in rows.items() if n.startswith("dilatequant"))
+    assert all(r["worst_layer_vs_graph"] < 1e-2 for n, r in rows.items() if n.startswith(("dilatequant", "q-dit")))
     assert (tmp_path / "bench.png").stat().st_size > 1000 and "| dilatequant-w8a8-k4 | 4 |" in (tmp_path / "bench.md").read_text()
 
 

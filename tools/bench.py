@@ -1,12 +1,15 @@
-"""dilatequant side by side with ONNX Runtime's quantize_static and NVIDIA ModelOpt on `digits`, in one run.
+"""dilatequant side by side with ONNX Runtime's quantize_static / quantize_dynamic and NVIDIA ModelOpt on a bundled
+model (`digits`, or `digits-dit`), in one run.
 
-    python -m dilatequant.tools.bench --out bench [--quick]
+    python -m dilatequant.tools.bench --out bench [--quick] [--model digits-dit]
     python -m dilatequant.tools.bench --out bench-gpu --backend torch --device cuda --n 5000 --bkd-iters 400
 
 Every entry is deployed the same way: its ONNX graph(s) -> ONNX Runtime CPU engines (`engines/`), sampled
 through the engines with the same sampler, steps, seeds and n (quality: fid_digits, class_accuracy,
 psnr_vs_fp against the FP32 engine), and profiled together in one process with interleaved rounds (p50 at
-batch 1 and 8). Also recorded: calibration (or quantization) wall time and bytes on disk. Peers calibrate on
+batch 1 and 8). Static per-bucket entries (DilateQuant's tables, ort-cpu) stand beside dynamic ones (Q-DiT's
+per-token groups as MatMulNBits, ort-dynamic; ONNX Runtime's quantize_dynamic peers). Also recorded: calibration
+(or quantization) wall time and bytes on disk. Peers calibrate on
 dilatequant's calibration samples; two peer rows keep dilatequant's FP boundary layers for a like-for-like
 comparison. Results: OUT/bench.json, OUT/bench.md, OUT/bench.png.
 
@@ -20,13 +23,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import click
 
 from dilatequant.core.atomic import atomic_write_text
 from dilatequant.core.errors import UserError
+from dilatequant.core.zoo import ZOO
 
 QUICK = {"n": 20, "steps": 5, "samples": 32, "trajectories": 8, "sampling_steps": 2}
 
@@ -58,24 +62,40 @@ class BenchConfig:
         if unknown:
             raise UserError(f"Unknown bench entries {', '.join(unknown)}; choose from {', '.join(entry_names(self))}.")
 
-    def calibration(self, bits: str, **extra):
-        """The CalibConfig of a dilatequant entry; its (x_t, t, class) samples are what every peer calibrates on."""
-        from dilatequant.calibrate.recipes import recipe
+    def calibration(self, bits: str, recipe_name: str = "bench", **extra):
+        """The CalibConfig of a dilatequant entry (the bench's data settings on `recipe_name`); the bench recipe's
+        (x_t, t, class) samples are what every peer calibrates on."""
+        from dilatequant.calibrate.recipes import get_recipe, recipe
 
-        return recipe("bench", bits, bkd_iters=self.bkd_iters, samples=self.samples, trajectories=self.trajectories,
-                                     steps=self.steps, boundary=self.boundary, seed=self.seed, **extra)  # fmt: skip
+        distills = get_recipe(get_recipe(recipe_name).method).distills
+        iters = {"bkd_iters": self.bkd_iters} if distills else {}
+        return recipe(recipe_name, bits, samples=self.samples, trajectories=self.trajectories, steps=self.steps,
+                      boundary=self.boundary, seed=self.seed, **iters, **extra)  # fmt: skip
 
     def selected(self, name: str) -> bool:
         return not self.entries or name == "fp32" or name in self.entries
 
 
-def dilatequant_entries(config: BenchConfig) -> dict[str, tuple[str, dict, int]]:
-    """name -> (bits, extra CalibConfig fields, buckets)."""
+@dataclass(frozen=True)
+class Entry:
+    """A dilatequant row: a recipe at `bits` (with `extra` CalibConfig fields), exported in `profile` to `buckets` graphs."""
+
+    bits: str
+    extra: dict = field(default_factory=dict)
+    buckets: int = 1
+    recipe: str = "bench"
+    profile: str = "ort-cpu"
+
+
+def dilatequant_entries(config: BenchConfig) -> dict[str, Entry]:
+    k = config.buckets
     return {
-        "dilatequant-w8a8-k1": ("W8A8", {}, 1),
-        f"dilatequant-w8a8-k{config.buckets}": ("W8A8", {}, config.buckets),
-        f"dilatequant-w8a8-nowd-k{config.buckets}": ("W8A8", {"dilation": False}, config.buckets),
-        f"dilatequant-w4a8-k{config.buckets}": ("W4A8", {}, config.buckets),
+        "dilatequant-w8a8-k1": Entry("W8A8"),
+        f"dilatequant-w8a8-k{k}": Entry("W8A8", buckets=k),
+        f"dilatequant-w8a8-nowd-k{k}": Entry("W8A8", {"dilation": False}, k),
+        f"dilatequant-w4a8-k{k}": Entry("W4A8", buckets=k),
+        # Q-DiT: Linear weights in groups of 128, inputs quantized per token and group at run time (MatMulNBits)
+        f"q-dit-w4a8-dynamic-k{k}": Entry("W4A8", buckets=k, recipe="q-dit", profile="ort-dynamic"),
     }
 
 
@@ -104,17 +124,18 @@ def make_exports(config: BenchConfig, out: Path, echo) -> tuple[dict[str, Path],
 
     exports, seconds = {"fp32": export_unquantized(config.model, "fp32", out / "fp32")}, {"fp32": 0.0}
     calibrations: dict[tuple, tuple[Path, float]] = {}
-    for name, (bits, extra, buckets) in dilatequant_entries(config).items():
+    for name, entry in dilatequant_entries(config).items():
         if not config.selected(name):
             continue
-        key = (bits, tuple(sorted(extra.items())))
+        key = (entry.recipe, entry.bits, tuple(sorted(entry.extra.items())))
         if key not in calibrations:
-            echo(f"[{name}] calibrating {bits} {extra or ''}")
-            calib = config.calibration(bits, **extra)
+            echo(f"[{name}] calibrating {entry.recipe} {entry.bits} {entry.extra or ''}")
+            calib = config.calibration(entry.bits, entry.recipe, **entry.extra)
             work = out / f"calib-{len(calibrations)}"
             calibrations[key] = timed(lambda: calibrate(config.model, calib, work, device=config.device, progress=False))
         path, calibration_seconds = calibrations[key]
-        exports[name], export_seconds = timed(lambda: export(path, ExportConfig(buckets=buckets, profile="ort-cpu"), out / name))
+        export_config = ExportConfig(buckets=entry.buckets, profile=entry.profile)
+        exports[name], export_seconds = timed(lambda: export(path, export_config, out / name))
         seconds[name] = calibration_seconds + export_seconds
     peers = [name for name in PEERS if config.selected(name)]
     data = peer_calibration_data(config, calibrations, echo) if any(PEERS[name].calibrates for name in peers) else None
@@ -137,8 +158,8 @@ def peer_calibration_data(config: BenchConfig, calibrations: dict, echo):
     from dilatequant.core.denoiser import load_model
     from dilatequant.core.sampling import default_batch_size
 
-    if ("W8A8", ()) in calibrations:
-        return load_artifact(calibrations[("W8A8", ())][0]).calibration_data()
+    if ("bench", "W8A8", ()) in calibrations:
+        return load_artifact(calibrations[("bench", "W8A8", ())][0]).calibration_data()
     echo("[peers] recording calibration samples")
     calib = config.calibration("W8A8")
     loaded, device = load_model(config.model, config.device), torch.device(config.device)
@@ -255,7 +276,7 @@ def scatter(report: dict, path: Path) -> None:
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     markers = "osD^vP*Xph<>"
     for i, (name, row) in enumerate(report["rows"].items()):
-        color = "tab:red" if name.startswith("dilatequant") else "black" if name == "fp32" else "tab:blue"
+        color = "tab:red" if name.startswith(("dilatequant", "q-dit")) else "black" if name == "fp32" else "tab:blue"
         style = {"color": color, "marker": markers[i % len(markers)], "label": name, "s": 36}
         axes[0].scatter(row["p50_ms_batch8"], row["fid_digits"], **style)
         if row["psnr_vs_fp"] is not None:
@@ -277,13 +298,15 @@ def scatter(report: dict, path: Path) -> None:
               help="torch: sample the graphs with the torch reference executor (quality only, no latency).")
 @click.option("--device", default="cpu", show_default=True, help="Where dilatequant calibrates and torch engines run (cpu, cuda).")
 @click.option("--entries", default="", help="Comma-separated subset of the entries (FP32 always runs).")
+@click.option("--model", default=BenchConfig.model, show_default=True, type=click.Choice(list(ZOO)), help="The bundled model.")
 @click.option("--merge", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Instead of running: combine these bench.json files (runs that differ only in --entries) into OUT.")
-def main(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str, merge: tuple[Path, ...]) -> None:
+def main(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str, model: str,
+         merge: tuple[Path, ...]) -> None:  # fmt: skip
     if merge:
         report = merge_reports([json.loads(path.read_text()) for path in merge])
     else:
-        report = run(out, quick, n, bkd_iters, backend, device, entries)
+        report = run(out, quick, n, bkd_iters, backend, device, entries, model)
     atomic_write_text(out / "bench.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "bench.md", markdown(report) + "\n")
     if report["config"]["backend"] == "onnxruntime":
@@ -291,11 +314,11 @@ def main(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: s
     click.echo(markdown(report))
 
 
-def run(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str) -> dict:
+def run(out: Path, quick: bool, n: int, bkd_iters: int, backend: str, device: str, entries: str, model: str) -> dict:
     from dilatequant.core.sampling import default_batch_size
 
     batch_size = max(BenchConfig.batch_size, default_batch_size(device))
-    config = BenchConfig(n=n, bkd_iters=bkd_iters, backend=backend, device=device, batch_size=batch_size,
+    config = BenchConfig(model=model, n=n, bkd_iters=bkd_iters, backend=backend, device=device, batch_size=batch_size,
                          entries=tuple(e for e in entries.split(",") if e))  # fmt: skip
     config = replace(config, **QUICK) if quick else config
     return run_bench(config, out, echo=lambda line: click.echo(line, err=True))
