@@ -137,7 +137,8 @@ class CalibrationArtifact:
         """(input groups, timesteps) activation steps, read from the tensors without building the model; without
         TPQ the one shared row stands for every timestep."""
         rows = len(self.record.timesteps)
-        return torch.stack([self.act_table(group)[0].expand(rows) for group in self.groups()])
+        tables = [self.act_table(group)[0].expand(rows) for group in self.groups()]
+        return torch.stack(tables) if tables else torch.empty(0, rows)
 
     def act_table(self, group: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One input group's calibrated (steps, zero points), a row per value of `record.timesteps` (one row

@@ -60,6 +60,8 @@ def choose_buckets(grid: list[int], steps: torch.Tensor, buckets: int | str, tol
     ascending, steps = [grid[i] for i in order], steps[:, order]
     if isinstance(buckets, int) and not 1 <= buckets <= len(grid):
         raise UserError(f"--buckets {buckets} is outside 1..{len(grid)}, the number of calibrated timesteps.")
+    if steps.shape[0] == 0:  # no static table (e.g. every quantized input dynamic): nothing depends on the bucket
+        return BucketTable(tuple(ascending), (0,), num_train_timesteps), {1: 1.0}
     partitions = optimal_partitions(segment_costs(steps), len(grid))
     floor = partitions[len(grid)][0]
     relative = {k: cost / floor for k, (cost, _) in partitions.items()}

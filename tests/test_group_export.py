@@ -165,3 +165,14 @@ def test_tensorrt_lint_explains_why_it_refuses_an_ort_dynamic_graph(q_dit):
     _, out = q_dit
     violations = [v for v in lint_tensorrt(onnx.load(str(out / "bucket_0.onnx"))) if v.rule == "op"]
     assert violations and all("MatMulNBits" in str(v) and "--profile ort-dynamic" in str(v) for v in violations)
+
+
+def test_an_artifact_without_static_tables_exports_one_graph_for_every_timestep(tiny_model_dirs, tmp_path):
+    """Q-DiT with FP boundary layers: every quantized input is dynamic, so no scale depends on the timestep."""
+    config = CalibConfig.from_bits("W4A8", method="q-dit", weight_group_size=16, boundary="fp", **TINY)
+    calib = calibrate(tiny_model_dirs["dit"], config, tmp_path / "calib", progress=False)
+    out = export(calib, ExportConfig(buckets=4, profile="ort-dynamic"), tmp_path / "export")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert load_artifact(calib).groups() == [] and manifest["n_buckets"] == 1 and manifest["buckets"]["ranges"] == [[0, 999]]
+    for deployed, quantization in deployed_against_fake_quant(calib, out):
+        assert deployed < 0.25 * quantization, (deployed, quantization)
