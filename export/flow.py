@@ -5,6 +5,8 @@ the directory's layout is export/contract.py's. `export_unquantized()`: the FP b
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +26,15 @@ from .compact import compact
 from .config import ExportConfig
 from .contract import CHECK_INPUTS_FILE, FORMAT_VERSION, KIND, WEIGHTS_FILE
 from .graph import compute_node_names, export_fp_graph
-from .matmul_nbits import check_deployable, replace_linear
+from .matmul_nbits import add_domain, check_deployable, replace_linear
 from .precision import to_float16
 from .profiles import PROFILES, ExportProfile
-from .qdq import ACT_SCALE, ACT_ZERO_POINT, BLOCKED_OPSET, blocked_weight_dq, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights, raise_opset
+from .qdq import ACT_SCALE, ACT_ZERO_POINT, BLOCKED_OPSET, blocked_weight_dq, has_blocked_dequantize, insert_activation_qdq, insert_output_qdq, pack_int4_weights, quantize_weights, raise_opset
 from .simplify import simplify
 
 CHECK_SAMPLES_PER_BUCKET = 4
 # ONNX Runtime fuses these into QLinearConv / QGemm only when their output is quantized too (measured, ORT 1.31)
 FUSED_WITH_OUTPUT = ("Conv", "Gemm")
-MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops (MatMulNBits)
 
 
 def require_onnx():
@@ -49,7 +50,7 @@ def check_exportable(artifact, profile: ExportProfile) -> None:
     if config.quantize_attention:
         raise UserError(f"{artifact.path} quantizes attention matmul inputs; export does not support that yet. "
                         "Calibrate without --quantize-attention.")  # fmt: skip
-    grouped = [row for row in artifact.quantized_layers() if row.get("group_size")]
+    grouped = group_rows(artifact)
     if grouped and not profile.group_weights:
         raise UserError(f"{artifact.path} has group-wise weights (method '{config.method}'), which the {profile.name} profile "
                         f"cannot run; export with --profile {group_profiles()}.")  # fmt: skip
@@ -59,7 +60,12 @@ def check_exportable(artifact, profile: ExportProfile) -> None:
                         f"quantization). Export with --profile {dynamic_profiles()}, or calibrate static tables "
                         "(--static-activations; --recipe q-dit-tensorrt for TensorRT).")  # fmt: skip
     if grouped:
-        GROUP_CHECKS[profile.group_weights](artifact, grouped)
+        GROUP_FORMATS[profile.group_weights].check(artifact, grouped)
+
+
+def group_rows(artifact) -> list[dict]:
+    """quant_plan.json's rows of the group-wise layers (Q-DiT)."""
+    return [row for row in artifact.quantized_layers() if row.get("group_size")]
 
 
 def check_matmul_nbits(artifact, grouped: list[dict]) -> None:
@@ -80,7 +86,29 @@ def check_blocked_dq(artifact, grouped: list[dict]) -> None:
             raise UserError(f"{row['layer']}: {row['weight_bits']}-bit group-wise weights have no TensorRT type; use 4 or 8 bits.")
 
 
-GROUP_CHECKS = {"matmulnbits": check_matmul_nbits, "blocked-dq": check_blocked_dq}
+def write_matmul_nbits(graph, node, artifact, row: dict) -> None:
+    """MatMulNBits: with dynamic activations at accuracy_level 4 (int8 blocks of the input, the fake quantizer's
+    symmetric dynamic grid), else weight-only (float input: the static Q/DQ before it, or none)."""
+    layer = row["layer"]
+    replace_linear(graph, node, layer, artifact.weight_step(layer).numpy(), artifact.weight_zero_point(layer).numpy(),
+                   row["weight_bits"], artifact.config.weight_group_symmetric, 4 if artifact.config.act_dynamic else 0)  # fmt: skip
+
+
+def write_blocked_dq(graph, node, artifact, row: dict) -> None:
+    """Symmetric integers with a scale per (row, group) behind a block-quantized DequantizeLinear, feeding the GEMM."""
+    blocked_weight_dq(graph, node, row["layer"], artifact.weight_step(row["layer"]).numpy(), row["weight_bits"])
+
+
+@dataclass(frozen=True)
+class GroupFormat:
+    """How a profile writes group-wise layers (ExportProfile.group_weights): what it refuses, then the graph pass."""
+
+    check: Callable[[object, list[dict]], None]
+    write: Callable[[object, object, object, dict], None]
+
+
+GROUP_FORMATS = {"matmulnbits": GroupFormat(check_matmul_nbits, write_matmul_nbits),
+                 "blocked-dq": GroupFormat(check_blocked_dq, write_blocked_dq)}  # fmt: skip
 
 
 def group_profiles() -> str:
@@ -120,32 +148,12 @@ def output_quantized_layers(graph, nodes: dict, profile: ExportProfile, grouped:
                      if node.op in FUSED_WITH_OUTPUT and node.outputs[0].name not in outputs and layer not in grouped)  # fmt: skip
 
 
-def grouped_layers(artifact) -> frozenset[str]:
-    return frozenset(row["layer"] for row in artifact.quantized_layers() if row.get("group_size"))
-
-
-def write_group_weights(graph, nodes: dict, artifact, profile: ExportProfile) -> None:
-    """Group-wise layers in the profile's form. MatMulNBits: with dynamic activations at accuracy_level 4 (int8 blocks
-    of the input, the fake quantizer's symmetric dynamic grid), else weight-only (float input: the static Q/DQ before
-    it or none). Blocked DQ: symmetric integers with a scale per (row, group) feeding the float GEMM."""
-    level = 4 if artifact.config.act_dynamic else 0
-    for row in artifact.quantized_layers():
-        if not row.get("group_size"):
-            continue
-        layer, bits = row["layer"], row["weight_bits"]
-        step = artifact.weight_step(layer).numpy()
-        if profile.group_weights == "blocked-dq":
-            blocked_weight_dq(graph, nodes[layer], layer, step, bits)
-        else:
-            zero = artifact.weight_zero_point(layer).numpy()
-            replace_linear(graph, nodes[layer], layer, step, zero, bits, artifact.config.weight_group_symmetric, level)
-
-
 def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: ExportConfig):
     """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
-    onnx, gs = require_onnx()
+    _, gs = require_onnx()
     plan = artifact.quantized_layers()
-    static = [row for row in plan if not row.get("group_size")]
+    grouped = group_rows(artifact)
+    static = [row for row in plan if row not in grouped]
     steps = {row["layer"]: artifact.weight_step(row["layer"]).numpy() for row in static}
     quantize_weights(graph, {row["layer"]: nodes[row["layer"]] for row in static}, steps, {row["layer"]: row["weight_bits"] for row in static})
     unsigned = config.target.unsigned_activations
@@ -162,15 +170,15 @@ def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: E
             prescale = rows.prescale.reshape(shape)
         insert_activation_qdq(graph, group, index, consumers, scale, zero_point, rows.symmetric, prescale,
                               per_consumer=config.target.qdq_per_consumer, unsigned=unsigned)  # fmt: skip
-    write_group_weights(graph, nodes, artifact, config.target)
+    for row in grouped:
+        GROUP_FORMATS[config.target.group_weights].write(graph, nodes[row["layer"]], artifact, row)
     if config.precision == "fp16":
         to_float16(graph)
     compact(graph)
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
-    if any(node.domain == MS_DOMAIN for node in model.graph.node) and all(o.domain != MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
-    if any(attr.name == "block_size" for node in model.graph.node for attr in node.attribute):
+    add_domain(model)
+    if has_blocked_dequantize(model):
         raise_opset(model, BLOCKED_OPSET)
     del model.graph.value_info[:]  # inferred shapes: not needed to run, and they cost bytes in every bucket graph
     if config.target.pack_int4_weights:  # ONNX Runtime's integer kernels take int8 weights only
@@ -239,7 +247,7 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
         graph, nodes = fp_graph(artifact, config, Path(work))
-        quantized_outputs = output_quantized_layers(graph, nodes, config.target, grouped_layers(artifact))
+        quantized_outputs = output_quantized_layers(graph, nodes, config.target, frozenset(row["layer"] for row in group_rows(artifact)))
         scales = bucket_scales(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
         template = quantize_graph(graph, nodes, artifact, scales, config)
     fields.update(quantized_outputs=sorted(quantized_outputs),

@@ -14,6 +14,9 @@ import numpy as np
 
 from dilatequant.core.errors import UserError
 
+from .qdq import linear_weight
+
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 ORT_BLOCK_SIZES = (16, 32, 64, 128, 256)
 ORT_BITS = (4, 8)
 
@@ -70,7 +73,7 @@ def matmul_nbits(name: str, input_name: str, output_name: str, weight: np.ndarra
     if bias is not None:
         tensors[f"{name}.bias"] = bias.astype(np.float32)
         inputs += ["", f"{name}.bias"]  # no g_idx
-    node = helper.make_node("MatMulNBits", inputs, [output_name], name=name, domain="com.microsoft", **attrs)
+    node = helper.make_node("MatMulNBits", inputs, [output_name], name=name, domain=MS_DOMAIN, **attrs)
     return node, [numpy_helper.from_array(value, key) for key, value in tensors.items()]
 
 
@@ -80,15 +83,20 @@ def replace_linear(graph, node, layer: str, step: np.ndarray, zero: np.ndarray, 
     group-wise grid, named after the layer; the old node is left disconnected for cleanup()."""
     import onnx_graphsurgeon as gs
 
-    weight = node.inputs[1].values  # MatMul: [K, N]; Gemm: [N, K] with transB, else [K, N]
-    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)
     if node.op == "Gemm" and (node.attrs.get("alpha", 1.0) != 1.0 or node.attrs.get("beta", 1.0) != 1.0 or node.attrs.get("transA", 0)):
         raise UserError(f"{layer}: a Gemm with alpha/beta/transA cannot be written as MatMulNBits.")
-    attrs, tensors = matmul_nbits_parts(layer, weight if transposed else weight.T, step, zero, bits, symmetric, accuracy_level)
+    attrs, tensors = matmul_nbits_parts(layer, linear_weight(node), step, zero, bits, symmetric, accuracy_level)
     inputs = [node.inputs[0], *(gs.Constant(key, value) for key, value in tensors.items())]
     if node.op == "Gemm" and len(node.inputs) > 2:
         inputs += [gs.Variable.empty(), node.inputs[2]]  # no g_idx, then the bias
-    graph.nodes.append(gs.Node("MatMulNBits", name=layer, domain="com.microsoft", attrs=attrs, inputs=inputs,
-                               outputs=list(node.outputs)))  # fmt: skip
+    graph.nodes.append(gs.Node("MatMulNBits", name=layer, domain=MS_DOMAIN, attrs=attrs, inputs=inputs, outputs=list(node.outputs)))
     node.inputs.clear()
     node.outputs.clear()
+
+
+def add_domain(model) -> None:
+    """Declare ONNX Runtime's contrib domain in a model that uses MatMulNBits."""
+    from onnx import helper
+
+    if any(node.domain == MS_DOMAIN for node in model.graph.node) and all(o.domain != MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

@@ -30,26 +30,41 @@ def weight_axis(node) -> int:
     return 1
 
 
+def symmetric_integers(values: np.ndarray, step: np.ndarray, bits: int) -> np.ndarray:
+    """round(values / step) clipped to the signed `bits`-bit range, in int8 containers (`step` broadcasts)."""
+    qmax = 2 ** (bits - 1) - 1
+    return np.clip(np.round(values / step), -qmax - 1, qmax).astype(np.int8)
+
+
+def dequantize_weight(graph, node, layer: str, q: np.ndarray, scale: np.ndarray, attrs: dict) -> None:
+    """Feed `node` its weight as integers `q` behind a DequantizeLinear with `scale` and a zero point of 0."""
+    import onnx_graphsurgeon as gs
+
+    dequantized = gs.Variable(f"{layer}::weight_dq", dtype=np.float32, shape=node.inputs[1].shape)
+    graph.nodes.append(gs.Node("DequantizeLinear", attrs=attrs, outputs=[dequantized],
+                               inputs=[gs.Constant(f"{layer}::weight_int8", q), gs.Constant(f"{layer}::weight_scale", scale),
+                                       gs.Constant(f"{layer}::weight_zero_point", np.zeros_like(scale, dtype=np.int8))]))  # fmt: skip
+    node.inputs[1] = dequantized
+
+
 def quantize_weights(graph, nodes: dict, steps: dict[str, np.ndarray], bits: dict[str, int]) -> int:
     """Replace each layer's FP weight by int8 values (4/6-bit values in int8 containers) and a per-channel DQ.
     The zero points (0) are written although 0 is the default: ONNX Runtime 1.31 fuses Gemm into QGemm only
     with them (measured: 62 of 76 digits layers fused without, 75 with)."""
-    import onnx_graphsurgeon as gs
-
     for layer, node in nodes.items():
         weight = node.inputs[1]
         axis, step = weight_axis(node), steps[layer].astype(np.float32)
         shape = [1] * weight.values.ndim
         shape[axis] = -1
-        qmax = 2 ** (bits[layer] - 1) - 1
-        q = np.clip(np.round(weight.values / step.reshape(shape)), -qmax - 1, qmax).astype(np.int8)
-        dequantized = gs.Variable(f"{layer}::weight_dq", dtype=np.float32, shape=weight.shape)
         attrs = {"axis": axis} if axis != 1 else {}  # 1 is the default: omitted, like every byte each bucket repeats
-        graph.nodes.append(gs.Node("DequantizeLinear", attrs=attrs, outputs=[dequantized],
-                                   inputs=[gs.Constant(f"{layer}::weight_int8", q), gs.Constant(f"{layer}::weight_scale", step),
-                                           gs.Constant(f"{layer}::weight_zero_point", np.zeros_like(step, dtype=np.int8))]))  # fmt: skip
-        node.inputs[1] = dequantized
+        dequantize_weight(graph, node, layer, symmetric_integers(weight.values, step.reshape(shape), bits[layer]), step, attrs)
     return len(nodes)
+
+
+def linear_weight(node) -> np.ndarray:
+    """A MatMul/Gemm node's constant weight as [out, in] (MatMul and Gemm without transB store [in, out])."""
+    values = node.inputs[1].values
+    return values if weight_axis(node) == 0 else values.T
 
 
 def zero_point_constant(name: str, zero_point: int, symmetric: bool, unsigned: bool):
@@ -127,24 +142,19 @@ def blocked_weight_dq(graph, node, layer: str, step: np.ndarray, bits: int) -> N
     """Replace a Linear layer's MatMul/Gemm weight by symmetric integers (int8 containers) behind a block-quantized
     DequantizeLinear (opset 21 `block_size`): one scale per (output channel, group of input channels), as
     calibrate's symmetric GroupWeightQuantizer [N, G] rounds them."""
-    import onnx_graphsurgeon as gs
-
-    weight = node.inputs[1]
-    transposed = node.op == "Gemm" and node.attrs.get("transB", 0)  # [N, K]; MatMul and plain Gemm: [K, N]
-    values = weight.values if transposed else weight.values.T
+    values = linear_weight(node)
     n, k = values.shape
-    qmax = 2 ** (bits - 1) - 1
-    q = np.clip(np.round(values.reshape(n, step.shape[1], -1) / step[..., None]), -qmax - 1, qmax).astype(np.int8).reshape(n, k)
+    q = symmetric_integers(values.reshape(n, step.shape[1], -1), step[..., None], bits).reshape(n, k)
     scale = step.astype(np.float32)
-    if not transposed:
+    axis = 1 - weight_axis(node)  # the input-channel axis, along which the blocks run
+    if axis == 0:  # stored [in, out]
         q, scale = q.T, scale.T
-    dequantized = gs.Variable(f"{layer}::weight_dq", dtype=np.float32, shape=weight.shape)
-    graph.nodes.append(gs.Node("DequantizeLinear", attrs={"axis": 1 if transposed else 0, "block_size": k // step.shape[1]},
-                               inputs=[gs.Constant(f"{layer}::weight_int8", np.ascontiguousarray(q)),
-                                       gs.Constant(f"{layer}::weight_scale", np.ascontiguousarray(scale)),
-                                       gs.Constant(f"{layer}::weight_zero_point", np.zeros_like(scale, dtype=np.int8))],
-                               outputs=[dequantized]))  # fmt: skip
-    node.inputs[1] = dequantized
+    attrs = {"axis": axis, "block_size": k // step.shape[1]}
+    dequantize_weight(graph, node, layer, np.ascontiguousarray(q), np.ascontiguousarray(scale), attrs)
+
+
+def has_blocked_dequantize(model) -> bool:
+    return any(node.op_type == "DequantizeLinear" and any(a.name == "block_size" for a in node.attribute) for node in model.graph.node)
 
 
 def raise_opset(model, version: int) -> None:

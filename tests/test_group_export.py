@@ -45,6 +45,7 @@ def test_group_wise_layers_become_matmul_nbits_with_integer_inputs(q_dit):
     dequantized_weights = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
     assert not any(name.startswith(tuple(grouped)) for name in dequantized_weights)  # no float copy of a group weight
     assert any(o.domain == "com.microsoft" for o in graph.opset_import)
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == ExportConfig().opset  # no blocked DQ
     report = ort_fusion(out / "bucket_0.onnx")
     assert report["matmul_nbits"] == {"nodes": len(grouped), "integer_inputs": len(grouped)}
 

@@ -104,7 +104,7 @@ def run(model: str, bits: str, variants: str, n: int, steps: int, seed: int, sam
     from dilatequant.calibrate.recipes import get_recipe, recipe
 
     results = load_rows(rows_path)
-    done = {(r["bits"], r["variant"]) for r in results["rows"]}
+    done = {(r["bits"], r["variant"]) for r in results["rows"] if r.get("model", "digits") == model}  # rows before --model: digits
     unknown = set(variants.split(",")) - set(VARIANTS)
     if unknown:
         raise click.UsageError(f"unknown variants {sorted(unknown)}; variants: {', '.join(VARIANTS)}")
