@@ -39,7 +39,7 @@ class CalibConfig:
     dilation_cap: float | None = 100.0
     tpq: bool | None = None  # per-timestep activation tables; the method's: True, False (eda-dm)
     act_symmetric: bool = True
-    boundary: str = "8bit"
+    boundary: str | None = None  # the method's: 8bit (dilatequant, minmax, eda-dm), fp (q-dit)
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
     attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
     weight_group_size: int | None = None  # the method's: 0 = per output channel, else Linear weights in groups of input channels (q-dit: 128)

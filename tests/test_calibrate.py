@@ -182,6 +182,20 @@ def test_sensitivity_tool_reports_paired_psnr_per_subset(artifacts):
     assert psnr["weights only"] > psnr["all quantized"] + 3
 
 
+def test_sensitivity_tool_switches_dynamic_inputs_off_too(tiny_model_dirs, tmp_path):
+    """Q-DiT's dynamic Linear inputs have no table; 'weights only' must still turn them off."""
+    from dilatequant.tools import sensitivity
+
+    config = CalibConfig.from_bits("W4A4", method="q-dit", weight_group_size=4, **TINY)
+    calib = calibrate(tiny_model_dirs["dit"], config, tmp_path / "q", progress=False)
+    result = CliRunner().invoke(sensitivity.main, ["--calib", str(calib), "--n", "2", "--steps", "2", "--device", "cpu"],
+                                catch_exceptions=False)  # fmt: skip
+    psnr = json.loads(result.output.strip().splitlines()[-1])["psnr_vs_fp"]
+    # both halves cost PSNR at W4A4: each subset that switches one off must gain (before the fix, "weights only"
+    # left the dynamic inputs on and equalled "all quantized")
+    assert min(psnr["weights only"], psnr["activations only"]) > psnr["all quantized"] + 1
+
+
 def test_an_unrelated_output_directory_is_never_overwritten(tiny_model_dirs, tmp_path):
     keep = tmp_path / "mine"
     keep.mkdir()

@@ -57,6 +57,14 @@ def test_eda_dm_is_its_parts_and_the_released_settings():
         CalibConfig(method="minmax", recon_loss="fbr")
 
 
+def test_q_dit_keeps_the_boundary_layers_in_fp_as_released_and_the_others_keep_them_at_8_bits():
+    """Q-DiT's code leaves the patch embedder, the timestep/label embedders and the final layer in FP; the
+    setting is the method's, so a user can still ask for 8 bits."""
+    assert [CalibConfig(method=m).boundary for m in ("dilatequant", "minmax", "eda-dm", "q-dit")] == ["8bit"] * 3 + ["fp"]
+    assert recipe("q-dit-search").boundary == recipe("q-dit-tensorrt").boundary == "fp"
+    assert CalibConfig(method="q-dit", boundary="8bit").boundary == "8bit"
+
+
 def test_minmax_records_the_initialisation_that_ran():
     # defect: method='minmax' overrode act_init silently while the artifact recorded act_init='mse'
     config = CalibConfig(method="minmax")
