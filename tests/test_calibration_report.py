@@ -6,6 +6,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from dilatequant.calibrate.recipes import RECIPES
 from dilatequant.tools import calibration_report
 
 
@@ -115,3 +116,5 @@ def test_q_dit_rows_run_on_the_bundled_dit(tmp_path):
     recorded = json.loads(rows.read_text())["rows"]
     assert [(r["model"], r["variant"]) for r in recorded] == [("digits-dit", "FP"), *[("digits-dit", v) for v in variants.split(",")]]
     assert [r["recipe"] for r in recorded[1:]] == ["q-dit", "q-dit"] and recorded[1]["overrides"] == {"act_dynamic": False}
+    # v2 keeps the boundary layers in FP: a row says which meaning of the recipe it measured
+    assert [r["recipe_version"] for r in recorded[1:]] == [RECIPES["q-dit"].version] * 2 == [2, 2]

@@ -29,6 +29,7 @@ from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 # row -> (its recipe in calibrate/recipes.py, overrides of that recipe), in the table's order
 VARIANTS: dict[str, tuple[str, dict]] = {
     "naive min-max": ("naive-minmax", {}),
+    "naive min-max + FP boundary layers": ("naive-minmax", {"boundary": "fp"}),  # the layers Q-DiT leaves in FP
     "+TPQ": ("minmax-tpq", {}),
     "+TPQ +WD": ("minmax-tpq-wd", {}),
     "EDA-DM": ("eda-dm", {}),
@@ -139,7 +140,9 @@ def run(model: str, bits: str, variants: str, n: int, steps: int, seed: int, sam
         metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
         ran = artifact.record.run  # what the calibration itself measured
         blocks = artifact.record.statistics.get("blocks", {}).values()
-        results["rows"].append({"bits": preset, "variant": variant, "recipe": name, "overrides": overrides,
+        searched = artifact.record.statistics.get("group_search")  # the group sizes found, every generation's best
+        results["rows"].append({"bits": preset, "variant": variant, "recipe": name, "recipe_version": get_recipe(name).version,
+                                "overrides": overrides, **({"group_search": searched} if searched else {}),
                                 "bkd_iters": config.bkd_iters if distills else None, **common, **metrics,
                                 # a reused artifact's own phases, not this process's wall time
                                 "calib_seconds": round(sum(ran["seconds"].values()) if reused else seconds, 1),

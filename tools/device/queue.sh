@@ -12,7 +12,9 @@
 set -uo pipefail
 start=$(date +%s)
 deadline=$((start + ${LIMIT:-540}))
-export WORK=${WORK:-$PWD/.device-work} PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+# Two torch CPU threads per job: a GPU job needs few, and 11 jobs of 16 threads each on 16 cores slowed every job
+# (and ONNX Runtime's CPU sampling, which sizes its own thread pool) several-fold (2026-11-29).
+export WORK=${WORK:-$PWD/.device-work} PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$WORK/done" "$WORK/logs"
 bash tools/device/install_wheels.sh || exit
 gpus=$(nvidia-smi -L 2> /dev/null | wc -l) && [ "$gpus" -gt 0 ] || gpus=1
