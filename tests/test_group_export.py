@@ -111,8 +111,8 @@ def test_tensorrt_graphs_store_group_weights_as_int4_blocks_and_lint_clean(q_dit
     assert grouped and artifact.config.weight_group_symmetric and not artifact.config.act_dynamic
     for out in exports.values():
         graph = onnx.load(str(out / "bucket_0.onnx"))
-        # every DiT block embeds the same sinusoidal timestep with its own table (as in per-channel exports of a DiT)
-        assert {v.rule for v in lint_tensorrt(graph)} <= {"shared-qdq"}
+        # Q-DiT leaves the per-block timestep embedders in FP, so no two tables quantize their shared input
+        assert lint_tensorrt(graph) == []
         assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 21
         initializers = {i.name: i for i in graph.graph.initializer}
         producers = {name: n for n in graph.graph.node for name in n.output}
