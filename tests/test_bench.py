@@ -81,6 +81,21 @@ def test_merge_refuses_runs_whose_references_or_settings_differ():
         BenchConfig(entries=("nope",))
 
 
+def test_the_fp_boundary_dynamic_peer_leaves_a_dits_boundary_linears_in_float(tiny_model_dirs, tmp_path):
+    """ort-dynamic-linear-int8-fp-boundary: the per-block timestep/label embedders and the final Linears stay float
+    MatMul/Gemm, as in dilatequant's and Q-DiT's graphs; without the exclusion every one of them is quantized."""
+    from dilatequant.tools.peers import ort_quantize_dynamic
+
+    loaded = load_model(tiny_model_dirs["dit"])
+    linears = {layer for layer in boundary_layers(loaded) if "pos_embed" not in layer}  # the patch embedder is a Conv
+    assert any("timestep_embedder" in layer for layer in linears) and "proj_out_2" in linears
+    graph = export_unquantized(tiny_model_dirs["dit"], "fp32", tmp_path / "fp") / "bucket_0.onnx"
+    # a Gemm comes back as MatMul '<name>_MatMul' + Add (quantize_dynamic splits Gemms before quantizing)
+    float_linears = lambda model: {n.name.removesuffix("_MatMul") for n in model.graph.node if n.op_type in ("MatMul", "Gemm")}  # noqa: E731
+    assert linears <= float_linears(ort_quantize_dynamic(graph, ("MatMul", "Gemm"), boundary_layers(loaded)))
+    assert not linears & float_linears(ort_quantize_dynamic(graph, ("MatMul", "Gemm"), []))
+
+
 def fp_input_layers(model) -> set[str]:
     """Names of the Conv/Gemm/MatMul nodes of a Q/DQ graph whose activation input is not dequantized."""
     producers = {output: node for node in model.graph.node for output in node.output}

@@ -33,6 +33,8 @@ ORT_VARIANTS = {
 ORT_DYNAMIC_VARIANTS = {
     "ort-dynamic-int8": (("Conv", "MatMul", "Gemm"), False),
     "ort-dynamic-linear-int8": (("MatMul", "Gemm"), False),
+    # like-for-like with dilatequant's and Q-DiT's FP boundary layers (on a DiT: the per-block timestep embedders)
+    "ort-dynamic-linear-int8-fp-boundary": (("MatMul", "Gemm"), True),
 }
 # name -> (ModelOpt config, keep the boundary layers FP)
 MODELOPT_VARIANTS = {
@@ -124,6 +126,9 @@ def ort_quantize_dynamic(fp32_graph: Path, op_types: tuple[str, ...], exclude: l
     with tempfile.TemporaryDirectory() as work, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = Path(work) / "dynamic.onnx"
+        # quantize_dynamic splits each Gemm into MatMul + Add first and matches the exclusions against the new
+        # MatMul's name, '<gemm>_MatMul' (ONNX Runtime 1.31): exclude both names
+        exclude = [*exclude, *(f"{name}_MatMul" for name in exclude)]
         q.quantize_dynamic(str(fp32_graph), str(path), per_channel=True, weight_type=q.QuantType.QInt8,
                            op_types_to_quantize=list(op_types), nodes_to_exclude=exclude, use_external_data_format=True)  # fmt: skip
         return onnx.load(str(path))
