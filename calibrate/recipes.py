@@ -133,10 +133,10 @@ EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": Fal
 # Q-DiT (algorithms.md §4): no training; Linear weights in groups of 128 input channels with min/max (RTN) ranges,
 # Linear inputs quantized dynamically per token and group. Like the released code it keeps the patch embedder, the
 # timestep/label embedders and the final layer (the boundary layers) in FP: on digits-dit their 8-bit static scales
-# cost 22 dB of paired PSNR at W8A8 (55.3 -> 33.2 dB, n = 16; docs/results/dit.md), fid_digits 4.5 -> 20. Here the dynamic grids are symmetric int8 (what ONNX
-# Runtime's MatMulNBits runs, export/matmul_nbits.py) unless --asymmetric; convs (none in a DiT's blocks) keep
-# per-timestep tables. Its group-size search is the recipe q-dit-search (off in the method: it samples images
-# for every candidate).
+# cost 22 dB of paired PSNR at W8A8 (55.3 -> 33.2 dB, n = 16) and took fid_digits from 4.5 to 20 (recipe v1;
+# docs/results/dit.md). Here the dynamic grids are symmetric int8 (what ONNX Runtime's MatMulNBits runs,
+# export/matmul_nbits.py) unless --asymmetric; convs (none in a DiT's blocks) keep per-timestep tables. Its
+# group-size search is the recipe q-dit-search (off in the method: it samples images for every candidate).
 Q_DIT = {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0, "dilation": False, "weight_group_size": 128, "act_dynamic": True,
          "boundary": "fp"}  # fmt: skip
 RECIPES = _recipes(

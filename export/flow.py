@@ -153,7 +153,7 @@ def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: E
     _, gs = require_onnx()
     plan = artifact.quantized_layers()
     grouped = group_rows(artifact)
-    static = [row for row in plan if row not in grouped]
+    static = [row for row in plan if not row.get("group_size")]
     steps = {row["layer"]: artifact.weight_step(row["layer"]).numpy() for row in static}
     quantize_weights(graph, {row["layer"]: nodes[row["layer"]] for row in static}, steps, {row["layer"]: row["weight_bits"] for row in static})
     unsigned = config.target.unsigned_activations

@@ -36,7 +36,6 @@ def subsets(boundary: set[str]) -> dict[str, tuple[Callable[[str], bool], Callab
 @click.option("--device", default="auto", show_default=True)
 def main(calib: str, n: int, steps: int, device: str) -> None:
     from dilatequant.calibrate.artifact import load_artifact
-    from dilatequant.calibrate.quantizer import ActQuantizer
     from dilatequant.core.denoiser import load_model
 
     torch_device = resolve_device(device)
@@ -53,8 +52,7 @@ def main(calib: str, n: int, steps: int, device: str) -> None:
             quantizer.enabled = act_on(group)
         for layer, wrapper in quantized.quant_layers().items():
             wrapper.weight_quantizer.enabled = weight_on(layer)
-            if not isinstance(wrapper.input_quantizer, ActQuantizer):  # dynamic inputs (Q-DiT) have no table
-                wrapper.input_quantizer.enabled = act_on(groups[layer])
+            wrapper.input_quantizer.enabled = act_on(groups[layer])  # dynamic inputs (Q-DiT) have no table above
         images = sample(quantized, fp.scheduler_config, labels, sampler, torch_device, progress=False)
         results[case] = round(psnr_vs_ref(images, reference), 2)
         click.echo(f"{case:40s} psnr_vs_fp {results[case]:6.2f} dB")

@@ -12,8 +12,9 @@
 set -uo pipefail
 start=$(date +%s)
 deadline=$((start + ${LIMIT:-540}))
-# Two torch CPU threads per job: a GPU job needs few, and 11 jobs of 16 threads each on 16 cores slowed every job
-# (and ONNX Runtime's CPU sampling, which sizes its own thread pool) several-fold (2026-11-29).
+# Two torch CPU threads per job: a GPU job needs few. On 2026-11-29, 11 jobs at torch's default thread count on 16
+# cores ran a group-size search generation in 244 s (44 s once fewer jobs ran) and ONNX Runtime's CPU sampling,
+# which sizes its own thread pool, at 11.7 s per step (6.6 s with fewer jobs).
 export WORK=${WORK:-$PWD/.device-work} PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TQDM_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$WORK/done" "$WORK/logs"
 bash tools/device/install_wheels.sh || exit
