@@ -2,16 +2,21 @@
 
 The initial noise of sample i depends only on (seed, i), never on the batch size or device, so two
 models sampled with the same seed start from identical noise: that is what psnr_vs_ref compares.
+A long run can keep a checkpoint of its finished batches and go on from it after a kill.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_write_bytes
 from .errors import UserError
 
 # CLI name -> (diffusers class, overrides of the model's scheduler config).
@@ -88,14 +93,21 @@ def sample(
     config: SamplerConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> torch.Tensor:
-    """Generate one sample per label; returns float32 CPU images in [-1, 1], shape (n, *sample_shape)."""
+    """Generate one sample per label; returns float32 CPU images in [-1, 1], shape (n, *sample_shape).
+
+    With `checkpoint`, finished batches (and the DDPM noise generator's state) are written there after each batch
+    and a later call with the same labels and config goes on from them; the caller keeps the file to one denoiser
+    and deletes it once the images are used."""
     noise = initial_noise(len(labels), denoiser.sample_shape, config.seed)
     step_generator = torch.Generator().manual_seed(config.seed + 1)  # DDPM's per-step noise
     batches = list(zip(noise.split(config.batch_size), labels.split(config.batch_size)))
-    bar = tqdm(total=len(batches) * config.steps, desc=f"sample {config.scheduler}", disable=not progress, unit="step")
-    outputs = []
-    for batch_noise, batch_labels in batches:
+    key = {**asdict(config), "labels": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
+    outputs = resumed(checkpoint, key, step_generator)
+    bar = tqdm(total=len(batches) * config.steps, initial=len(outputs) * config.steps, desc=f"sample {config.scheduler}",
+               disable=not progress, unit="step")  # fmt: skip
+    for batch_noise, batch_labels in batches[len(outputs):]:
         scheduler = make_scheduler(config.scheduler, scheduler_config)
         scheduler.set_timesteps(config.steps)
         cond = denoiser.conditioning(batch_labels)
@@ -107,5 +119,20 @@ def sample(
             x = scheduler.step(eps, t, x, generator=step_generator).prev_sample
             bar.update()
         outputs.append(x.float().clamp(-1, 1).cpu())
+        if checkpoint is not None:
+            buffer = io.BytesIO()
+            torch.save({"key": key, "batches": outputs, "generator": step_generator.get_state()}, buffer)
+            atomic_write_bytes(checkpoint, buffer.getvalue())
     bar.close()
     return torch.cat(outputs)
+
+
+def resumed(checkpoint: Path | None, key: dict, step_generator: torch.Generator) -> list[torch.Tensor]:
+    """The finished batches in `checkpoint` (restoring the generator's state), or none."""
+    if checkpoint is None or not checkpoint.is_file():
+        return []
+    saved = torch.load(checkpoint)
+    if saved["key"] != key:
+        raise UserError(f"{checkpoint} holds batches of another sampling run ({saved['key']}, not {key}); delete it to start over.")
+    step_generator.set_state(saved["generator"])
+    return saved["batches"]

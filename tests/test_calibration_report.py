@@ -88,6 +88,7 @@ def test_a_finished_artifact_is_reused_and_overrides_are_recorded(tmp_path, monk
     assert CliRunner().invoke(calibration_report.main, args, catch_exceptions=False).exit_code == 0
     again = json.loads(rows.read_text())["rows"][-1]
     assert again["fid_digits"] == first["fid_digits"] and again["phase_seconds"] == first["phase_seconds"]
+    assert not list(work.glob("*.samples-*"))  # a row's sampling checkpoint goes once the row is written
     rows.unlink()
     changed = [a if i != args.index("--bkd-iters") + 1 else "2" for i, a in enumerate(args)]  # another configuration
     with pytest.raises(AssertionError, match="recalibrated"):

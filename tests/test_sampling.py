@@ -53,3 +53,41 @@ def test_balanced_labels():
 
 def test_default_batch_size_follows_the_device():
     assert default_batch_size("cpu") == 32 and default_batch_size("cuda") == 500
+
+
+class Killed(Exception):
+    pass
+
+
+class Counted:
+    """A denoiser that counts its calls and dies (as if killed) after `die_after` of them."""
+
+    def __init__(self, denoiser, die_after: float = float("inf")):
+        self.denoiser, self.die_after, self.calls = denoiser, die_after, 0
+        self.sample_shape, self.conditioning = denoiser.sample_shape, denoiser.conditioning
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls > self.die_after:
+            raise Killed
+        return self.denoiser(*args)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])  # ddpm: the per-step noise generator resumes too
+def test_a_killed_run_goes_on_from_its_checkpoint(tiny_unet, tmp_path, scheduler):
+    config, labels, path = SamplerConfig(scheduler=scheduler, steps=3, batch_size=2), balanced_labels(6), tmp_path / "partial.pt"
+    whole = sample(tiny_unet.denoiser, tiny_unet.scheduler_config, labels, config, progress=False)
+    with pytest.raises(Killed):  # in the second of three batches
+        sample(Counted(tiny_unet.denoiser, die_after=config.steps + 1), tiny_unet.scheduler_config, labels, config, progress=False, checkpoint=path)
+    assert len(torch.load(path)["batches"]) == 1
+    counted = Counted(tiny_unet.denoiser)
+    resumed = sample(counted, tiny_unet.scheduler_config, labels, config, progress=False, checkpoint=path)
+    assert counted.calls == 2 * config.steps  # the first batch was not sampled again
+    assert torch.equal(resumed, whole)
+
+
+def test_a_checkpoint_of_another_run_is_refused(tiny_unet, tmp_path):
+    path = tmp_path / "partial.pt"
+    sample(tiny_unet.denoiser, tiny_unet.scheduler_config, balanced_labels(2), SamplerConfig(steps=2), progress=False, checkpoint=path)
+    with pytest.raises(UserError, match="holds batches of another sampling run"):
+        sample(tiny_unet.denoiser, tiny_unet.scheduler_config, balanced_labels(2), SamplerConfig(steps=3), progress=False, checkpoint=path)

@@ -5,8 +5,9 @@ width, on a bundled model (`digits`, or `digits-dit` for docs/results/dit.md).
     python -m dilatequant.tools.calibration_report merge --rows a.json --rows b.json --out rows.json
     python -m dilatequant.tools.calibration_report render --rows rows.json --out docs/results
 
-`run` is resumable: rows already in the rows file are skipped, so the work can be split over several
-calls of a time-limited GPU machine, or over processes sharing one GPU (one rows file each, then `merge`).
+`run` is resumable: rows already in the rows file are skipped, a row's sampling goes on from its last finished batch,
+so the work can be split over several calls of a time-limited GPU machine, or over processes sharing one GPU (one
+rows file each, then `merge`).
 `render` writes calibration.md and calibration_act_ranges.png.
 """
 
@@ -131,11 +132,13 @@ def run(model: str, bits: str, variants: str, n: int, steps: int, seed: int, sam
         out = work / f"{preset}-{slug(variant)}"
         start = time.perf_counter()
         reused = calibrated(out, config)
+        partial = out.with_name(f"{out.name}.samples-n{n}.pt")  # this row's finished batches, kept across kills
         if not reused:
+            partial.unlink(missing_ok=True)
             calibrate(model, config, out, torch_device)
         seconds = time.perf_counter() - start
         artifact = load_artifact(out, torch_device)
-        images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device)
+        images = sample(artifact.model.denoiser, fp.scheduler_config, labels, sampler, torch_device, checkpoint=partial)
         metrics = score(images, labels, fp_images)
         metrics["psnr_vs_fp"] = metrics.pop("psnr_vs_ref")
         ran = artifact.record.run  # what the calibration itself measured
@@ -153,6 +156,7 @@ def run(model: str, bits: str, variants: str, n: int, steps: int, seed: int, sam
             results["ranges"][variant] = act_ranges(out)
         results["versions"] = library_versions()
         atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
+        partial.unlink()
         click.echo(json.dumps(results["rows"][-1]))
     atomic_write_text(rows_path, json.dumps(results, indent=2) + "\n")
 
@@ -177,11 +181,13 @@ def reference_images(fp, labels: torch.Tensor, sampler: SamplerConfig, device: t
         if saved["key"] != key:
             raise click.UsageError(f"{path} holds FP images of {saved['key']}, not of {key}; pass another --reference path.")
         return saved["images"]
-    images = sample(fp.denoiser, fp.scheduler_config, labels, sampler, device)
+    partial = path.with_name(f"{path.name}.partial") if path is not None else None
+    images = sample(fp.denoiser, fp.scheduler_config, labels, sampler, device, checkpoint=partial)
     if path is not None:
         buffer = io.BytesIO()
         torch.save({"key": key, "images": images}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
+        partial.unlink()
     return images
 
 
