@@ -63,4 +63,4 @@ def search_group_sizes(quantized: QuantizedDenoiser, loaded: LoadedModel, config
     result = search(searchable_widths(quantized), genome_fitness, settings, state_path, progress)
     set_group_sizes(quantized, result.best, config)
     return {"metric": metric, "best": result.best, "fitness": result.fitness, "evaluations": result.evaluations,
-            "history": result.history}  # fmt: skip
+            "history": result.history, "seconds": round(result.seconds, 1), "resumed": result.resumed}  # fmt: skip

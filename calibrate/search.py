@@ -10,12 +10,14 @@ the fake-quantized model, for Q-DiT) and computed once per genome.
 
 With a state file the search is resumable: each generation's candidates with the random state after drawing
 them, and every fitness as soon as it is known, are written atomically, so a killed search goes on where it
-stopped and ends with the result an uninterrupted one would have had.
+stopped and ends with the result an uninterrupted one would have had. Its cost, the seconds of every run that
+worked on it, is kept in the state file too.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +59,8 @@ class SearchResult:
     fitness: float
     history: list[dict] = field(default_factory=list)  # every generation's best: what the artifact records
     evaluations: int = 0
+    seconds: float = 0.0  # wall time of the search, summed over the runs that resumed it
+    resumed: bool = False
 
 
 class Space:
@@ -103,21 +107,25 @@ class SearchState:
     """What a search has done so far, written to `path` (when given) after every step."""
 
     def __init__(self, path: Path | None, key: dict, seed: int) -> None:
-        self.path, self.key = path, key
+        self.path, self.key, self.started = path, key, time.perf_counter()
         saved = json.loads(path.read_text()) if path is not None and path.is_file() else None
-        if saved is not None and saved["key"] == key:
+        self.resumed = saved is not None and saved["key"] == key
+        if self.resumed:
             self.generation, self.candidates, self.history = saved["generation"], saved["candidates"], saved["history"]
-            self.fitness = saved["fitness"]
+            self.fitness, self.earlier_seconds = saved["fitness"], saved["seconds"]
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = saved["rng"]
         else:  # no state, or one of another search: start afresh
-            self.generation, self.candidates, self.history, self.fitness = 0, None, [], {}
+            self.generation, self.candidates, self.history, self.fitness, self.earlier_seconds = 0, None, [], {}, 0.0
             self.rng = np.random.default_rng(seed)
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self.started
 
     def save(self) -> None:
         if self.path is not None:
             state = {"key": self.key, "generation": self.generation, "candidates": self.candidates, "history": self.history,
-                     "fitness": self.fitness, "rng": self.rng.bit_generator.state}  # fmt: skip
+                     "fitness": self.fitness, "rng": self.rng.bit_generator.state, "seconds": self.seconds()}  # fmt: skip
             atomic_write_text(self.path, json.dumps(state))
 
 
@@ -175,4 +183,5 @@ def search(widths: Mapping[str, int], fitness: Callable[[dict[str, int]], float]
         bar.set_postfix(best=f"{state.history[-1]['fitness']:.4g}")
     bar.close()
     best = ranked(state.fitness)[0]
-    return SearchResult(dict(zip(space.layers, best)), state.fitness[genome_key(best)], state.history, len(state.fitness))
+    return SearchResult(dict(zip(space.layers, best)), state.fitness[genome_key(best)], state.history, len(state.fitness),
+                        state.seconds(), state.resumed)  # fmt: skip

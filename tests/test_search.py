@@ -68,12 +68,15 @@ def test_a_search_killed_with_sigkill_resumes_to_the_same_result(tmp_path, kill_
     code = KILLED_RUN.format(tests=os.path.dirname(__file__), kill_at=kill_at, state=str(state))
     killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    done_before = len(json.loads(state.read_text())["fitness"])
+    saved = json.loads(state.read_text())
+    done_before = len(saved["fitness"])
     assert done_before == kill_at - 1  # every fitness known before the kill was kept
     calls = []
     resumed = search(WIDTHS, lambda g: calls.append(g) or toy_fitness(g), CONFIG, state_path=state, progress=False)
     uninterrupted = search(WIDTHS, toy_fitness, CONFIG, progress=False)
     assert resumed.history == uninterrupted.history and resumed.best == uninterrupted.best
+    assert resumed.resumed and not uninterrupted.resumed
+    assert resumed.seconds >= saved["seconds"] > 0  # the killed run's time counts in the search's cost
     assert len(calls) == uninterrupted.evaluations - done_before  # nothing computed twice
 
 

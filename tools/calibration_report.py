@@ -281,8 +281,10 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def calib_cell(row: dict) -> str:
-    """Calibration seconds; ‡ where blocks were resumed from an earlier device call (that call's seconds left out)."""
-    return fmt(row.get("calib_seconds"), 1) + (" ‡" if row.get("resumed_blocks") else "")
+    """Calibration seconds; ‡ where blocks or a search were resumed from an earlier device call (that call's seconds
+    left out)."""
+    resumed = row.get("resumed_blocks") or row.get("group_search", {}).get("resumed")
+    return fmt(row.get("calib_seconds"), 1) + (" ‡" if resumed else "")
 
 
 def table(rows: list[dict], fp: dict) -> list[str]:
