@@ -119,3 +119,15 @@ def test_q_dit_rows_run_on_the_bundled_dit(tmp_path):
     assert [r["recipe"] for r in recorded[1:]] == ["q-dit", "q-dit"] and recorded[1]["overrides"] == {"act_dynamic": False}
     # v2 keeps the boundary layers in FP: a row says which meaning of the recipe it measured
     assert [r["recipe_version"] for r in recorded[1:]] == [RECIPES["q-dit"].version] * 2 == [2, 2]
+
+
+def test_the_device_job_files_name_known_rows():
+    """A misspelt variant in a job file would only fail on the GPU machine, after its start-up and device time."""
+    import re
+    from pathlib import Path
+
+    jobs = sorted((Path(__file__).parent.parent / "tools" / "device").glob("*.jobs"))
+    named = [(f.name, v) for f in jobs for line in f.read_text().splitlines() if not line.startswith("#")
+             for _bits, variants in re.findall(r'table_row\.sh (\S+) "([^"]+)"', line) for v in variants.split(",")]  # fmt: skip
+    assert len(named) >= 13  # the DiT rows file alone names 13
+    assert [(f, v) for f, v in named if v not in calibration_report.VARIANTS] == []

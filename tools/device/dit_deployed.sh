@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
-# A job of tools/device/issue14_dit_rows.jobs: the deployed Q-DiT W4A8 graphs (ort-dynamic: MatMulNBits with
-# dynamic int8 inputs) on ONNX Runtime CPU against their fake-quantized model, from the same noise, at n = N
-# (default 1000). Waits for the row job that calibrates the artifact, then exports, builds and evaluates.
+# The deployed Q-DiT W4A8 graphs (ort-dynamic: MatMulNBits with dynamic int8 inputs) on ONNX Runtime CPU against
+# their fake-quantized model, from the same noise, at n = N (default 1000): docs/results/dit.md, "Deployed graphs".
+#   WORK=/tmp/dep DEVICE=cpu bash tools/device/dit_deployed.sh       (2-core CPU: about 19 + 57 minutes)
+# Calibrates the artifact into $WORK/calib unless CALIB names one; each finished stage is kept and skipped on a rerun.
 set -euo pipefail
-n=${N:-1000}
-calib=$WORK/digits-dit-seed0/W4A8-q-dit-groups-of-128---dynamic-activations
-dest=$WORK/dit-deployed
-until [ -f "$calib/manifest.json" ]; do sleep 15; done
-mkdir -p "$dest"
+n=${N:-1000} device=${DEVICE:-cpu} work=${WORK:?set WORK to a working directory}
+calib=${CALIB:-$work/calib}
 cli() { python3 -m dilatequant.tools.cli "$@"; }
-[ -f "$dest/export/manifest.json" ] || cli export --calib "$calib" --profile ort-dynamic --buckets 4 --out "$dest/export"
-[ -f "$dest/engines/manifest.json" ] || cli build --export "$dest/export" --out "$dest/engines"
-cli eval --engines "$dest/engines" --ref "$calib" --n "$n" --steps 50 --seed 0 --device cuda --out "$dest/deployed-n$n.json"
+[ -f "$calib/manifest.json" ] || cli calibrate --model digits-dit --recipe q-dit --bits W4A8 --steps 50 --device "$device" --out "$calib"
+[ -f "$work/export/manifest.json" ] || cli export --calib "$calib" --profile ort-dynamic --buckets 4 --out "$work/export"
+[ -f "$work/engines/manifest.json" ] || cli build --export "$work/export" --out "$work/engines"
+cli eval --engines "$work/engines" --ref "$calib" --n "$n" --steps 50 --seed 0 --device "$device" --out "$work/deployed-n$n.json"
