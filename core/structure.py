@@ -5,7 +5,9 @@
 - which layers are "boundary" layers (conv_in, conv_out, time embeddings, DiT patch embedding and output),
   kept at 8 bits or in FP by configuration;
 - where the 1/s of weight dilation folds exactly into a predecessor (an affine norm, or the V projection
-  before an attention's output projection); every other input gets a pre-scale instead.
+  before an attention's output projection); every other input gets a pre-scale instead;
+- where RepQuant's per-channel scale and offset of a post-norm activation fold exactly (an affine norm, or DiT's
+  adaLN-Zero modulation Linear), and which post-norm inputs have nothing to fold into.
 """
 
 from __future__ import annotations
@@ -76,52 +78,130 @@ def _affine(norm: nn.Module | None) -> bool:
     return isinstance(norm, (nn.GroupNorm, nn.LayerNorm)) and norm.weight is not None and norm.bias is not None
 
 
-def divide_norm(norm: nn.Module) -> Callable[[torch.Tensor], None]:
-    """A fold that divides an affine norm's output channel c by s_c (its weight and bias)."""
+# fold(s, offset=None): the predecessor's output channel c becomes y_c / s_c - offset_c
+Fold = Callable[..., None]
 
-    def fold(s: torch.Tensor) -> None:
+
+def divide_norm(norm: nn.Module) -> Fold:
+    """A fold into an affine norm's weight and bias."""
+
+    def fold(s: torch.Tensor, offset: torch.Tensor | None = None) -> None:
         norm.weight.data /= s
         norm.bias.data /= s
+        if offset is not None:
+            norm.bias.data -= offset
 
     return fold
 
 
-def divide_rows(layer: nn.Linear) -> Callable[[torch.Tensor], None]:
-    """A fold that divides a Linear's output channel c by s_c (weight rows and bias)."""
+def divide_rows(layer: nn.Linear) -> Fold:
+    """A fold into a Linear's output rows (weight rows and bias)."""
 
-    def fold(s: torch.Tensor) -> None:
+    def fold(s: torch.Tensor, offset: torch.Tensor | None = None) -> None:
         layer.weight.data /= s[:, None]
         if layer.bias is not None:
             layer.bias.data /= s
+        if offset is not None:
+            if layer.bias is None:
+                raise ValueError("an offset needs a bias to fold into")
+            layer.bias.data -= offset
 
     return fold
 
 
-def fold_sites(model: nn.Module) -> dict[str, tuple[str, Callable[[torch.Tensor], None]]]:
-    """group name -> (predecessor name, fold) where dividing the group's input by s is exact.
+def divide_modulation(linear: nn.Linear, shift: int, scale: int) -> Fold:
+    """A fold into adaLN-Zero's modulation Linear, whose output chunks `shift` and `scale` (of 6) act on a norm's output
+    as `x * (1 + scale) + shift`: dividing that by s and subtracting an offset makes shift' = shift / s - offset and
+    1 + scale' = (1 + scale) / s, both rows of the Linear (weights and bias)."""
+    dim = linear.out_features // 6
+    rows = {name: slice(chunk * dim, (chunk + 1) * dim) for name, chunk in (("shift", shift), ("scale", scale))}
 
-    Exact because nothing nonlinear lies between predecessor and consumers: an affine norm feeding the
-    projections directly, or V feeding the output projection through attention (linear in V per channel).
-    """
+    def fold(s: torch.Tensor, offset: torch.Tensor | None = None) -> None:
+        for name, part in rows.items():
+            linear.weight.data[part] /= s[:, None]
+            linear.bias.data[part] /= s
+        linear.bias.data[rows["scale"]] += 1 / s - 1
+        if offset is not None:
+            linear.bias.data[rows["shift"]] -= offset
+
+    return fold
+
+
+Sites = dict[str, tuple[str, Fold]]  # group name -> (predecessor name, fold)
+
+
+def norm_sites(model: nn.Module) -> Sites:
+    """Inputs that an affine norm feeds directly: attention group norms, LayerNorm transformer blocks' norms, a
+    Transformer2DModel's input norm."""
     attention, transformer_block, transformer_2d = _attention_classes()
     groups = {g.name for g in input_groups(model)}
-    sites: dict[str, tuple[str, Callable[[torch.Tensor], None]]] = {}
+    sites: Sites = {}
     for name, module in model.named_modules():
         if isinstance(module, attention):
             if not module.is_cross_attention and module.spatial_norm is None and _affine(module.group_norm):
                 sites[f"{name}.qkv"] = (f"{name}.group_norm", divide_norm(module.group_norm))
-            if isinstance(module.to_v, nn.Linear) and f"{name}.to_out.0" in groups:
-                sites[f"{name}.to_out.0"] = (f"{name}.to_v", divide_rows(module.to_v))
         elif isinstance(module, transformer_block) and module.norm_type == "layer_norm" and module.pos_embed is None:
-            pairs = [("norm1", "attn1.qkv" if not module.only_cross_attention else None),
-                     ("norm2", "attn2.to_q" if module.attn2 is not None and module.attn2.is_cross_attention else None),
-                     ("norm3", "ff.net.0.proj")]  # fmt: skip
-            for norm_name, group in pairs:
-                if group and _affine(getattr(module, norm_name)) and f"{name}.{group}" in groups:
+            for norm_name, group in post_norm_inputs(module):
+                if _affine(getattr(module, norm_name)) and f"{name}.{group}" in groups:
                     sites[f"{name}.{group}"] = (f"{name}.{norm_name}", divide_norm(getattr(module, norm_name)))
         elif isinstance(module, transformer_2d) and module.is_input_continuous and _affine(module.norm):
             sites[f"{name}.proj_in"] = (f"{name}.norm", divide_norm(module.norm))
     return sites
+
+
+def post_norm_inputs(block: nn.Module) -> list[tuple[str, str]]:
+    """A LayerNorm transformer block's (norm, the input group it feeds) pairs."""
+    pairs = [("norm1", "attn1.qkv" if not block.only_cross_attention else None),
+             ("norm2", "attn2.to_q" if block.attn2 is not None and block.attn2.is_cross_attention else None),
+             ("norm3", "ff.net.0.proj")]  # fmt: skip
+    return [(norm, group) for norm, group in pairs if group]
+
+
+def value_sites(model: nn.Module) -> Sites:
+    """Attention output projections, whose input is linear per channel in V (the rows of the probabilities sum to 1)."""
+    attention, _, _ = _attention_classes()
+    groups = {g.name for g in input_groups(model)}
+    return {f"{name}.to_out.0": (f"{name}.to_v", divide_rows(module.to_v)) for name, module in model.named_modules()
+            if isinstance(module, attention) and isinstance(module.to_v, nn.Linear) and f"{name}.to_out.0" in groups}  # fmt: skip
+
+
+def modulation_sites(model: nn.Module) -> Sites:
+    """DiT's adaLN-Zero blocks: the self-attention and feed-forward inputs, folded into the modulation Linear."""
+    _, transformer_block, _ = _attention_classes()
+    sites: Sites = {}
+    for name, module in model.named_modules():
+        if isinstance(module, transformer_block) and module.norm_type == "ada_norm_zero" and module.norm1.linear.bias is not None:
+            linear = f"{name}.norm1.linear"
+            if not module.only_cross_attention and module.pos_embed is None:
+                sites[f"{name}.attn1.qkv"] = (linear, divide_modulation(module.norm1.linear, shift=0, scale=1))
+            sites[f"{name}.ff.net.0.proj"] = (linear, divide_modulation(module.norm1.linear, shift=3, scale=4))
+    return sites
+
+
+def fold_sites(model: nn.Module) -> Sites:
+    """Where dividing a group's input by s (weight dilation) is exact: nothing nonlinear lies between predecessor and
+    consumers (an affine norm feeding the projections directly, or V feeding the output projection). DiT's
+    modulations are left out: DilateQuant's recipes were measured with pre-scales there."""
+    return {**norm_sites(model), **value_sites(model)}
+
+
+def post_norm_sites(model: nn.Module) -> tuple[Sites, dict[str, str]]:
+    """RepQuant's post-norm activations: where a per-channel scale and offset fold exactly (affine norms, adaLN-Zero
+    modulations), and the transformer-block inputs that follow a norm with nothing to fold into (group -> reason)."""
+    _, transformer_block, _ = _attention_classes()
+    sites = {**norm_sites(model), **modulation_sites(model)}
+    refused = {}
+    for name, block in model.named_modules():
+        if not isinstance(block, transformer_block) or block.norm_type == "ada_norm_zero":
+            continue
+        if block.norm_type != "layer_norm":
+            refused[f"{name}.ff.net.0.proj"] = f"{name} uses norm_type {block.norm_type!r}: no per-block modulation Linear to fold into"
+            continue
+        for norm, group in post_norm_inputs(block):
+            why = "a positional embedding lies between it and the projections" if block.pos_embed is not None else "it has no affine weights"
+            if f"{name}.{group}" not in sites:
+                refused[f"{name}.{group}"] = f"nothing to fold into after {name}.{norm}: {why}"
+    return sites, refused
 
 
 def _block_types() -> tuple[type, ...]:
