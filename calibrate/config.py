@@ -40,6 +40,9 @@ class CalibConfig:
     tpq: bool | None = None  # per-timestep activation tables; the method's: True, False (eda-dm)
     act_symmetric: bool = True
     boundary: str | None = None  # the method's: 8bit (dilatequant, minmax, eda-dm), fp (q-dit)
+    # RepQuant's post-norm reparameterisation (calibrate/reparameterisation.py); the method's: True (repquant)
+    reparameterise: bool | None = None
+    reparam_iters: int = 200  # Adam iterations learning each post-norm input's per-channel clipping bounds
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
     attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
     weight_group_size: int | None = None  # the method's: 0 = per output channel, else Linear weights in groups of input channels (q-dit: 128)
@@ -134,6 +137,11 @@ class CalibConfig:
         if self.act_dynamic and self.dilation:
             raise UserError("act_dynamic=True with dilation=True: dilation moves range between a static table's input "
                             "channels, a dynamic grid already adapts to every token; turn one of them off.")  # fmt: skip
+        if self.reparameterise and self.act_dynamic:
+            raise UserError("reparameterise=True rewrites post-norm inputs for one static per-tensor grid; act_dynamic=True "
+                            "computes their grids at run time. Turn one of them off.")  # fmt: skip
+        if self.reparam_iters < 0:
+            raise UserError(f"reparam_iters must be >= 0, got {self.reparam_iters}.")
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:

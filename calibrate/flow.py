@@ -76,8 +76,8 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
         if data is None:
             data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
             work.save_data(data)
-    with timer.phase("dilation"):
-        quantized, records = prepare(loaded.denoiser, timesteps, config)
+    with timer.phase("dilation"):  # and the post-norm reparameterisation, where configured
+        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size)
     with timer.phase("initialisation"):
         ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
     searched = None
@@ -99,7 +99,8 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
                 "class_name": type(loaded.denoiser.model).__name__, "family": loaded.denoiser.family},
         statistics={"dilation": summarise(list(records.values())), "groups": {
             name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges},
-            "blocks": blocks, "data_selection": data.selection, **({"group_search": searched} if searched else {})},
+            "blocks": blocks, "data_selection": data.selection, **({"group_search": searched} if searched else {}),
+            **({"reparameterisation": reparameterised} if reparameterised else {})},
         run=timer.record(),
     )  # fmt: skip
     path = write_artifact(out, loaded, quantized, records, data, record)

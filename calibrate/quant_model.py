@@ -18,10 +18,12 @@ from dilatequant.core.families import Family, get_family
 from dilatequant.core.structure import InputGroup, input_groups
 
 from .attention import matmul_quantizers, quantize_attention_matmuls
+from .calib_data import CalibrationData
 from .config import CalibConfig
 from .dilation import DilationRecord, dilate_group
 from .groupwise import DynamicActQuantizer, GroupWeightQuantizer, check_group_size
 from .quantizer import ActQuantizer, WeightQuantizer
+from .reparameterisation import reparameterise_post_norm
 from .timesteps import TimestepIndex
 
 BOUNDARY_BITS = 8
@@ -211,17 +213,27 @@ def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: Calib
     return WeightQuantizer(layer.weight, row.weight_bits, config.weight_init)
 
 
-def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig) -> tuple[QuantizedDenoiser, dict[str, DilationRecord]]:
-    """A fake-quantized copy of `denoiser` (dilated when configured), quantizers not yet initialised."""
+def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig, data: CalibrationData | None = None,
+            batch_size: int = 32) -> tuple[QuantizedDenoiser, dict[str, DilationRecord], dict[str, dict]]:  # fmt: skip
+    """A fake-quantized copy of `denoiser` (dilated, then reparameterised on `data`, when configured), quantizers not
+    yet initialised; also the reparameterisation's statistics."""
     denoiser = copy.deepcopy(denoiser).eval()
     family = get_family(denoiser.family)
     groups, plan = quantized_groups(denoiser.model, family, config)
     records = dilate(denoiser.model, family, groups, config.dilation_cap) if config.dilation else {}
+    reparameterised = {}
+    if config.reparameterise:
+        if data is None:
+            raise ValueError("reparameterise=True learns from calibration data: pass data")
+        reparameterised = reparameterise_post_norm(denoiser, groups, records, data, config, batch_size)
     for name, record in records.items():
         for row in plan:
             if row.group == name and record.folded_into:
                 row.note = f"dilation folded into {record.folded_into}"
             elif row.group == name:
                 row.note = "dilation as a pre-scale of the input quantizer"
+    for row in plan:
+        if row.group in reparameterised:
+            row.note = "; ".join(filter(None, [row.note, f"post-norm reparameterisation folded into {reparameterised[row.group]['folded_into']}"]))
     quantized = wrap_layers(denoiser, groups, plan, records, TimestepIndex(timesteps), config)
-    return quantized, records
+    return quantized, records, reparameterised

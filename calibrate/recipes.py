@@ -6,7 +6,7 @@ job of a calibration run (`parts_of` reads the parts off them):
     selector        which (x_t, t) samples calibrate              calibrate/selection.py
     weight_format   how weights are quantized                    calibrate/quantizer.py, groupwise.py
     act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py, groupwise.py
-    transforms      equivalent transforms applied first          calibrate/dilation.py
+    transforms      equivalent transforms applied first          calibrate/dilation.py, reparameterisation.py
     initialisation  how activation tables start                  calibrate/initialise.py
     search          group sizes searched (Q-DiT), or none        calibrate/search.py, group_search.py
     reconstruction  what is learned afterwards (or nothing)      calibrate/bkd.py
@@ -35,7 +35,7 @@ PARTS: dict[str, tuple[Any, ...]] = {
     "selector": ("random", "uniform", "tdac"),  # calibrate/selection.py
     "weight_format": ("per-channel", "group-wise"),  # group-wise: Linear layers, along input channels (Q-DiT)
     "act_format": ("per-tensor-per-timestep", "per-tensor", "dynamic"),  # dynamic: Linear inputs, per token and group
-    "transforms": ("weight-dilation",),
+    "transforms": ("weight-dilation", "post-norm-reparameterisation"),
     "initialisation": ("minmax", "percentile", "mse"),
     "reconstruction": (None, "block-distillation"),
     "loss": (None, "block-output", "fbr"),
@@ -47,7 +47,8 @@ PARTS: dict[str, tuple[Any, ...]] = {
 }
 # CalibConfig fields that follow from the method: left None, they take the method recipe's setting.
 METHOD_FIELDS = ("act_init", "weight_init", "bkd_iters", "tpq", "dilation", "timestep_sampling", "trajectories",
-                 "recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule", "weight_group_size", "act_dynamic", "boundary")  # fmt: skip
+                 "recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule", "weight_group_size", "act_dynamic", "boundary",
+                 "reparameterise")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ def parts_of(values: Mapping[str, Any], distills: bool) -> Method:
     (and none of its parts) with zero iterations."""
     reconstruction = "block-distillation" if distills and values["bkd_iters"] else None
     act_format = "dynamic" if values["act_dynamic"] else "per-tensor-per-timestep" if values["tpq"] else "per-tensor"
+    transforms = tuple(part for part, on in (("weight-dilation", values["dilation"]),
+                                             ("post-norm-reparameterisation", values["reparameterise"])) if on)  # fmt: skip
     return Method(values["timestep_sampling"], "group-wise" if values["weight_group_size"] else "per-channel", act_format,
-                  ("weight-dilation",) if values["dilation"] else (), values["act_init"], reconstruction,
+                  transforms, values["act_init"], reconstruction,
                   *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")),
                   "evolutionary-group-sizes" if values.get("group_search") else None, "local")  # fmt: skip
 
@@ -120,7 +123,7 @@ DEFAULT_BKD_ITERS = 2000
 DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_BKD_ITERS, "tpq": True, "dilation": True,
                "timestep_sampling": "random", "trajectories": 64, "recon_loss": "block-output", "input_mixing": "none",
                "weight_rounding": "trained-weights", "bkd_lr_schedule": "constant", "weight_group_size": 0,
-               "act_dynamic": False, "boundary": "8bit"}  # fmt: skip
+               "act_dynamic": False, "boundary": "8bit", "reparameterise": False}  # fmt: skip
 # EDA-DM as released (algorithms.md §2; CIFAR-10 DDIM scripts): one shared activation range per layer, MSE-searched
 # init, TDAC over 1024 trajectories, FBR (layer weight 0.8) with QDrop (p 0.5) and learned rounding, 5000
 # iterations per block at batch 32, first and last layers at 8 bits (here: the 8-bit boundary layers, which also
@@ -129,7 +132,7 @@ DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_
 EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": False, "dilation": False,
           "timestep_sampling": "tdac", "trajectories": 1024, "recon_loss": "fbr", "input_mixing": "qdrop",
           "weight_rounding": "learned-rounding", "bkd_lr_schedule": "cosine", "weight_group_size": 0, "act_dynamic": False,
-          "boundary": "8bit"}  # fmt: skip
+          "boundary": "8bit", "reparameterise": False}  # fmt: skip
 # Q-DiT (algorithms.md §4): no training; Linear weights in groups of 128 input channels with min/max (RTN) ranges,
 # Linear inputs quantized dynamically per token and group. Like the released code it keeps the patch embedder, the
 # timestep/label embedders and the final layer (the boundary layers) in FP: on digits-dit their 8-bit static scales
@@ -139,6 +142,12 @@ EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": Fal
 # group-size search is the recipe q-dit-search (off in the method: it samples images for every candidate).
 Q_DIT = {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0, "dilation": False, "weight_group_size": 128, "act_dynamic": True,
          "boundary": "fp"}  # fmt: skip
+# RepQuant (algorithms.md §3): the activations after a norm are calibrated per channel (lower and upper bound per channel,
+# learned against the consumers' outputs) and rewritten exactly into one per-tensor grid, folded into the norm's
+# affine or DiT's adaLN modulation (calibrate/reparameterisation.py); one table for all timesteps, like RepQ-ViT; then
+# block-wise reconstruction of the quantized weights. RepQ-ViT keeps its first layer's input at 8 bits: so do the
+# boundary layers here.
+REPQUANT = {**DILATEQUANT, "dilation": False, "tpq": False, "reparameterise": True}
 RECIPES = _recipes(
     Recipe("dilatequant", 2, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
            "block-wise distillation", "dilatequant", DILATEQUANT),
@@ -146,6 +155,8 @@ RECIPES = _recipes(
            {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0}, distills=False),
     Recipe("eda-dm", 2, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
            "QDrop and learned rounding", "eda-dm", EDA_DM),
+    Recipe("repquant", 1, "RepQuant: post-norm activations calibrated per channel with learned dual clipping and "
+           "reparameterised into per-tensor scales, one table for all timesteps, block-wise reconstruction", "repquant", REPQUANT),
     Recipe("q-dit", 2, "Q-DiT: group-wise Linear weights (groups of 128 input channels), dynamic per-token-group "
            "activations, no training, boundary layers in FP", "q-dit", Q_DIT, distills=False),
     Recipe("q-dit-search", 2, "Q-DiT with its evolutionary group-size search (mean group size >= 128 over 32-256)",
@@ -153,6 +164,8 @@ RECIPES = _recipes(
     Recipe("q-dit-tensorrt", 2, "Q-DiT's group-wise weights in the form TensorRT runs: symmetric groups (block-quantized "
            "INT4/INT8 weights), per-tensor activation tables per timestep instead of dynamic ones", "q-dit",
            {"weight_group_symmetric": True, "act_dynamic": False}),
+    Recipe("dilatequant-repquant", 1, "DilateQuant with RepQuant's post-norm reparameterisation after the dilation",
+           "dilatequant", {"reparameterise": True}),
     # what the tools run, by name
     Recipe("demo-quick", 1, "The demo and CI: min/max, FP boundary layers, a 25-step grid, 512 samples", "minmax",
            {"samples": 512, "trajectories": 32, "steps": 25, "boundary": "fp"}),

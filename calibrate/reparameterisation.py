@@ -21,10 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dilatequant.core.structure import Fold
+from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.errors import UserError
+from dilatequant.core.structure import Fold, InputGroup, post_norm_sites
 
-from .dilation import input_channel_view
+from .calib_data import CalibrationData
+from .config import CalibConfig
+from .dilation import DilationRecord, input_channel_view
 from .quantizer import MIN_STEP, IntFormat, round_ste
+
+# Rows (tokens or pixels) of each post-norm input kept to learn its clipping: a random share of every calibration
+# batch. 16,384 rows of 256 channels are 16 MB per input.
+ROWS_PER_INPUT = 16384
 
 
 class ChannelClipQuantizer(nn.Module):
@@ -99,12 +107,13 @@ def fold(predecessor: Fold, consumers: list[nn.Linear | nn.Conv2d], rep: Reparam
         predecessor(rep.scale, offset)
 
 
-def learn_clipping(x: torch.Tensor, consumers: list[nn.Linear], bits: int, shared_zero: bool, iters: int = 200,
+def learn_clipping(x: torch.Tensor, consumers: list[nn.Linear | nn.Conv2d], bits: int, shared_zero: bool, iters: int = 200,
                    lr: float = 1e-2) -> ChannelClipQuantizer:  # fmt: skip
     """The dual clipping bounds of x[N, C] (the consumers' input), from the per-channel min/max, trained so the
-    consumers' outputs on the fake-quantized x match those on x (mean squared error, Adam)."""
-    quantizer = ChannelClipQuantizer(x.amin(0), x.amax(0), bits, shared_zero)
-    weights = [layer.weight.detach() for layer in consumers]
+    consumers' outputs on the fake-quantized x match those on x (mean squared error, Adam), on the consumers' device."""
+    weights = [layer.weight.detach().flatten(1).float() for layer in consumers]  # a 1x1 Conv2d as a Linear
+    x = x.to(weights[0].device)
+    quantizer = ChannelClipQuantizer(x.amin(0), x.amax(0), bits, shared_zero).to(x.device)
     targets = [F.linear(x, w) for w in weights]
     optimiser = torch.optim.Adam(quantizer.parameters(), lr=lr)
     for _ in range(iters):
@@ -114,3 +123,60 @@ def learn_clipping(x: torch.Tensor, consumers: list[nn.Linear], bits: int, share
         loss.backward()
         optimiser.step()
     return quantizer
+
+
+def reparameterise_post_norm(denoiser: Denoiser, groups: list[InputGroup], dilation: dict[str, DilationRecord],
+                             data: CalibrationData, config: CalibConfig, batch_size: int) -> dict[str, dict]:  # fmt: skip
+    """Learn each quantized post-norm input's per-channel clipping on the calibration data and fold its per-tensor
+    rewrite into the model (after dilation: a dilation left as a pre-scale is folded into the same predecessor
+    first). Returns per-group statistics; refuses a model with a quantized post-norm input that cannot fold."""
+    sites, refused = post_norm_sites(denoiser.model)
+    planned = {group.name: group for group in groups}
+    refused = {group: why for group, why in refused.items() if group in planned}
+    if refused:
+        raise UserError("RepQuant's post-norm reparameterisation cannot rewrite " + "; ".join(f"{g} ({why})" for g, why in refused.items())
+                        + ". Calibrate with --no-reparameterise, or keep those layers out of quantization.")  # fmt: skip
+    targets = {group: site for group, site in sites.items() if group in planned}
+    modules = dict(denoiser.model.named_modules())
+    for group, (name, predecessor) in targets.items():
+        record = dilation.get(group)
+        if record is not None and record.folded_into is None:
+            predecessor(record.factors)
+            record.folded_into = name
+    inputs = consumer_inputs(denoiser, {group: modules[planned[group].layers[0]] for group in targets}, data, batch_size, config.seed)
+    statistics = {}
+    for group, (name, predecessor) in targets.items():
+        consumers = [modules[layer] for layer in planned[group].layers]
+        shared_zero = any(layer.bias is None or layer.weight[0, 0].numel() != 1 for layer in consumers)
+        quantizer = learn_clipping(inputs.pop(group), consumers, config.act_bits, shared_zero, config.reparam_iters)
+        rep = Reparameterisation.of(quantizer)
+        fold(predecessor, consumers, rep)
+        statistics[group] = {"folded_into": name, "offsets": not shared_zero, "scale_min": float(rep.scale.min()),
+                             "scale_max": float(rep.scale.max()), "per_tensor_step": float(rep.step)}  # fmt: skip
+    return statistics
+
+
+@torch.no_grad()
+def consumer_inputs(denoiser: Denoiser, consumers: dict[str, nn.Module], data: CalibrationData, batch_size: int,
+                    seed: int) -> dict[str, torch.Tensor]:  # fmt: skip
+    """A random sample of ROWS_PER_INPUT rows (channels last) of each consumer's input over the calibration data."""
+    generator, batches = torch.Generator().manual_seed(seed), -(-len(data) // batch_size)
+    kept: dict[str, list[torch.Tensor]] = {group: [] for group in consumers}
+
+    def keep(group: str, x: torch.Tensor) -> None:
+        rows = (x.movedim(1, -1) if x.dim() == 4 else x).reshape(-1, x.shape[1 if x.dim() == 4 else -1])
+        chosen = torch.randperm(len(rows), generator=generator)[: -(-ROWS_PER_INPUT // batches)]
+        kept[group].append(rows[chosen.to(rows.device)].float().cpu())
+
+    handles = [layer.register_forward_pre_hook(lambda module, args, group=group: keep(group, args[0])) for group, layer in consumers.items()]
+    try:
+        device = next(denoiser.parameters()).device
+        for start in range(0, len(data), batch_size):
+            labels = data.labels[start : start + batch_size]
+            cond = denoiser.conditioning(labels)
+            denoiser(data.x[start : start + batch_size].to(device), data.t[start : start + batch_size].to(device),
+                     cond.to(device) if cond is not None else None)  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {group: torch.cat(rows) for group, rows in kept.items()}

@@ -16,7 +16,7 @@ TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 @pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
 def test_explicit_attention_equals_diffusers_in_fp(tiny_model_dirs, family):
     denoiser = load_model(tiny_model_dirs[family]).denoiser
-    quantized, _ = prepare(denoiser, torch.arange(0, 1000, 100), CalibConfig(quantize_attention=True))
+    quantized, _, _ = prepare(denoiser, torch.arange(0, 1000, 100), CalibConfig(quantize_attention=True))
     quantized.set_quantization(activations=False, weights=False)
     x = torch.randn(2, *denoiser.sample_shape, generator=torch.Generator().manual_seed(0))
     t, cond = torch.tensor([10, 900]), denoiser.conditioning(torch.tensor([1, 2]))

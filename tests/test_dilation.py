@@ -62,7 +62,7 @@ def denoiser(request, tiny_model_dirs):
 
 
 def test_dilated_fp_model_computes_the_same_function(denoiser):
-    quantized, records = prepare(denoiser, torch.arange(0, 1000, 100), CalibConfig())
+    quantized, records, _ = prepare(denoiser, torch.arange(0, 1000, 100), CalibConfig())
     quantized.set_quantization(activations=False, weights=False)
     x = torch.randn(3, *denoiser.sample_shape, generator=torch.Generator().manual_seed(0))
     t, cond = torch.tensor([10, 500, 990]), denoiser.conditioning(torch.tensor([1, 2, 3]))
@@ -74,7 +74,7 @@ def test_dilated_fp_model_computes_the_same_function(denoiser):
 
 
 def test_dilation_moves_no_weight_quantization_range(denoiser):
-    quantized, records = prepare(denoiser, torch.arange(0, 1000, 100), CalibConfig())
+    quantized, records, _ = prepare(denoiser, torch.arange(0, 1000, 100), CalibConfig())
     original = dict(denoiser.model.named_modules())
     # A layer that received a fold (V before an attention output) has its rows divided by that group's s.
     row_scale = {r.folded_into: r.factors for r in records.values() if r.folded_into in original}

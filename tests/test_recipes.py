@@ -111,10 +111,10 @@ def test_recipes_keep_the_settings_the_tools_ran():
     assert recipe("demo-quick") == CalibConfig.from_bits("W8A8", method="minmax", samples=512, trajectories=32, steps=25,
                                                          boundary="fp", recipe="demo-quick")  # fmt: skip
     assert (recipe("naive-minmax").tpq, recipe("naive-minmax").dilation) == (False, False)
-    assert set(METHODS) == {"dilatequant", "minmax", "eda-dm", "q-dit"}
+    assert set(METHODS) == {"dilatequant", "minmax", "eda-dm", "repquant", "q-dit"}
     with pytest.raises(UserError, match="Unknown calibration recipe 'fast'; recipes: dilatequant, minmax"):
         recipe("fast")
-    with pytest.raises(UserError, match="method=.demo-quick. is not one of: dilatequant, minmax, eda-dm, q-dit"):
+    with pytest.raises(UserError, match="method=.demo-quick. is not one of: dilatequant, minmax, eda-dm, repquant, q-dit"):
         CalibConfig(method="demo-quick")
     with pytest.raises(UserError, match="'demo-quick' is a settings recipe, not a method"):
         method_parts("demo-quick")

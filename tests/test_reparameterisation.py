@@ -121,3 +121,48 @@ def test_learned_clipping_lowers_the_consumer_output_error():
             return (torch.nn.functional.linear(quantizer(x), layer.weight) - torch.nn.functional.linear(x, layer.weight)).pow(2).mean()
 
     assert error(trained) < 0.8 * error(untrained)
+
+
+@pytest.mark.parametrize("name", ["repquant", "dilatequant-repquant"])  # alone, and after dilation (DiT: pre-scales folded too)
+def test_a_reparameterised_artifact_keeps_the_fp_function(tiny_model_dirs, tmp_path, name):
+    from dilatequant.calibrate.artifact import load_artifact
+    from dilatequant.calibrate.flow import calibrate
+    from dilatequant.calibrate.recipes import recipe
+
+    source = load_model(tiny_model_dirs["dit"])
+    config = recipe(name, "W8A8", samples=16, trajectories=4, steps=4, bkd_iters=0, reparam_iters=5)
+    artifact = load_artifact(calibrate(tiny_model_dirs["dit"], config, tmp_path / "calib", "cpu", progress=False))
+    model = artifact.model
+    model.denoiser.set_quantization(activations=False, weights=False)
+    before, after = model_output(source), model_output(model)
+    assert (after - before).norm() / before.norm() < 1e-5
+    statistics = artifact.record.statistics["reparameterisation"]
+    assert set(statistics) == {f"transformer_blocks.{i}.{g}" for i in range(2) for g in ("attn1.qkv", "ff.net.0.proj")}
+    assert all(s["offsets"] and s["folded_into"].endswith("norm1.linear") for s in statistics.values())
+    assert "post-norm-reparameterisation" in artifact.record.recipe["parts"]["transforms"]
+    notes = {row["layer"]: row["note"] for row in artifact.plan["layers"]}
+    assert "post-norm reparameterisation folded into transformer_blocks.0.norm1.linear" in notes["transformer_blocks.0.attn1.to_q"]
+    if config.dilation:  # the DiT's pre-scales went into the modulation with the reparameterisation
+        assert artifact.plan["groups"]["transformer_blocks.0.attn1.qkv"]["folded_into"] == "transformer_blocks.0.norm1.linear"
+
+
+def test_a_post_norm_input_that_cannot_fold_is_refused_by_name(tiny_model_dirs):
+    from dilatequant.calibrate.calib_data import CalibrationData
+    from dilatequant.calibrate.config import CalibConfig
+    from dilatequant.calibrate.reparameterisation import reparameterise_post_norm
+    from dilatequant.core.errors import UserError
+
+    denoiser = load_model(tiny_model_dirs["unet-cond"]).denoiser
+    block_name, block = next((n, m) for n, m in denoiser.model.named_modules() if type(m).__name__ == "BasicTransformerBlock")
+    block.norm3 = nn.LayerNorm(block.norm3.normalized_shape, elementwise_affine=False)
+    data = CalibrationData(torch.zeros(1, *denoiser.sample_shape), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(UserError, match=f"cannot rewrite {block_name}.ff.net.0.proj \\(nothing to fold into after {block_name}.norm3"):
+        reparameterise_post_norm(denoiser, input_groups(denoiser.model), {}, data, CalibConfig(reparameterise=True), 1)
+
+
+def test_reparameterisation_and_dynamic_inputs_are_refused_together():
+    from dilatequant.calibrate.config import CalibConfig
+    from dilatequant.core.errors import UserError
+
+    with pytest.raises(UserError, match="reparameterise=True rewrites post-norm inputs"):
+        CalibConfig(method="q-dit", reparameterise=True)

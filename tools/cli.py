@@ -146,8 +146,12 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @click.option("--bits", default="W8A8", show_default=True, type=click.Choice(BIT_PRESETS))
 @calib_option("--method", "method", type=click.Choice(METHODS),
               help="dilatequant: MSE-initialised tables + block-wise distillation; minmax: min/max tables only; eda-dm: "
-              "TDAC, one shared range, FBR with QDrop and learned rounding; q-dit: group-wise Linear weights, dynamic Linear inputs.")
+              "TDAC, one shared range, FBR with QDrop and learned rounding; repquant: post-norm inputs reparameterised, one table, "
+              "reconstruction; q-dit: group-wise Linear weights, dynamic Linear inputs.")
 @click.option("--dilation/--no-dilation", "dilation", default=None, help="Weight dilation.  [default: the method's]")
+@click.option("--reparameterise/--no-reparameterise", "reparameterise", default=None,
+              help="RepQuant: calibrate post-norm inputs per channel and fold them into one per-tensor grid.  [default: the method's]")
+@calib_option("--reparam-iters", "reparam_iters", type=int, help="--reparameterise: iterations learning each input's clipping bounds.")
 @click.option("--tpq/--no-tpq", "tpq", default=None,
               help="One activation scale per timestep, or one shared by all.  [default: the method's]")
 @calib_option("--bkd-iters", "bkd_iters", type=int, help="Distillation iterations per block (dilatequant "
