@@ -46,6 +46,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "DilateQuant + attention matmuls": ("dilatequant", {"quantize_attention": True}),
     "DilateQuant + attention matmuls with head tables": ("dilatequant", {"quantize_attention": True, "attention_head_tables": True}),
     "DilateQuant + FP boundary layers": ("dilatequant-fp-boundary", {}),
+    # RepQuant (docs/results/repquant.md): with and without its post-norm rewrite, and composed with DilateQuant
+    "RepQuant": ("repquant", {}),
+    "RepQuant without the post-norm rewrite": ("repquant", {"reparameterise": False}),
+    "RepQuant + FP boundary layers": ("repquant", {"boundary": "fp"}),
+    "DilateQuant + RepQuant": ("dilatequant-repquant", {}),
     # Q-DiT's ablation (docs/results/dit.md): group-wise weights with static tables, + dynamic inputs, + the search
     "Q-DiT groups of 128 with static activations": ("q-dit", {"act_dynamic": False}),
     "Q-DiT groups of 128 + dynamic activations": ("q-dit", {}),
