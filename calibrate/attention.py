@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .log_sqrt2 import LogSqrt2Quantizer
 from .quantizer import ActQuantizer
 from .timesteps import TimestepIndex
 
@@ -61,16 +62,18 @@ class QuantAttnProcessor:
 
 
 def quantize_attention_matmuls(model: nn.Module, index: TimestepIndex, rows: int, bits: int, symmetric: bool,
-                               head_tables: bool = False) -> list[str]:  # fmt: skip
+                               head_tables: bool = False, softmax: str = "uniform") -> list[str]:  # fmt: skip
     """Give every diffusers Attention its matmul quantizers and the explicit processor; returns their names.
-    `head_tables`: one table column per attention head (q, k, v and the probabilities are [batch, heads, ...])."""
+    `head_tables`: one table column per attention head (q, k, v and the probabilities are [batch, heads, ...]);
+    `softmax`: the probabilities on a uniform table like the other inputs, or on RepQuant's log√2 levels."""
     from diffusers.models.attention_processor import Attention
 
     names = []
     for name, module in model.named_modules():
         if isinstance(module, Attention):
             module.matmul_quantizers = nn.ModuleDict(
-                {role: ActQuantizer(index, rows, bits, symmetric, channel_dim=-1, heads=module.heads if head_tables else 1)
+                {role: LogSqrt2Quantizer(bits) if role == "probs" and softmax == "log-sqrt2" else
+                 ActQuantizer(index, rows, bits, symmetric, channel_dim=-1, heads=module.heads if head_tables else 1)
                  for role in MATMUL_INPUTS}  # fmt: skip
             )
             module.set_processor(QuantAttnProcessor())
@@ -78,8 +81,9 @@ def quantize_attention_matmuls(model: nn.Module, index: TimestepIndex, rows: int
     return names
 
 
-def matmul_quantizers(model: nn.Module) -> dict[str, ActQuantizer]:
-    """'<attention>.attn_<role>' -> quantizer, for every attention that has them."""
+def matmul_quantizers(model: nn.Module, tables: bool = True) -> dict[str, ActQuantizer | LogSqrt2Quantizer]:
+    """'<attention>.attn_<role>' -> quantizer, for every attention that has them (with `tables`, those with a
+    calibrated table only: the log√2 softmax quantizer has none)."""
     return {f"{name}.attn_{role}": quantizer for name, module in model.named_modules()
             if isinstance(getattr(module, "matmul_quantizers", None), nn.ModuleDict)
-            for role, quantizer in module.matmul_quantizers.items()}  # fmt: skip
+            for role, quantizer in module.matmul_quantizers.items() if not tables or isinstance(quantizer, ActQuantizer)}  # fmt: skip

@@ -20,6 +20,7 @@ WEIGHT_ROUNDING = tuple(p for p in PARTS["weight_rounding"] if p)
 LR_SCHEDULES = tuple(p for p in PARTS["lr_schedule"] if p)
 TIMESTEP_SAMPLING = PARTS["selector"]
 BOUNDARY = ("8bit", "fp")
+SOFTMAX_QUANTIZERS = tuple(p for p in PARTS["softmax_format"] if p)
 SUPPORTED_BITS = (4, 6, 8)
 
 
@@ -45,6 +46,9 @@ class CalibConfig:
     reparam_iters: int = 200  # Adam iterations learning each post-norm input's per-channel clipping bounds
     quantize_attention: bool = False  # also the inputs of q·kᵀ and attn·v (softmax output included)
     attention_head_tables: bool = False  # with quantize_attention: one table entry per (timestep, head)
+    # with quantize_attention: the softmax output's grid, uniform or log√2 (calibrate/log_sqrt2.py); the method's:
+    # uniform, log-sqrt2 (repquant)
+    softmax_quantizer: str | None = None
     weight_group_size: int | None = None  # the method's: 0 = per output channel, else Linear weights in groups of input channels (q-dit: 128)
     act_dynamic: bool | None = None  # the method's: Linear inputs quantized per token and group at run time (q-dit)
     # group grids symmetric (zero point 0: TensorRT's block-quantized INT4) instead of asymmetric (MatMulNBits)
@@ -90,7 +94,7 @@ class CalibConfig:
         self._resolve_method_settings()
         object.__setattr__(self, "group_choices", tuple(self.group_choices))  # a JSON record holds a list
         for name, value, allowed in (
-            ("act_init", self.act_init, ACT_INITS), ("recipe", self.recipe, tuple(RECIPES)),
+            ("act_init", self.act_init, ACT_INITS), ("recipe", self.recipe, tuple(RECIPES)), ("softmax_quantizer", self.softmax_quantizer, SOFTMAX_QUANTIZERS),
             ("weight_init", self.weight_init, WEIGHT_INITS), ("boundary", self.boundary, BOUNDARY),
             ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING), ("scheduler", self.scheduler, SCHEDULERS),
             ("recon_loss", self.recon_loss, RECON_LOSSES), ("input_mixing", self.input_mixing, INPUT_MIXING),

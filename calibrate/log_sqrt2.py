@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 SQRT2 = math.sqrt(2)
 
@@ -44,3 +45,17 @@ def log2_matmul(codes: torch.Tensor, zero: torch.Tensor, v: torch.Tensor, delta:
     """A·V from log√2 codes with two shift-only products and one √2: Δ·(even @ V + √2·(odd @ V))."""
     even, odd = log2_shifts(codes, zero)
     return delta * (even @ v + SQRT2 * (odd @ v))
+
+
+class LogSqrt2Quantizer(nn.Module):
+    """The softmax-output quantizer of a quantized attention (`softmax_quantizer='log-sqrt2'`): Δ = 1, since
+    probabilities are at most 1, so it has nothing to calibrate. Gradients pass straight through (distillation)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits, self.enabled = bits, False
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return probs
+        return probs + (log_sqrt2_quantize(probs.detach().double(), self.bits).to(probs.dtype) - probs).detach()

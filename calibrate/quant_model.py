@@ -116,7 +116,7 @@ class QuantizedDenoiser(Denoiser):
 
     def set_quantization(self, activations: bool, weights: bool) -> None:
         """Switch fake quantization on or off (off: the dilated FP model, pre-scales still applied)."""
-        for quantizer in self.act_quantizers().values():
+        for quantizer in [*self.act_quantizers().values(), *matmul_quantizers(self.model, tables=False).values()]:
             quantizer.enabled = activations
         for wrapper in self.quant_layers().values():
             wrapper.input_quantizer.enabled = activations
@@ -164,7 +164,8 @@ def wrap_layers(
     modules = dict(denoiser.model.named_modules())
     rows = len(index) if config.tpq else 1
     if config.quantize_attention:
-        quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric, config.attention_head_tables)
+        quantize_attention_matmuls(denoiser.model, index, rows, config.act_bits, config.act_symmetric, config.attention_head_tables,
+                                   config.softmax_quantizer)  # fmt: skip
     for group in groups:
         quantizer = input_quantizer(modules[group.layers[0]], bits[group.layers[0]], index, rows, config)
         if group.name in dilation:

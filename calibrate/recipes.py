@@ -6,6 +6,7 @@ job of a calibration run (`parts_of` reads the parts off them):
     selector        which (x_t, t) samples calibrate              calibrate/selection.py
     weight_format   how weights are quantized                    calibrate/quantizer.py, groupwise.py
     act_format      how activations are quantized                calibrate/quantizer.py, timesteps.py, groupwise.py
+    softmax_format  how attention probabilities are quantized    calibrate/attention.py, log_sqrt2.py
     transforms      equivalent transforms applied first          calibrate/dilation.py, reparameterisation.py
     initialisation  how activation tables start                  calibrate/initialise.py
     search          group sizes searched (Q-DiT), or none        calibrate/search.py, group_search.py
@@ -35,6 +36,7 @@ PARTS: dict[str, tuple[Any, ...]] = {
     "selector": ("random", "uniform", "tdac"),  # calibrate/selection.py
     "weight_format": ("per-channel", "group-wise"),  # group-wise: Linear layers, along input channels (Q-DiT)
     "act_format": ("per-tensor-per-timestep", "per-tensor", "dynamic"),  # dynamic: Linear inputs, per token and group
+    "softmax_format": (None, "uniform", "log-sqrt2"),  # None: attention matmuls not quantized
     "transforms": ("weight-dilation", "post-norm-reparameterisation"),
     "initialisation": ("minmax", "percentile", "mse"),
     "reconstruction": (None, "block-distillation"),
@@ -48,7 +50,7 @@ PARTS: dict[str, tuple[Any, ...]] = {
 # CalibConfig fields that follow from the method: left None, they take the method recipe's setting.
 METHOD_FIELDS = ("act_init", "weight_init", "bkd_iters", "tpq", "dilation", "timestep_sampling", "trajectories",
                  "recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule", "weight_group_size", "act_dynamic", "boundary",
-                 "reparameterise")  # fmt: skip
+                 "reparameterise", "softmax_quantizer")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Method:
     selector: str
     weight_format: str
     act_format: str
+    softmax_format: str | None
     transforms: tuple[str, ...]
     initialisation: str
     reconstruction: str | None
@@ -85,7 +88,8 @@ def parts_of(values: Mapping[str, Any], distills: bool) -> Method:
     act_format = "dynamic" if values["act_dynamic"] else "per-tensor-per-timestep" if values["tpq"] else "per-tensor"
     transforms = tuple(part for part, on in (("weight-dilation", values["dilation"]),
                                              ("post-norm-reparameterisation", values["reparameterise"])) if on)  # fmt: skip
-    return Method(values["timestep_sampling"], "group-wise" if values["weight_group_size"] else "per-channel", act_format,
+    softmax = values["softmax_quantizer"] if values.get("quantize_attention") else None  # method settings: not quantized
+    return Method(values["timestep_sampling"], "group-wise" if values["weight_group_size"] else "per-channel", act_format, softmax,
                   transforms, values["act_init"], reconstruction,
                   *(values[name] if reconstruction else None for name in ("recon_loss", "input_mixing", "weight_rounding", "bkd_lr_schedule")),
                   "evolutionary-group-sizes" if values.get("group_search") else None, "local")  # fmt: skip
@@ -123,7 +127,7 @@ DEFAULT_BKD_ITERS = 2000
 DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_BKD_ITERS, "tpq": True, "dilation": True,
                "timestep_sampling": "random", "trajectories": 64, "recon_loss": "block-output", "input_mixing": "none",
                "weight_rounding": "trained-weights", "bkd_lr_schedule": "constant", "weight_group_size": 0,
-               "act_dynamic": False, "boundary": "8bit", "reparameterise": False}  # fmt: skip
+               "act_dynamic": False, "boundary": "8bit", "reparameterise": False, "softmax_quantizer": "uniform"}  # fmt: skip
 # EDA-DM as released (algorithms.md §2; CIFAR-10 DDIM scripts): one shared activation range per layer, MSE-searched
 # init, TDAC over 1024 trajectories, FBR (layer weight 0.8) with QDrop (p 0.5) and learned rounding, 5000
 # iterations per block at batch 32, first and last layers at 8 bits (here: the 8-bit boundary layers, which also
@@ -132,7 +136,7 @@ DILATEQUANT = {"act_init": "mse", "weight_init": "minmax", "bkd_iters": DEFAULT_
 EDA_DM = {"act_init": "mse", "weight_init": "mse", "bkd_iters": 5000, "tpq": False, "dilation": False,
           "timestep_sampling": "tdac", "trajectories": 1024, "recon_loss": "fbr", "input_mixing": "qdrop",
           "weight_rounding": "learned-rounding", "bkd_lr_schedule": "cosine", "weight_group_size": 0, "act_dynamic": False,
-          "boundary": "8bit", "reparameterise": False}  # fmt: skip
+          "boundary": "8bit", "reparameterise": False, "softmax_quantizer": "uniform"}  # fmt: skip
 # Q-DiT (algorithms.md §4): no training; Linear weights in groups of 128 input channels with min/max (RTN) ranges,
 # Linear inputs quantized dynamically per token and group. Like the released code it keeps the patch embedder, the
 # timestep/label embedders and the final layer (the boundary layers) in FP: on digits-dit their 8-bit static scales
@@ -145,9 +149,10 @@ Q_DIT = {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0, "dilation": False,
 # RepQuant (algorithms.md §3): the activations after a norm are calibrated per channel (lower and upper bound per channel,
 # learned against the consumers' outputs) and rewritten exactly into one per-tensor grid, folded into the norm's
 # affine or DiT's adaLN modulation (calibrate/reparameterisation.py); one table for all timesteps, like RepQ-ViT; then
-# block-wise reconstruction of the quantized weights. RepQ-ViT keeps its first layer's input at 8 bits: so do the
+# block-wise reconstruction of the quantized weights. With quantize_attention, softmax outputs get log√2 levels
+# (calibrate/log_sqrt2.py). RepQ-ViT keeps its first layer's input at 8 bits: so do the
 # boundary layers here.
-REPQUANT = {**DILATEQUANT, "dilation": False, "tpq": False, "reparameterise": True}
+REPQUANT = {**DILATEQUANT, "dilation": False, "tpq": False, "reparameterise": True, "softmax_quantizer": "log-sqrt2"}
 RECIPES = _recipes(
     Recipe("dilatequant", 2, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
            "block-wise distillation", "dilatequant", DILATEQUANT),

@@ -73,3 +73,27 @@ def test_head_tables_without_attention_quantization_are_refused():
 
     with pytest.raises(UserError, match="attention_head_tables=True would not run"):
         CalibConfig(attention_head_tables=True)
+
+
+def test_log_sqrt2_softmax_outputs_survive_the_artifact_and_reach_the_probabilities(tiny_model_dirs, tmp_path):
+    """RepQuant's softmax quantizer: the probabilities the attention multiplies by V sit on 2^(-q/2) levels."""
+    from dilatequant.calibrate.log_sqrt2 import LogSqrt2Quantizer
+    from dilatequant.calibrate.recipes import recipe
+
+    config = recipe("repquant", quantize_attention=True, bkd_iters=0, reparam_iters=2, **TINY)
+    assert config.softmax_quantizer == "log-sqrt2" and recipe("repquant").softmax_quantizer == "log-sqrt2"
+    path = calibrate(tiny_model_dirs["dit"], config, tmp_path / "a", progress=False)
+    artifact = load_artifact(path)
+    assert artifact.record.recipe["parts"]["softmax_format"] == "log-sqrt2"
+    denoiser = artifact.model.denoiser
+    logs = [m for m in denoiser.modules() if isinstance(m, LogSqrt2Quantizer)]
+    assert len(logs) == len([m for m in denoiser.modules() if isinstance(m, Attention)]) > 0 and all(q.enabled for q in logs)
+    assert not any(name.endswith(".attn_probs") for name in denoiser.act_quantizers())  # no table to calibrate
+    seen = []
+    handle = logs[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    x = torch.randn(2, *denoiser.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        denoiser(x, torch.tensor([10, 900]), denoiser.conditioning(torch.tensor([1, 2])))
+    handle.remove()
+    levels = -2 * seen[0][seen[0] > 0].double().log2()
+    assert torch.allclose(levels, levels.round(), atol=1e-4) and levels.max() <= 2**8 - 1
