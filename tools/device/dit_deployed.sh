@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The deployed Q-DiT W4A8 graphs (ort-dynamic: MatMulNBits with dynamic int8 inputs) on ONNX Runtime CPU against
 # their fake-quantized model, from the same noise, at n = N (default 1000): docs/results/dit.md, "Deployed graphs".
-#   WORK=/tmp/dep DEVICE=cpu bash tools/device/dit_deployed.sh       (2-core CPU: about 19 + 57 minutes)
+#   WORK=/tmp/dep DEVICE=cpu bash tools/device/dit_deployed.sh       (2-core CPU: about 5 + 19 + 65 min)
 # Calibrates the artifact into $WORK/calib unless CALIB names one; each finished stage is kept and skipped on a rerun.
 set -euo pipefail
 n=${N:-1000} device=${DEVICE:-cpu} work=${WORK:?set WORK to a working directory}
