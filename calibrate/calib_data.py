@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
+from tqdm import tqdm
 
 from dilatequant.core.denoiser import Denoiser
 from dilatequant.core.families import get_family
@@ -91,3 +92,13 @@ def collect(denoiser: Denoiser, scheduler_config: dict, config: CalibConfig, dev
     chosen = SELECTORS[config.timestep_sampling](pool, config.samples, torch.Generator().manual_seed(config.seed + 2),
                                                  radius=config.tdac_radius, lam=config.tdac_lambda)  # fmt: skip
     return CalibrationData(x[chosen.trajectory, chosen.step], t[chosen.step], labels[chosen.trajectory], chosen.record)
+
+
+@torch.no_grad()
+def run_over(denoiser: Denoiser, data: CalibrationData, batch_size: int, device: torch.device, desc: str, progress: bool) -> None:
+    """Call `denoiser` on every calibration sample, a batch at a time (for the hooks that observe it)."""
+    for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress):
+        labels = data.labels[start : start + batch_size]
+        cond = denoiser.conditioning(labels)
+        denoiser(data.x[start : start + batch_size].to(device), data.t[start : start + batch_size].to(device),
+                 cond.to(device) if cond is not None else None)  # fmt: skip

@@ -76,8 +76,8 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
         if data is None:
             data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
             work.save_data(data)
-    with timer.phase("dilation"):  # and the post-norm reparameterisation, where configured
-        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size)
+    with timer.phase("transforms"):  # dilation and the post-norm reparameterisation, where configured
+        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress)
     with timer.phase("initialisation"):
         ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
     searched = None

@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from tqdm import tqdm
 
-from .calib_data import CalibrationData
+from .calib_data import CalibrationData, run_over
 from .quant_model import QuantizedDenoiser
 from .quantizer import ActQuantizer, IntFormat, asymmetric_step_and_zero, fake_quantize, symmetric_step
 
@@ -126,15 +125,6 @@ def hooked(quantizers: dict[str, ActQuantizer], observe: str, observers: dict[st
     finally:
         for handle in handles:
             handle.remove()
-
-
-@torch.no_grad()
-def run_over(quantized: QuantizedDenoiser, data: CalibrationData, batch_size: int, device: torch.device, desc: str, progress: bool) -> None:
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress):
-        labels = data.labels[start : start + batch_size]
-        cond = quantized.conditioning(labels)
-        quantized(data.x[start : start + batch_size].to(device), data.t[start : start + batch_size].to(device),
-                  cond.to(device) if cond is not None else None)  # fmt: skip
 
 
 def initialise_activations(quantized: QuantizedDenoiser, data: CalibrationData, method: str, percentile: float,

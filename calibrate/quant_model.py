@@ -15,6 +15,7 @@ from torch import nn
 
 from dilatequant.core.denoiser import Denoiser
 from dilatequant.core.families import Family, get_family
+from dilatequant.core.sampling import CPU_BATCH_SIZE
 from dilatequant.core.structure import InputGroup, input_groups
 
 from .attention import matmul_quantizers, quantize_attention_matmuls
@@ -215,7 +216,7 @@ def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: Calib
 
 
 def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig, data: CalibrationData | None = None,
-            batch_size: int = 32) -> tuple[QuantizedDenoiser, dict[str, DilationRecord], dict[str, dict]]:  # fmt: skip
+            batch_size: int = CPU_BATCH_SIZE, progress: bool = True) -> tuple[QuantizedDenoiser, dict[str, DilationRecord], dict[str, dict]]:  # fmt: skip
     """A fake-quantized copy of `denoiser` (dilated, then reparameterised on `data`, when configured), quantizers not
     yet initialised; also the reparameterisation's statistics."""
     denoiser = copy.deepcopy(denoiser).eval()
@@ -226,7 +227,7 @@ def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig, da
     if config.reparameterise:
         if data is None:
             raise ValueError("reparameterise=True learns from calibration data: pass data")
-        reparameterised = reparameterise_post_norm(denoiser, groups, records, data, config, batch_size)
+        reparameterised = reparameterise_post_norm(denoiser, groups, records, data, config, batch_size, progress)
     for name, record in records.items():
         for row in plan:
             if row.group == name and record.folded_into:

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from dilatequant.core.denoiser import Denoiser
 from dilatequant.core.errors import UserError
 from dilatequant.core.structure import Fold, InputGroup, post_norm_sites
 
-from .calib_data import CalibrationData
+from .calib_data import CalibrationData, run_over
 from .config import CalibConfig
 from .dilation import DilationRecord, input_channel_view
 from .quantizer import MIN_STEP, IntFormat, round_ste
@@ -126,7 +127,7 @@ def learn_clipping(x: torch.Tensor, consumers: list[nn.Linear | nn.Conv2d], bits
 
 
 def reparameterise_post_norm(denoiser: Denoiser, groups: list[InputGroup], dilation: dict[str, DilationRecord],
-                             data: CalibrationData, config: CalibConfig, batch_size: int) -> dict[str, dict]:  # fmt: skip
+                             data: CalibrationData, config: CalibConfig, batch_size: int, progress: bool = True) -> dict[str, dict]:  # fmt: skip
     """Learn each quantized post-norm input's per-channel clipping on the calibration data and fold its per-tensor
     rewrite into the model (after dilation: a dilation left as a pre-scale is folded into the same predecessor
     first). Returns per-group statistics; refuses a model with a quantized post-norm input that cannot fold."""
@@ -143,9 +144,10 @@ def reparameterise_post_norm(denoiser: Denoiser, groups: list[InputGroup], dilat
         if record is not None and record.folded_into is None:
             predecessor(record.factors)
             record.folded_into = name
-    inputs = consumer_inputs(denoiser, {group: modules[planned[group].layers[0]] for group in targets}, data, batch_size, config.seed)
+    inputs = consumer_inputs(denoiser, {group: modules[planned[group].layers[0]] for group in targets}, data, batch_size, config.seed,
+                             progress)  # fmt: skip
     statistics = {}
-    for group, (name, predecessor) in targets.items():
+    for group, (name, predecessor) in tqdm(targets.items(), desc="learn post-norm clipping", disable=not progress):
         consumers = [modules[layer] for layer in planned[group].layers]
         shared_zero = any(layer.bias is None or layer.weight[0, 0].numel() != 1 for layer in consumers)
         quantizer = learn_clipping(inputs.pop(group), consumers, config.act_bits, shared_zero, config.reparam_iters)
@@ -156,9 +158,8 @@ def reparameterise_post_norm(denoiser: Denoiser, groups: list[InputGroup], dilat
     return statistics
 
 
-@torch.no_grad()
 def consumer_inputs(denoiser: Denoiser, consumers: dict[str, nn.Module], data: CalibrationData, batch_size: int,
-                    seed: int) -> dict[str, torch.Tensor]:  # fmt: skip
+                    seed: int, progress: bool) -> dict[str, torch.Tensor]:  # fmt: skip
     """A random sample of ROWS_PER_INPUT rows (channels last) of each consumer's input over the calibration data."""
     generator, batches = torch.Generator().manual_seed(seed), -(-len(data) // batch_size)
     kept: dict[str, list[torch.Tensor]] = {group: [] for group in consumers}
@@ -170,12 +171,7 @@ def consumer_inputs(denoiser: Denoiser, consumers: dict[str, nn.Module], data: C
 
     handles = [layer.register_forward_pre_hook(lambda module, args, group=group: keep(group, args[0])) for group, layer in consumers.items()]
     try:
-        device = next(denoiser.parameters()).device
-        for start in range(0, len(data), batch_size):
-            labels = data.labels[start : start + batch_size]
-            cond = denoiser.conditioning(labels)
-            denoiser(data.x[start : start + batch_size].to(device), data.t[start : start + batch_size].to(device),
-                     cond.to(device) if cond is not None else None)  # fmt: skip
+        run_over(denoiser, data, batch_size, next(denoiser.parameters()).device, "observe post-norm inputs", progress)
     finally:
         for handle in handles:
             handle.remove()

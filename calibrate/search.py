@@ -112,7 +112,7 @@ class SearchState:
         self.resumed = saved is not None and saved["key"] == key
         if self.resumed:
             self.generation, self.candidates, self.history = saved["generation"], saved["candidates"], saved["history"]
-            self.fitness, self.earlier_seconds = saved["fitness"], saved["seconds"]
+            self.fitness, self.earlier_seconds = saved["fitness"], saved.get("seconds", 0.0)  # none: an older state file
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = saved["rng"]
         else:  # no state, or one of another search: start afresh

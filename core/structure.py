@@ -78,7 +78,7 @@ def _affine(norm: nn.Module | None) -> bool:
     return isinstance(norm, (nn.GroupNorm, nn.LayerNorm)) and norm.weight is not None and norm.bias is not None
 
 
-# fold(s, offset=None): the predecessor's output channel c becomes y_c / s_c - offset_c
+# fold(s[, offset]): the predecessor's output channel c becomes y_c / s_c (- offset_c, at post-norm sites)
 Fold = Callable[..., None]
 
 
@@ -95,16 +95,12 @@ def divide_norm(norm: nn.Module) -> Fold:
 
 
 def divide_rows(layer: nn.Linear) -> Fold:
-    """A fold into a Linear's output rows (weight rows and bias)."""
+    """A fold into a Linear's output rows (weight rows and bias); scale only (dilation's V sites)."""
 
-    def fold(s: torch.Tensor, offset: torch.Tensor | None = None) -> None:
+    def fold(s: torch.Tensor) -> None:
         layer.weight.data /= s[:, None]
         if layer.bias is not None:
             layer.bias.data /= s
-        if offset is not None:
-            if layer.bias is None:
-                raise ValueError("an offset needs a bias to fold into")
-            layer.bias.data -= offset
 
     return fold
 
