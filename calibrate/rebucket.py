@@ -17,6 +17,7 @@ from dilatequant.core.denoiser import LoadedModel, ModelSpec
 from dilatequant.core.sampling import default_batch_size
 
 from .artifact import CalibrationArtifact
+from .attention import uniform_softmax
 from .initialise import Candidates, covering_grid, initialise_activations, select_rows, write_candidates
 from .quant_model import OUTPUT_SUFFIX
 from .timesteps import TimestepIndex
@@ -43,19 +44,21 @@ def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: to
     equals min-max over the bucket's samples). So what distillation learned reaches the graphs.
     'rederived': every bucket re-initialised from its calibration samples (the calibration's initialisation
     method), ignoring the learned rows. The layers in `quantized_outputs` get bucketed 8-bit output
-    quantizers, which calibration did not have; they are initialised from the bucket's samples either way.
+    quantizers, which calibration did not have, and log√2 softmax quantizers become uniform tables (the form the
+    runtimes run); both are initialised from the bucket's samples either way.
     """
     loaded = artifact.rebuild(BucketIndex(table), device)
     config, denoiser = artifact.config, loaded.denoiser
     denoiser.quantize_outputs(quantized_outputs, 8, config.act_symmetric)
+    softmax = frozenset(uniform_softmax(denoiser.model, config.act_bits, config.act_symmetric))
     quantizers = denoiser.act_quantizers()
     data, device = artifact.calibration_data(), torch.device(device)
     batch_size = default_batch_size(device)
     method = config.act_init
-    outputs = {name for name in quantizers if name.endswith(OUTPUT_SUFFIX)}
+    added = {name for name in quantizers if name.endswith(OUTPUT_SUFFIX)} | softmax  # tables calibration did not have
     # without TPQ the one calibrated row (restored as it is) serves every bucket
-    inputs = [name for name in quantizers if name not in outputs] if config.tpq else []
-    new = None if scales == "rederived" else outputs
+    inputs = [name for name in quantizers if name not in added] if config.tpq else []
+    new = None if scales == "rederived" else added
     if new is None or new:
         initialise_activations(denoiser, data, method, config.percentile, batch_size, device, progress=False, only=new)
     if scales == "calibrated" and inputs:  # (no pass over the data when there is nothing to choose)

@@ -152,7 +152,9 @@ Q_DIT = {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0, "dilation": False,
 # block-wise reconstruction of the quantized weights. With quantize_attention, softmax outputs get log√2 levels
 # (calibrate/log_sqrt2.py). RepQ-ViT keeps its first layer's input at 8 bits: so do the
 # boundary layers here.
-REPQUANT = {**DILATEQUANT, "dilation": False, "tpq": False, "reparameterise": True, "softmax_quantizer": "log-sqrt2"}
+# RepQuant quantizes both attention matmuls, the softmax output on log√2 levels (export deploys it uniform)
+REPQUANT = {**DILATEQUANT, "dilation": False, "tpq": False, "reparameterise": True, "quantize_attention": True,
+            "softmax_quantizer": "log-sqrt2"}  # fmt: skip
 RECIPES = _recipes(
     Recipe("dilatequant", 2, "DilateQuant: weight dilation, per-timestep activation tables initialised by MSE search, "
            "block-wise distillation", "dilatequant", DILATEQUANT),
@@ -160,8 +162,9 @@ RECIPES = _recipes(
            {**DILATEQUANT, "act_init": "minmax", "bkd_iters": 0}, distills=False),
     Recipe("eda-dm", 2, "EDA-DM: TDAC selection, one shared activation range, fine-grained block reconstruction with "
            "QDrop and learned rounding", "eda-dm", EDA_DM),
-    Recipe("repquant", 1, "RepQuant: post-norm activations calibrated per channel with learned dual clipping and "
-           "reparameterised into per-tensor scales, one table for all timesteps, block-wise reconstruction", "repquant", REPQUANT),
+    Recipe("repquant", 2, "RepQuant: post-norm activations calibrated per channel with learned dual clipping and "
+           "reparameterised into per-tensor scales, attention matmuls quantized (softmax on log√2 levels), one table "
+           "for all timesteps, block-wise reconstruction", "repquant", REPQUANT),
     Recipe("q-dit", 2, "Q-DiT: group-wise Linear weights (groups of 128 input channels), dynamic per-token-group "
            "activations, no training, boundary layers in FP", "q-dit", Q_DIT, distills=False),
     Recipe("q-dit-search", 2, "Q-DiT with its evolutionary group-size search (mean group size >= 128 over 32-256)",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dilatequant.calibrate.contract import OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
+from dilatequant.core.attention import use_explicit_attention
 from dilatequant.core.buckets import BucketTable
 from dilatequant.core.denoiser import ModelSpec, load_model
 from dilatequant.core.environment import library_versions
@@ -25,7 +26,7 @@ from .buckets import choose_buckets
 from .compact import compact
 from .config import ExportConfig
 from .contract import CHECK_INPUTS_FILE, FORMAT_VERSION, KIND, WEIGHTS_FILE
-from .graph import compute_node_names, export_fp_graph
+from .graph import attention_inputs, compute_node_names, export_fp_graph
 from .matmul_nbits import add_domain, check_deployable, replace_linear
 from .precision import to_float16
 from .profiles import PROFILES, ExportProfile
@@ -47,9 +48,9 @@ def check_exportable(artifact, profile: ExportProfile) -> None:
     if config.act_bits != 8:
         raise UserError(f"{artifact.path} quantizes activations to {config.act_bits} bits; ONNX QuantizeLinear "
                         "graphs for TensorRT and ONNX Runtime take 8-bit activations. Calibrate with A8 (e.g. W4A8).")  # fmt: skip
-    if config.quantize_attention:
-        raise UserError(f"{artifact.path} quantizes attention matmul inputs; export does not support that yet. "
-                        "Calibrate without --quantize-attention.")  # fmt: skip
+    if config.quantize_attention and config.attention_head_tables:
+        raise UserError(f"{artifact.path} quantizes attention inputs with one scale per head; ONNX Runtime's QLinearMatMul "
+                        "and TensorRT's fused attention take one scale per tensor. Calibrate without --attention-head-tables.")  # fmt: skip
     grouped = group_rows(artifact)
     if grouped and not profile.group_weights:
         raise UserError(f"{artifact.path} has group-wise weights (method '{config.method}'), which the {profile.name} profile "
@@ -120,12 +121,15 @@ def dynamic_profiles() -> str:
 
 
 def fp_graph(artifact, config: ExportConfig, work: Path):
-    """The exported FP graph (onnx-graphsurgeon) and its quantized layers' compute nodes."""
+    """The exported FP graph (onnx-graphsurgeon), its quantized layers' compute nodes and, when the artifact quantizes
+    attention, each attention matmul input's (node, slot) (attention then exports explicitly, as calibrated)."""
     onnx, gs = require_onnx()
     fp_path = work / "fp.onnx"
-    export_fp_graph(load_model(artifact.path / "model").denoiser, fp_path, config.opset)
+    denoiser = load_model(artifact.path / "model").denoiser
+    attentions = use_explicit_attention(denoiser.model) if artifact.config.quantize_attention else []
+    export_fp_graph(denoiser, fp_path, config.opset)
     graph = simplify(onnx.load(str(fp_path)))
-    return graph, name_layer_nodes(graph, [row["layer"] for row in artifact.quantized_layers()])
+    return graph, name_layer_nodes(graph, [row["layer"] for row in artifact.quantized_layers()]), attention_inputs(graph, attentions)
 
 
 def name_layer_nodes(graph, layers: list[str]) -> dict:
@@ -148,8 +152,8 @@ def output_quantized_layers(graph, nodes: dict, profile: ExportProfile, grouped:
                      if node.op in FUSED_WITH_OUTPUT and node.outputs[0].name not in outputs and layer not in grouped)  # fmt: skip
 
 
-def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: ExportConfig):
-    """The quantized graph with bucket 0's activation scales, as an onnx ModelProto."""
+def quantize_graph(graph, nodes: dict, attention: dict, artifact, scales: BucketScales, config: ExportConfig):
+    """The quantized graph with bucket 0's activation scales, as an onnx ModelProto (`attention`: fp_graph's)."""
     _, gs = require_onnx()
     plan = artifact.quantized_layers()
     grouped = group_rows(artifact)
@@ -163,13 +167,14 @@ def quantize_graph(graph, nodes: dict, artifact, scales: BucketScales, config: E
             insert_output_qdq(graph, group, index, nodes[group.removesuffix(OUTPUT_SUFFIX)], scale, zero_point,
                               rows.symmetric, unsigned)  # fmt: skip
             continue
-        consumers = [nodes[row["layer"]] for row in plan if row["group"] == group]
+        consumers, slot = ([attention[group][0]], attention[group][1]) if group in attention else \
+            ([nodes[row["layer"]] for row in plan if row["group"] == group], 0)  # fmt: skip
         prescale = None
         if rows.prescale is not None:
             shape = [1, -1, 1, 1] if consumers[0].op in ("Conv", "ConvTranspose") else [-1]
             prescale = rows.prescale.reshape(shape)
         insert_activation_qdq(graph, group, index, consumers, scale, zero_point, rows.symmetric, prescale,
-                              per_consumer=config.target.qdq_per_consumer, unsigned=unsigned)  # fmt: skip
+                              per_consumer=config.target.qdq_per_consumer, unsigned=unsigned, slot=slot)  # fmt: skip
     for row in grouped:
         GROUP_FORMATS[config.target.group_weights].write(graph, nodes[row["layer"]], artifact, row)
     if config.precision == "fp16":
@@ -217,6 +222,15 @@ def save_with_shared_weights(model, path: Path) -> None:
     onnx.save_model(model, str(path))
 
 
+def attention_record(artifact, attention: dict) -> dict:
+    """What the manifest says about attention: which matmul inputs carry Q/DQ and in what form the softmax deployed."""
+    softmax = artifact.config.softmax_quantizer
+    return {"quantized_inputs": sorted(attention),
+            "softmax": None if not attention else "uniform per-bucket tables" if softmax == "uniform" else
+            f"calibrated {softmax}, deployed as uniform per-bucket tables from the calibration data (no runtime has a "
+            "log-domain kernel)"}  # fmt: skip
+
+
 def check_inputs(artifact, table: BucketTable) -> CalibrationData:
     """The first CHECK_SAMPLES_PER_BUCKET calibration inputs of every bucket (the data is in random order)."""
     data = artifact.calibration_data()
@@ -246,11 +260,11 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
-        graph, nodes = fp_graph(artifact, config, Path(work))
+        graph, nodes, attention = fp_graph(artifact, config, Path(work))
         quantized_outputs = output_quantized_layers(graph, nodes, config.target, frozenset(row["layer"] for row in group_rows(artifact)))
         scales = bucket_scales(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
-        template = quantize_graph(graph, nodes, artifact, scales, config)
-    fields.update(quantized_outputs=sorted(quantized_outputs),
+        template = quantize_graph(graph, nodes, attention, artifact, scales, config)
+    fields.update(quantized_outputs=sorted(quantized_outputs), attention=attention_record(artifact, attention),
                   **model_fields(scales.spec, scales.scheduler_config, (table.grid[0], table.grid[-1])))
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         (staging / CHECK_INPUTS_FILE).write_bytes(check_inputs(artifact, table).to_bytes())

@@ -19,6 +19,8 @@ from .contract import INPUT_NAMES, OUTPUT_NAME
 
 SCOPE_PREFIX = "/denoiser/model/"
 COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# an attention's matmul inputs (core/attention.py's MATMUL_INPUTS): role -> (q·kᵀ 0 or probs·v 1, input slot)
+ATTENTION_INPUTS = {"q": (0, 0), "k": (0, 1), "probs": (1, 0), "v": (1, 1)}
 
 
 class ExportWrapper(nn.Module):
@@ -71,3 +73,34 @@ def compute_node_names(node_names: list[tuple[str, str]], layers: list[str]) -> 
                             f"(found {matches or 'none'}); this layer type is not supported by export.")  # fmt: skip
         found[layer] = matches[0]
     return found
+
+
+def attention_inputs(graph, attentions: list[str]) -> dict[str, tuple[object, int]]:
+    """'<attention>.attn_<role>' -> (its MatMul node, input slot), for attentions exported by core's explicit
+    processor: under each Attention's own scope, two MatMuls of two activations, the second fed by the Softmax."""
+    import onnx_graphsurgeon as gs
+
+    from dilatequant.core.errors import UserError
+
+    found = {}
+    for attention in attentions:
+        scope = onnx_scope(attention)
+        matmuls = [n for n in graph.nodes if n.op == "MatMul" and n.name.startswith(scope) and "/" not in n.name[len(scope):]
+                   and not any(isinstance(i, gs.Constant) for i in n.inputs)]  # fmt: skip
+        if len(matmuls) != 2 or "Softmax" not in producer_ops(matmuls[1].inputs[0]):
+            raise UserError(f"Attention '{attention}' did not export as q·kᵀ, softmax, ·v under {scope} (found MatMuls "
+                            f"{[n.name for n in matmuls]}); its processor is not dilatequant's explicit one.")  # fmt: skip
+        for role, (position, slot) in ATTENTION_INPUTS.items():
+            found[f"{attention}.attn_{role}"] = (matmuls[position], slot)
+    return found
+
+
+def producer_ops(tensor, through: tuple[str, ...] = ("Cast",)) -> list[str]:
+    """The op that produces `tensor`, looking through `through` (a Cast around the softmax): e.g. ['Cast', 'Softmax']."""
+    ops = []
+    while tensor.inputs:
+        ops.append(tensor.inputs[0].op)
+        if ops[-1] not in through:
+            break
+        tensor = tensor.inputs[0].inputs[0]
+    return ops

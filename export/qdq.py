@@ -100,8 +100,9 @@ def qdq_pair(graph, name: str, source, scale_const, zero_const):
 
 
 def insert_activation_qdq(graph, group: str, index: int, consumers: list, scale: float, zero_point: int, symmetric: bool,
-                          prescale: np.ndarray | None, per_consumer: bool, unsigned: bool = False) -> int:  # fmt: skip
-    """Quantize the shared input of `consumers`: [Mul(1/s)] -> QuantizeLinear -> DequantizeLinear.
+                          prescale: np.ndarray | None, per_consumer: bool, unsigned: bool = False, slot: int = 0) -> int:  # fmt: skip
+    """Quantize the shared input `slot` of `consumers` (0: a layer's activation; attention matmuls quantize both
+    inputs): [Mul(1/s)] -> QuantizeLinear -> DequantizeLinear.
 
     One Q/DQ pair shared by all consumers (TensorRT: one Q/DQ for Q/K/V) or one pair per consumer (ONNX
     Runtime fuses a QuantizeLinear into integer kernels only when it has a single consumer). Per-consumer
@@ -109,7 +110,7 @@ def insert_activation_qdq(graph, group: str, index: int, consumers: list, scale:
     """
     import onnx_graphsurgeon as gs
 
-    source = consumers[0].inputs[0]
+    source = consumers[0].inputs[slot]
     if prescale is not None:
         scaled = gs.Variable(f"{group}::prescaled", dtype=np.float32)
         graph.nodes.append(gs.Node("Mul", inputs=[source, gs.Constant(f"{group}::prescale", prescale)],
@@ -120,7 +121,7 @@ def insert_activation_qdq(graph, group: str, index: int, consumers: list, scale:
     for i, chain in enumerate(chains):
         dequantized = qdq_pair(graph, f"{group}::{i}" if per_consumer else group, source, scale_const, zero_const)
         for consumer in chain:
-            consumer.inputs[0] = dequantized
+            consumer.inputs[slot] = dequantized
     return len(chains)
 
 

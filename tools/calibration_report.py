@@ -42,13 +42,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "DilateQuant + TDAC": ("dilatequant-tdac", {}),
     "DilateQuant + FBR/QDrop": ("dilatequant-fbr-qdrop", {}),
     "DilateQuant + 5120 samples": ("dilatequant", {"samples": 5120, "trajectories": 128}),  # the paper's count
-    # attention matmul inputs quantized too (simulation: export refuses them), one table per timestep or per (timestep, head)
+    # attention matmul inputs quantized too, one table per timestep (exported) or per (timestep, head) (simulation only)
     "DilateQuant + attention matmuls": ("dilatequant", {"quantize_attention": True}),
     "DilateQuant + attention matmuls with head tables": ("dilatequant", {"quantize_attention": True, "attention_head_tables": True}),
     "DilateQuant + FP boundary layers": ("dilatequant-fp-boundary", {}),
-    # RepQuant (docs/results/repquant.md): with and without its post-norm rewrite, and composed with DilateQuant
+    # RepQuant (docs/results/repquant.md): with and without its post-norm rewrite, attention in FP, the softmax on the
+    # uniform tables the runtimes run instead of log√2, and composed with DilateQuant
     "RepQuant": ("repquant", {}),
     "RepQuant without the post-norm rewrite": ("repquant", {"reparameterise": False}),
+    "RepQuant with attention in FP": ("repquant", {"quantize_attention": False}),
+    "RepQuant with a uniform softmax": ("repquant", {"softmax_quantizer": "uniform"}),
     "RepQuant + FP boundary layers": ("repquant", {"boundary": "fp"}),
     "DilateQuant + RepQuant": ("dilatequant-repquant", {}),
     # Q-DiT's ablation (docs/results/dit.md): group-wise weights with static tables, + dynamic inputs, + the search
