@@ -50,7 +50,7 @@ def check_exportable(artifact, profile: ExportProfile) -> None:
                         "graphs for TensorRT and ONNX Runtime take 8-bit activations. Calibrate with A8 (e.g. W4A8).")  # fmt: skip
     if config.quantize_attention and config.attention_head_tables:
         raise UserError(f"{artifact.path} quantizes attention inputs with one scale per head; ONNX Runtime's QLinearMatMul "
-                        "and TensorRT's fused attention take one scale per tensor. Calibrate without --attention-head-tables.")  # fmt: skip
+                        "and TensorRT's fused attention take one scale per tensor. Calibrate without --head-tables.")  # fmt: skip
     grouped = group_rows(artifact)
     if grouped and not profile.group_weights:
         raise UserError(f"{artifact.path} has group-wise weights (method '{config.method}'), which the {profile.name} profile "
@@ -334,4 +334,5 @@ def describe(path: str | Path) -> dict:
         "profile": manifest["profile"], "precision": manifest["precision"], "n_buckets": manifest["n_buckets"],
         "ranges": manifest["buckets"]["ranges"], "graphs": manifest["graphs"], "weights_file": manifest["weights_file"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"].values()), "source": manifest["source"],
+        "attention": manifest.get("attention"),  # absent in exports written before attention was exported
     }  # fmt: skip

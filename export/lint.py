@@ -3,7 +3,8 @@
 tensorrt (static, DESIGN.md §4): symmetric int8 (zero points 0), constant positive scales, per-tensor
 activations, per-output-channel weights on the right axis, Q/DQ only on inputs of Conv/ConvTranspose/Gemm/
 MatMul (optionally a residual Add), none on outputs, one QuantizeLinear per quantized tensor, no
-DynamicQuantizeLinear or QLinear*/integer ops.
+DynamicQuantizeLinear or QLinear*/integer ops; quantized attention as TensorRT fuses it (both inputs of q·kᵀ and
+of probs·v quantized, the probabilities right after the Softmax).
 ort-cpu, ort-dynamic: ONNX Runtime optimizes the graph; the share of quantized Conv/MatMul/Gemm that became integer
 kernels, MatMulNBits counted as one where it quantizes its input (accuracy_level 4; weight-only ones compute in float).
 """
@@ -104,7 +105,50 @@ def lint_tensorrt(model, allow_residual_add: bool = False) -> list[Violation]:
     for tensor, count in quantized_inputs.items():
         if count > 1:
             violations.append(Violation("shared-qdq", tensor, f"quantized by {count} QuantizeLinear nodes; share one (e.g. Q/K/V)"))
+    return violations + lint_attention(graph, initializers)
+
+
+def lint_attention(graph, initializers: dict) -> list[Violation]:
+    """TensorRT fuses quantized attention only in one placement: Q/DQ on both inputs of q·kᵀ and of probs·v, the
+    probabilities quantized right after the Softmax (a Cast between is fine). Checks every MatMul of two activations."""
+    producers = {name: node for node in graph.node for name in node.output}
+    violations = []
+    for index, node in enumerate(graph.node):
+        if node.op_type != "MatMul" or any(is_constant(name, producers, initializers) for name in node.input):
+            continue
+        label = node_label(node, index)
+        dequantized = [producers.get(name) is not None and producers[name].op_type == "DequantizeLinear" for name in node.input]
+        if any(dequantized) and not all(dequantized):
+            missing = "A" if not dequantized[0] else "B"
+            violations.append(Violation("attention-pair", label, f"only one input of this activation MatMul is quantized (input "
+                                        f"{missing} is not); TensorRT's fused attention needs Q/DQ on both inputs of q·kᵀ and of probs·v"))  # fmt: skip
+        if dequantized[0] and "Softmax" in upstream_ops(node.input[0], producers):
+            quantize = producers[producers[node.input[0]].input[0]]
+            source = producers.get(quantize.input[0])
+            while source is not None and source.op_type == "Cast":
+                source = producers.get(source.input[0])
+            if source is None or source.op_type != "Softmax":
+                violations.append(Violation("softmax-output", label, f"the probabilities are quantized after a "
+                                            f"{source.op_type if source else 'graph input'}, not right after the Softmax; "
+                                            "TensorRT's fused attention quantizes the Softmax output itself"))  # fmt: skip
     return violations
+
+
+def is_constant(name: str, producers: dict, initializers: dict) -> bool:
+    """An initializer, a Constant, or a weight behind its DequantizeLinear."""
+    node = producers.get(name)
+    if name in initializers or (node is not None and node.op_type == "Constant"):
+        return True
+    return node is not None and node.op_type == "DequantizeLinear" and is_constant(node.input[0], producers, initializers)
+
+
+def upstream_ops(name: str, producers: dict, depth: int = 6) -> list[str]:
+    """The ops on the first-input path above tensor `name`, nearest first (up to `depth`)."""
+    ops = []
+    while len(ops) < depth and (node := producers.get(name)) is not None:
+        ops.append(node.op_type)
+        name = node.input[0]
+    return ops
 
 
 def ort_fusion(path: Path, threads: int = 1) -> dict:
