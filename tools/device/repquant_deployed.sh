@@ -3,8 +3,9 @@
 # repquant.md, "Deployed"): exported with the ort-cpu profile (attention Q/DQ included, the log√2 softmax as uniform
 # tables), run by the torch backend on the GPU, sampled at n = N (default 5000) against the artifact's fake-quant model.
 #   MODEL=digits-dit bash tools/device/repquant_deployed.sh BITS "VARIANT"
-# Waits for the row's artifact (written by the table_row.sh job of the same bits and variant); each finished stage
-# is kept and skipped on a rerun.
+# The torch backend runs the graphs op by op: 2.5 s per step of a 500-image batch on an H200 shared by 13 jobs
+# (2026-11-29), so the job file samples N = 2000. Waits for the row's artifact (written by the table_row.sh job of
+# the same bits and variant); each finished stage is kept and skipped on a rerun.
 set -euo pipefail
 bits=$1 variant=$2 n=${N:-5000} model=${MODEL:-digits}
 slug=$(printf '%s' "$variant" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
