@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dilatequant.core.denoiser import LoadedModel, load_model, model_fingerprint, resolve_model_dir
-from dilatequant.core.manifest import ArtifactError, read_manifest, staged_directory
+from dilatequant.core.finite import require_finite
+from dilatequant.core.manifest import ArtifactError, fields_verified, read_manifest, staged_directory
 from dilatequant.core.structure import InputGroup
 
 from .calib_data import CalibrationData
@@ -76,12 +77,7 @@ def write_artifact(out: Path, source: LoadedModel, quantized: QuantizedDenoiser,
                    data: CalibrationData, record: CalibrationRecord) -> Path:  # fmt: skip
     """Write the whole artifact atomically (staged, then renamed into place)."""
     plan = plan_document(quantized, records)
-    config = CalibConfig.from_dict(record.config)
-    summary = {
-        "bits": config.bits_name, "n_timesteps": len(record.timesteps),
-        "n_quantized_layers": sum(row.weight_bits is not None for row in quantized.plan),
-        "source_fingerprint": record.source["fingerprint"],
-    }  # fmt: skip
+    summary = summary_of(CalibConfig.from_dict(record.config), record, plan)
     with staged_directory(out, KIND, FORMAT_VERSION, {"summary": summary}) as staging:
         (staging / "model" / "scheduler").mkdir(parents=True)
         quantized.model.save_config(staging / "model")
@@ -93,6 +89,13 @@ def write_artifact(out: Path, source: LoadedModel, quantized: QuantizedDenoiser,
         (staging / "calibration.json").write_text(json.dumps(asdict(record), indent=2) + "\n")
         (staging / "calibration_data.safetensors").write_bytes(data.to_bytes())
     return Path(out)
+
+
+def summary_of(config: CalibConfig, record: CalibrationRecord, plan: dict) -> dict:
+    """The manifest's summary, computed from the records it summarises."""
+    return {"bits": config.bits_name, "n_timesteps": len(record.timesteps),
+            "n_quantized_layers": sum(bool(row["weight_bits"]) for row in plan["layers"]),
+            "source_fingerprint": record.source["fingerprint"]}  # fmt: skip
 
 
 @dataclass
@@ -202,22 +205,24 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Calib
     plan = json.loads((path / "quant_plan.json").read_text())
     config = CalibConfig.from_dict(record.config, manifest["format_version"])
     tensors = load_file(str(path / "quant_params.safetensors"))
+    require_finite(tensors, f"{path}/quant_params.safetensors", "The calibration diverged or its model had NaN/Inf "
+                   "weights: re-calibrate (this dilatequant refuses such models and results).")  # fmt: skip
     return CalibrationArtifact(path, manifest, record, config, plan, tensors, torch.device(device))
 
 
 def describe(path: str | Path) -> dict:
     """The `inspect` summary of an artifact; verifies every checksum on the way."""
-    path = Path(path)
-    manifest = read_manifest(path, KIND, FORMAT_VERSION)
-    record = json.loads((path / "calibration.json").read_text())
+    artifact = load_artifact(path)  # verifies the manifest (its own fields too) and every file
+    record = json.loads((artifact.path / "calibration.json").read_text())
     config = record["config"]
     return {
         "kind": KIND,
-        "path": str(path),
-        "format_version": manifest["format_version"],
-        **manifest["summary"],
+        "path": str(artifact.path),
+        "format_version": artifact.manifest["format_version"],
+        **summary_of(artifact.config, artifact.record, artifact.plan),  # from the checksummed files, not the manifest
         "checksums_verified": True,
-        "files": len(manifest["files"]),
+        "manifest_fields_verified": fields_verified(artifact.manifest),
+        "files": len(artifact.manifest["files"]),
         "method": config["method"],
         "tpq": config["tpq"],
         "dilation": record["statistics"]["dilation"] if config["dilation"] else "off",

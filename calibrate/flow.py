@@ -8,10 +8,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dilatequant.core.denoiser import load_model, model_fingerprint
 from dilatequant.core.environment import describe_device
+from dilatequant.core.finite import require_finite
 from dilatequant.core.manifest import check_replaceable
+from dilatequant.core.output import claim_output
 from dilatequant.core.sampling import SamplerConfig, default_batch_size, sampling_timesteps
 
 from .artifact import KIND, CalibrationRecord, write_artifact
@@ -20,7 +23,7 @@ from .calib_data import collect
 from .config import CalibConfig
 from .dilation import summarise
 from .group_search import ModelFitness, search_group_sizes
-from .initialise import initialise_activations
+from .initialise import activation_tables, initialise_activations, restore_tables
 from .quant_model import prepare
 from .recipes import parts_that_ran, recorded_recipe
 from .workdir import WorkDir
@@ -54,6 +57,19 @@ class PhaseTimer:
         return run
 
 
+FIX_RANGES = "An activation took a non-finite value on the calibration data: check the model on these inputs."
+FIX_LEARNED = ("Training diverged: lower the learning rate or the iterations (--bkd-iters, --reparam-iters), and check "
+               "that the model and calibration inputs are finite.")
+
+
+def quantizer_tensors(quantized) -> dict[str, torch.Tensor]:
+    """Every activation table and weight step of the fake-quant model, by name."""
+    tables = {f"{name} step": q.step for name, q in quantized.act_quantizers().items()}
+    zeros = {f"{name} zero point": q.zero_point for name, q in quantized.act_quantizers().items()}
+    steps = {f"{name} weight step": w.weight_quantizer.step for name, w in quantized.quant_layers().items()}
+    return {k: v.detach() for k, v in {**tables, **zeros, **steps}.items()}
+
+
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
               progress: bool = True, fitness: ModelFitness | None = None) -> Path:  # fmt: skip
     """Calibrate `model` (zoo name or local directory) and write the artifact to `out`.
@@ -64,22 +80,39 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     """
     device, out = torch.device(device), Path(out)
     check_replaceable(out, KIND)  # fail before the long work, not after it
+    with claim_output(out, notify=tqdm.write if progress else None):
+        return calibrate_claimed(model, config, out, device, progress, fitness)
+
+
+def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device: torch.device, progress: bool,
+                      fitness: ModelFitness | None) -> Path:  # fmt: skip
+    """calibrate() once `out` is claimed: every phase, each checked for non-finite results."""
     timer = PhaseTimer(device)
-    loaded = load_model(model, device)
+    loaded = load_model(model, device)  # refuses non-finite weights
     fingerprint = model_fingerprint(loaded.model_dir)
     work = WorkDir(out, {"config": config.to_dict(), "source": fingerprint})
-    work.open()
+    if work.open() and progress:
+        tqdm.write(f"resuming from {work.path}: {work.describe()}")
     batch_size = default_batch_size(device)
     timesteps = sampling_timesteps(loaded.scheduler_config, SamplerConfig(config.scheduler, config.steps))
     with timer.phase("calibration_data"):
         data = work.load_data()
         if data is None:
             data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
+            require_finite({"x": data.x}, f"The calibration inputs recorded along '{model}''s FP trajectories",
+                           "The model's own sampling diverges; check the model and its scheduler config.")  # fmt: skip
             work.save_data(data)
     with timer.phase("transforms"):  # dilation and the post-norm reparameterisation, where configured
         quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress)
     with timer.phase("initialisation"):
-        ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
+        saved = work.load_initialisation()
+        if saved is None:
+            ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
+            require_finite(quantizer_tensors(quantized), "The observed activation ranges", FIX_RANGES)
+            work.save_initialisation(ranges, activation_tables(quantized))
+        else:  # a resumed run: the (MSE) search is not redone
+            ranges, tables = saved
+            restore_tables(quantized, tables)
     searched = None
     if config.group_search:
         with timer.phase("group_search"):
@@ -91,6 +124,7 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
         if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum
             block_peaks = [b["peak_cuda_mib"] for b in blocks.values() if "peak_cuda_mib" in b]
             timer.peak_cuda_mib["distillation"] = max([timer.peak_cuda_mib["distillation"], *block_peaks])
+    require_finite({**quantizer_tensors(quantized), **quantized.fp_state_dict()}, "The calibrated parameters", FIX_LEARNED)
     record = CalibrationRecord(
         config=config.to_dict(),
         recipe=recorded_recipe(config),

@@ -146,6 +146,23 @@ def initialise_activations(quantized: QuantizedDenoiser, data: CalibrationData, 
     return {name: observer.range_reduction() for name, observer in observers.items()}
 
 
+def activation_tables(quantized: QuantizedDenoiser) -> dict[str, torch.Tensor]:
+    """Every activation table's steps and zero points, by '<group>::step' / '<group>::zero_point' (to resume from)."""
+    tables = {}
+    for name, quantizer in quantized.act_quantizers().items():
+        tables[f"{name}::step"], tables[f"{name}::zero_point"] = quantizer.step.detach(), quantizer.zero_point
+    return tables
+
+
+def restore_tables(quantized: QuantizedDenoiser, tables: dict[str, torch.Tensor]) -> None:
+    """Put back what activation_tables() saved, instead of initialising again, and switch quantization on."""
+    with torch.no_grad():
+        for name, quantizer in quantized.act_quantizers().items():
+            quantizer.step.copy_(tables[f"{name}::step"])
+            quantizer.zero_point.copy_(tables[f"{name}::zero_point"])
+    quantized.set_quantization(activations=True, weights=True)
+
+
 Candidates = list[tuple[torch.Tensor, torch.Tensor]]
 """Per row of a quantizer's table: the (steps, zero points) it may take, one candidate per element."""
 

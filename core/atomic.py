@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .output import default_mode
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
@@ -16,6 +18,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, default_mode(False))  # mkstemp's 0600 -> what the user's umask gives any new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .families import family_of_class, get_family
+from .finite import require_finite
 from .manifest import sha256_file
 from .zoo import ZOO, zoo_path
 
@@ -166,6 +167,8 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"Cannot load the {class_name} weights in {model_dir}: {exc}") from exc
+    require_finite(model.state_dict(), f"Model '{spec}'", "Its weights are corrupt: re-save or retrain it "
+                   "(`dilatequant inspect` lists every such tensor).")  # fmt: skip
     denoiser = Denoiser(model, family_of_class(class_name).name).to(device).eval()
     return LoadedModel(denoiser, find_scheduler_config(model_dir), model_dir, str(spec))
 

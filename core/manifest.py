@@ -20,8 +20,10 @@ from pathlib import Path
 
 from .environment import library_versions
 from .errors import UserError
+from .output import claim_output, default_mode
 
 MANIFEST_NAME = "manifest.json"
+SELF_DIGEST = "fields_sha256"  # of the manifest's own fields (content_digest)
 
 
 class ArtifactError(UserError):
@@ -73,26 +75,35 @@ def staged_directory(out: Path, kind: str, format_version: str, fields: dict) ->
     """Yield an empty staging directory; on success write the manifest and move it to `out`.
 
     An existing `out` (an empty directory or an artifact of the same kind) is replaced only after the new
-    directory is complete; anything else is refused before any work.
+    directory is complete; anything else is refused before any work. The output is claimed meanwhile
+    (core/output.py: one writer, stale staging of killed runs removed).
     """
     out = Path(out)
     check_replaceable(out, kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".staging"))
-    try:
-        yield staging
-        manifest = {
-            "kind": kind,
-            "format_version": format_version,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": library_versions(),
-            **fields,
-            "files": file_table(staging),
-        }
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_directory(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with claim_output(out):
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".staging"))
+        try:
+            yield staging
+            finish(staging, kind, format_version, fields)
+            replace_directory(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def finish(staging: Path, kind: str, format_version: str, fields: dict) -> None:
+    """Write the manifest of a complete staging directory and give everything the user's usual permissions."""
+    manifest = {
+        "kind": kind,
+        "format_version": format_version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        **fields,
+        "files": file_table(staging),
+    }
+    manifest[SELF_DIGEST] = content_digest(manifest)
+    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod(default_mode(path.is_dir()))
 
 
 def replace_directory(new: Path, out: Path) -> None:
@@ -125,6 +136,18 @@ def read_manifest(directory: Path, kind: str, format_version: str, verify: bool 
     return manifest
 
 
+def content_digest(manifest: dict) -> str:
+    """sha256 of the manifest's own fields (all but the digest), so a verified manifest's fields are verified too."""
+    fields = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def fields_verified(manifest: dict) -> bool:
+    """Whether read_manifest's verification covered the manifest's own fields (manifests written before SELF_DIGEST
+    existed have only their files' checksums): `inspect` says which."""
+    return SELF_DIGEST in manifest
+
+
 def check_format_version(path: Path, found: str, supported: str) -> None:
     if parse_version(found)[0] != parse_version(supported)[0]:
         raise ArtifactError(f"{path} has format version {found}; this dilatequant reads {supported}. "
@@ -135,7 +158,11 @@ def check_format_version(path: Path, found: str, supported: str) -> None:
 
 
 def verify_files(directory: Path, manifest: dict) -> None:
-    """Every listed file exists with its recorded sha256; names the first file that does not."""
+    """The manifest's own fields are as written (manifests written before SELF_DIGEST existed have none to check),
+    and every listed file exists with its recorded sha256; names the first thing that is not."""
+    if SELF_DIGEST in manifest and manifest[SELF_DIGEST] != content_digest(manifest):
+        raise ArtifactError(f"{directory / MANIFEST_NAME} was modified after it was written (its fields no longer match "
+                            f"their {SELF_DIGEST}); its summary cannot be trusted. Re-create the artifact.")  # fmt: skip
     for name, entry in manifest["files"].items():
         path = directory / name
         if not path.is_file():

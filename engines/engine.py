@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, read_manifest, sha256_file, staged_directory
+from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, fields_verified, read_manifest, sha256_file, staged_directory
 from dilatequant.export.contract import BucketTable, read_export_manifest
 
 from .backend import BucketEngine, BuildContext, get_backend
@@ -108,5 +108,5 @@ def describe(path: str | Path) -> dict:
     """The `inspect` summary of an engine directory; verifies every checksum on the way."""
     manifest = read_manifest(Path(path), KIND, FORMAT_VERSION)
     keys = ("backend", "backend_version", "device", "profile", "precision", "ranges", "calibrated_range", "engines", "build")
-    return {"kind": KIND, "path": str(path), "format_version": manifest["format_version"], "checksums_verified": True,
+    return {"kind": KIND, "path": str(path), "format_version": manifest["format_version"], "checksums_verified": True, "manifest_fields_verified": fields_verified(manifest),
             **{key: manifest[key] for key in keys}, "total_bytes": sum(f["bytes"] for f in manifest["files"].values())}  # fmt: skip

@@ -146,7 +146,8 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {name} | {entry['backend']} | {entry['profile']}/{entry['precision']} | {entry['n_buckets']} | {batch} | "
                          f"{row['p50_ms']:.1f} | {row['p95_ms']:.1f} | {row['sampling_seconds_per_image']:.3f} | "
                          f"{'; '.join(ratios.get((name, batch), []))} | {entry['memory']['peak_rss_mb']:.0f} |")  # fmt: skip
-    return "\n".join(lines)
+    machines = sorted({f"{e['device']}, {e['backend']} {e['backend_version']}" for e in report["engines"].values()})
+    return "\n".join(lines + [f"measured on: {'; '.join(machines)}"])
 
 
 def chart(report: dict, path: Path) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dilatequant.calibrate.contract import OUTPUT_SUFFIX, BucketScales, CalibrationData, bucket_scales, load_artifact
 from dilatequant.core.attention import use_explicit_attention
@@ -18,8 +19,10 @@ from dilatequant.core.buckets import BucketTable
 from dilatequant.core.denoiser import ModelSpec, load_model
 from dilatequant.core.environment import library_versions
 from dilatequant.core.errors import UserError
-from dilatequant.core.manifest import MANIFEST_NAME, check_replaceable, sha256_file, staged_directory
+from dilatequant.core.finite import require_finite
+from dilatequant.core.manifest import MANIFEST_NAME, check_replaceable, fields_verified, sha256_file, staged_directory
 from dilatequant.core.optional import require
+from dilatequant.core.output import claim_output
 from dilatequant.core.structure import input_groups
 
 from .buckets import choose_buckets
@@ -245,30 +248,44 @@ def model_fields(spec: ModelSpec, scheduler_config: dict, calibrated_range: tupl
     return {"model": {**spec.to_dict(), "scheduler_config": scheduler_config}, "calibrated_range": list(calibrated_range)}
 
 
-def export(calib: str | Path, config: ExportConfig, out: str | Path) -> Path:
-    """Export a calibration artifact to K bucket graphs in `out` (written atomically)."""
-    onnx, _ = require_onnx()
+def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: bool = True) -> Path:
+    """Export a calibration artifact to K bucket graphs in `out` (claimed meanwhile, written atomically)."""
+    require_onnx()
     out = Path(out)
     check_replaceable(out, KIND)
     artifact = load_artifact(calib)
     check_exportable(artifact, config.target)
+    with claim_output(out, notify=tqdm.write if progress else None):
+        return write_export(artifact, Path(calib), config, out, progress)
+
+
+def write_export(artifact, calib: Path, config: ExportConfig, out: Path, progress: bool) -> Path:
+    onnx, _ = require_onnx()
+    from onnx import numpy_helper
+
+    say = tqdm.write if progress else (lambda message: None)
     table, estimated = choose_buckets(artifact.record.timesteps, artifact.act_steps(), config.buckets, config.auto_tolerance)
-    source_sha = sha256_file(Path(calib) / MANIFEST_NAME)
+    source_sha = sha256_file(calib / MANIFEST_NAME)
     files = {f"bucket_{k}": f"bucket_{k}.onnx" for k in range(len(table))}
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": config.precision, "n_buckets": len(table),
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE, "check_inputs": CHECK_INPUTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:
+        say(f"export: tracing the FP graph of {calib} ({config.profile}, {len(table)} buckets)")
         graph, nodes, attention = fp_graph(artifact, config, Path(work))
         quantized_outputs = output_quantized_layers(graph, nodes, config.target, frozenset(row["layer"] for row in group_rows(artifact)))
+        say("export: activation scales per bucket, from the calibration data")
         scales = bucket_scales(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
+        say("export: Q/DQ graph")
         template = quantize_graph(graph, nodes, attention, artifact, scales, config)
+    require_finite({i.name: numpy_helper.to_array(i) for i in template.graph.initializer}, "The exported graph",
+                   f"Its initializers come from {calib}: re-calibrate, or check the model for NaN/Inf weights.")  # fmt: skip
     fields.update(quantized_outputs=sorted(quantized_outputs), attention=attention_record(artifact, attention),
                   **model_fields(scales.spec, scales.scheduler_config, (table.grid[0], table.grid[-1])))
     with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
         (staging / CHECK_INPUTS_FILE).write_bytes(check_inputs(artifact, table).to_bytes())
-        for k, (low, high) in enumerate(table.ranges()):
+        for k, (low, high) in enumerate(tqdm(table.ranges(), desc="write bucket graphs", unit="graph", disable=not progress)):
             metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
                         "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
             set_bucket(template, scales, k, metadata)
@@ -330,7 +347,7 @@ def describe(path: str | Path) -> dict:
     path = Path(path)
     manifest = read_manifest(path, KIND, FORMAT_VERSION)
     return {
-        "kind": KIND, "path": str(path), "format_version": manifest["format_version"], "checksums_verified": True,
+        "kind": KIND, "path": str(path), "format_version": manifest["format_version"], "checksums_verified": True, "manifest_fields_verified": fields_verified(manifest),
         "profile": manifest["profile"], "precision": manifest["precision"], "n_buckets": manifest["n_buckets"],
         "ranges": manifest["buckets"]["ranges"], "graphs": manifest["graphs"], "weights_file": manifest["weights_file"],
         "total_bytes": sum(f["bytes"] for f in manifest["files"].values()), "source": manifest["source"],

@@ -12,7 +12,7 @@ from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
 from dilatequant.core.denoiser import load_model
 from dilatequant.core.errors import UserError
-from dilatequant.core.manifest import ArtifactError
+from dilatequant.core.manifest import SELF_DIGEST, ArtifactError, content_digest
 from dilatequant.core.sampling import SamplerConfig, sample
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.engine import build, load
@@ -115,11 +115,19 @@ def test_corrupt_or_foreign_engine_directories_are_refused(engines, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(engines["dit"], copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "backend_version": "0.1"}))
+
+    def written_with(**fields):  # as another version or machine would have written it: its own digest matches
+        changed = {**manifest, **fields}
+        (copy / "manifest.json").write_text(json.dumps({**changed, SELF_DIGEST: content_digest(changed)}))
+
+    written_with(backend_version="0.1")
     with pytest.raises(ArtifactError, match="built with onnxruntime 0.1.*Rebuild"):
         load(copy)
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "device": "cpu (another CPU)"}))
+    written_with(device="cpu (another CPU)")
     with pytest.raises(ArtifactError, match="built on cpu \\(another CPU\\).*rebuild"):
+        load(copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "device": "cpu (edited by hand)"}))
+    with pytest.raises(ArtifactError, match="modified after it was written"):
         load(copy)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with open(copy / "bucket_1.onnx", "r+b") as handle:

@@ -20,7 +20,8 @@ def tensors(artifact):
 
 def test_sigkill_then_rerun_resumes_to_the_same_artifact(tiny_model_dirs, tmp_path):
     model = tiny_model_dirs["unet"]
-    subprocess.run(command(model, tmp_path / "straight"), check=True, capture_output=True)
+    straight_run = subprocess.run(command(model, tmp_path / "straight"), check=True, capture_output=True, text=True)
+    assert "MSE search" in straight_run.stderr
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(model, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -34,6 +35,10 @@ def test_sigkill_then_rerun_resumes_to_the_same_artifact(tiny_model_dirs, tmp_pa
 
     rerun = subprocess.run(command(model, killed), check=True, capture_output=True, text=True)
     assert "wrote" in rerun.stdout and not work.exists()
+    # it says what it resumes from, and does not redo the initialisation's MSE search
+    assert f"resuming from {work}: calibration data, the activation tables' initialisation, {done_before_kill} distilled" in rerun.stdout
+    assert "MSE search" not in rerun.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed", "straight"]  # no lock, staging or work dir left
     straight, resumed = tensors(tmp_path / "straight"), tensors(killed)
     assert straight.keys() == resumed.keys()
     assert all((straight[k] == resumed[k]).all() for k in straight)

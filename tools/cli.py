@@ -13,6 +13,7 @@ import click
 from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, LR_SCHEDULES, RECON_LOSSES, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
+from dilatequant.core.output import check_writable_file
 from dilatequant.core.sampling import SCHEDULERS
 from dilatequant.core.zoo import ZOO
 from dilatequant.engines.config import BACKENDS, FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
@@ -39,10 +40,10 @@ class Group(click.Group):
 def sampler_options(command: Callable) -> Callable:
     """The options shared by every command that samples, folded into a SamplerConfig and a device."""
 
-    @click.option("--steps", default=50, show_default=True, help="Sampling steps.")
+    @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps.")
     @click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(list(SCHEDULERS)))
     @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
-    @click.option("--batch-size", type=int, default=None, help="Samples per denoiser call [default: 32 on CPU, 500 on CUDA].")
+    @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Samples per denoiser call [default: 32 on CPU, 500 on CUDA].")
     @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
     @functools.wraps(command)
     def wrapper(steps: int, scheduler: str, seed: int, batch_size: int | None, device: str, **kwargs):
@@ -89,7 +90,7 @@ def cli() -> None:
 
 
 @cli.command("sample")
-@click.option("--n", default=64, show_default=True, help="Number of samples (classes cycle 0..9).")
+@click.option("--n", default=64, show_default=True, type=click.IntRange(min=1), help="Number of samples (classes cycle 0..9).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid to write.")
 @sampler_options
 @model_options
@@ -100,6 +101,7 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 
     from .grid import save_grid
 
+    check_writable_file(out)
     labels = labels_for(loaded, n)
     start = time.perf_counter()
     images = sample(loaded.denoiser, loaded.scheduler_config, labels, sampler, device)
@@ -108,7 +110,7 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 
 
 @cli.command("eval")
-@click.option("--n", default=1000, show_default=True, help="Number of samples.")
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of samples.")
 @click.option("--ref", default=None, help="Reference for psnr_vs_ref (same noise) [default with --calib: its FP source]: "
               "an engine directory, a calibration artifact (its fake-quant model), or " + MODEL_HELP)  # fmt: skip
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="JSON file to write.")
@@ -116,19 +118,30 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 @model_options
 def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sampler, device) -> None:
     """Sample n images and report fid_digits, class_accuracy and psnr_vs_ref as JSON."""
-    from dilatequant.core.atomic import atomic_write_text
     from dilatequant.core.evaluate import evaluate
 
     from .variants import load_variant
 
+    if out is not None:
+        check_writable_file(out)  # before sampling, not after it
     if ref is None and artifact is not None:
         ref = artifact.record.source["spec"]
         artifact.check_source(ref)
     reference = load_variant(ref, device).loaded if ref else None
     text = json.dumps(evaluate(loaded, n, sampler, device, reference), indent=2) + "\n"
+    click.echo(text, nl=False)  # first: a late write failure must not lose the results
     if out is not None:
-        atomic_write_text(out, text)
-    click.echo(text, nl=False)
+        write_result(out, text)
+
+
+def write_result(path: Path, text: str) -> None:
+    """Write a result file whose content was already printed; a failure says where the results still are."""
+    from dilatequant.core.atomic import atomic_write_text
+
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise UserError(f"Could not write {path} ({exc.strerror or exc}); the results are printed above.") from None
 
 
 def calib_option(name: str, field: str, **kwargs) -> Callable:
@@ -316,13 +329,15 @@ def build_command(export_dir: Path, backend: str, threads: int, streams: int, pr
     click.echo(f"wrote {path} ({backend}, {time.perf_counter() - start:.1f} s)")
 
 
-def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
+def parse_ints(text: str, option: str, count: int | None = None) -> tuple[int, ...]:
+    """Comma-separated positive integers (exactly `count` of them when given); anything else is a UserError."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != count:
-        raise UserError(f"{option} takes {count} comma-separated integers, got '{text}'.")
+    if not values or (count is not None and len(values) != count) or min(values) < 1:
+        amount = f"{count} comma-separated" if count is not None else "comma-separated"
+        raise UserError(f"{option} takes {amount} positive integers, got '{text}'.")
     return values
 
 
@@ -339,19 +354,21 @@ def parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
 def profile_command(engines: Path, compare: tuple[Path, ...], batch: str, runs: int, warmup: int, sampling_steps: int,
                     out: Path | None, chart: Path | None, max_ratio: str | None) -> None:  # fmt: skip
     """Latency (p50/p95 per bucket and batch), sampling time per image and peak memory, side by side."""
-    from dilatequant.core.atomic import atomic_write_text
     from dilatequant.engines.profile import ProfileConfig, markdown_table, profile
     from dilatequant.engines.profile import chart as save_chart
 
     limit = parse_max_ratio(max_ratio, bool(compare)) if max_ratio else None
-    batches = tuple(int(b) for b in batch.split(",") if b.strip().isdigit())
+    batches = parse_ints(batch, "--batch")
+    for path in (out, chart):
+        if path is not None:
+            check_writable_file(path)
     config = ProfileConfig(batches=batches, runs=runs, warmup=warmup, sampling_steps=sampling_steps)
     report = profile(engines, list(compare), config, progress=lambda line: click.echo(line, err=True))
+    click.echo(markdown_table(report))  # first: a late write failure must not lose the results
     if out is not None:
-        atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+        write_result(out, json.dumps(report, indent=2) + "\n")
     if chart is not None:
         save_chart(report, chart)
-    click.echo(markdown_table(report))
     if limit is not None:
         check_ratio(report, *limit)
 
@@ -383,7 +400,7 @@ def check_ratio(report: dict, batch: str, limit: float) -> None:
 @cli.command("demo")
 @click.option("--out", default="demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for every artifact and report.html (an interrupted demo resumes there).")
-@click.option("--n", default=200, show_default=True, help="Images sampled per engine set for the quality numbers.")
+@click.option("--n", default=200, show_default=True, type=click.IntRange(min=1), help="Images sampled per engine set for the quality numbers.")
 @click.option("--streams", default=2, show_default=True, help="ONNX Runtime sessions per bucket, each running a slice of the batch.")
 @click.option("--threads", default=BuildConfig.threads, show_default=True, help="ONNX Runtime intra-op threads per session (0: cores / streams).")
 @click.option("--model", default=DemoConfig.model, show_default=True, type=click.Choice(list(ZOO)), help="The bundled model to run it on.")
@@ -397,7 +414,7 @@ def demo_command(out: Path, n: int, streams: int, threads: int, model: str) -> N
     report = run_demo(out, config, echo=lambda line: click.echo(line, err=True))
     summary = json.loads((Path(out) / "report.json").read_text())
     for target in summary["targets"]:
-        click.echo(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['measured']}")
+        click.echo(f"{'met   ' if target['met'] else 'MISSED'} {target['target']}: {target['measured']}" + (f" ({target['why']})" if target.get('why') else ''))
     click.echo(f"wrote {report} ({time.perf_counter() - start:.0f} s)")
 
 
@@ -417,8 +434,12 @@ def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused:
     from dilatequant.engines.fidelity import check_graph
     from dilatequant.export.lint import lint_tensorrt, ort_fusion
 
+    try:
+        model = onnx.load(str(graph))
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise UserError(f"{graph} is not an ONNX model ({type(exc).__name__}); lint takes a .onnx graph, e.g. an export's bucket_0.onnx.") from None
     if PROFILES[profile].lint == "static-qdq":
-        violations = lint_tensorrt(onnx.load(str(graph)), allow_residual_add)
+        violations = lint_tensorrt(model, allow_residual_add)
         for violation in violations:
             click.echo(str(violation))
         click.echo(f"{graph}: {len(violations)} violation(s) of the {profile} profile")

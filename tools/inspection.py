@@ -10,6 +10,7 @@ from safetensors import safe_open
 from dilatequant.core.denoiser import find_scheduler_config, read_model_config, resolve_model_dir
 from dilatequant.core.errors import ModelLoadError
 from dilatequant.core.families import family_of_class
+from dilatequant.core.finite import nonfinite
 from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError
 
 
@@ -27,7 +28,17 @@ def safetensors_summary(path: Path) -> dict:
             count *= dim
         parameters += count
     dtypes = sorted({tensor.get_dtype() for tensor in slices.values()})
-    return {"file": path.name, "bytes": path.stat().st_size, "tensors": len(slices), "parameters": parameters, "dtypes": dtypes}
+    return {"file": path.name, "bytes": path.stat().st_size, "tensors": len(slices), "parameters": parameters, "dtypes": dtypes,
+            "non_finite": non_finite_tensors(path)}
+
+
+def non_finite_tensors(path: Path) -> list[str]:
+    """Every tensor of a safetensors file holding NaN or Inf, one at a time (calibrate refuses such a model)."""
+    found = []
+    with safe_open(str(path), framework="pt") as handle:
+        for name in handle.keys():
+            found += [str(bad) for bad in nonfinite({name: handle.get_tensor(name)})]
+    return found
 
 
 def inspect_model(spec: str | Path) -> dict:

@@ -99,7 +99,8 @@ alone (bound {fidelity['layer_bound']:.0e}); end to end, single code flips compo
 def render(report: dict) -> str:
     """The HTML page for a demo run's `report` record (see tools/demo.py)."""
     quality, profile = report["quality"], report["profile"]
-    targets = table([[t["target"], t["measured"], "met" if t["met"] else "MISSED"] for t in report["targets"]],
+    targets = table([[t["target"], t["measured"], "met" if t["met"] else f"MISSED{': ' + t['why'] if t.get('why') else ''}"]
+                     for t in report["targets"]],
                     ["target", "measured", ""])  # fmt: skip
     latency = table(latency_rows(profile), ["engines", "graphs", "buckets", "batch", "p50 ms", "p95 ms", "sampling s/image",
                                             "p50 vs FP32", "peak RSS MiB"])  # fmt: skip
