@@ -99,6 +99,7 @@ alone (bound {fidelity['layer_bound']:.0e}); end to end, single code flips compo
 def render(report: dict) -> str:
     """The HTML page for a demo run's `report` record (see tools/demo.py)."""
     quality, profile = report["quality"], report["profile"]
+    engines = next(iter(profile["engines"].values()))  # the INT8 engines: where and with what the latency was measured
     targets = table([[t["target"], t["measured"], "met" if t["met"] else f"MISSED{': ' + t['why'] if t.get('why') else ''}"]
                      for t in report["targets"]],
                     ["target", "measured", ""])  # fmt: skip
@@ -116,7 +117,8 @@ code{{background:#f3f3f3;padding:1px 4px}}</style></head><body>
 <h1>dilatequant demo: {html.escape(report['model'])} W8A8, {report['n_buckets']} timestep buckets</h1>
 <p>Calibrated per timestep, exported to {report['n_buckets']} ONNX graphs with explicit Q/DQ (one per timestep bucket,
 profile <code>ort-cpu</code>), built into ONNX Runtime engines and compared with the FP32 model's engine on
-<b>{html.escape(profile['engines'][next(iter(profile['engines']))]['device'])}</b>, side by side in one process.</p>
+<b>{html.escape(engines['device'])}</b> with {html.escape(engines['backend'])} {html.escape(engines['backend_version'])}, side by side in
+one process.</p>
 <h2>Targets</h2>{targets}
 <h2>Per-timestep activation scales and the buckets</h2>
 <img src="{report['figures']['scales']}" alt="per-timestep activation scales with bucket boundaries">
