@@ -1,0 +1,100 @@
+"""K-Sort Arena's web-free math: the K-wise Gaussian update and UCB matchmaking (tools/arena)."""
+
+import math
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dilatequant.tools.arena.matchmaking import next_match, pair, record_match
+from dilatequant.tools.arena.ratings import BETA, Rating, best_vote_ranks, kwise_update, v_w
+
+mus = st.floats(min_value=0.0, max_value=50.0)
+sigmas = st.floats(min_value=0.5, max_value=10.0)
+ratings = st.builds(Rating, mus, sigmas)
+
+
+def test_a_one_on_one_vote_is_trueskills_closed_form():
+    """Two equal newcomers: d = 0, V = φ(0)/Φ(0) = 2φ(0), W = V², c² = 2β² + 2σ² (TrueSkill, no draw, no τ)."""
+    winner, loser = kwise_update([Rating(), Rating()], [0, 1])
+    c = math.sqrt(2 * BETA**2 + 2 * Rating().sigma ** 2)
+    v = 2 / math.sqrt(2 * math.pi)
+    assert winner.mu == pytest.approx(25 + Rating().sigma ** 2 * v / c, rel=1e-12)
+    assert loser.mu == pytest.approx(25 - Rating().sigma ** 2 * v / c, rel=1e-12)
+    assert winner.sigma == pytest.approx(Rating().sigma * math.sqrt(1 - Rating().sigma ** 2 * v * v / c**2), rel=1e-12)
+
+
+@given(st.lists(ratings, min_size=2, max_size=6), st.randoms(use_true_random=False))
+def test_a_ranking_moves_every_winner_up_every_loser_down_and_shrinks_every_sigma(players, rng):
+    """(Not strictly: a win that was certain, 48 over 0, teaches nothing a float can hold.)"""
+    ranks = list(range(len(players)))
+    rng.shuffle(ranks)
+    after = kwise_update(players, ranks)
+    first, last = ranks.index(0), ranks.index(len(players) - 1)
+    assert after[first].mu >= players[first].mu and after[last].mu <= players[last].mu
+    assert all(0 < a.sigma <= b.sigma for a, b in zip(after, players))
+
+
+@given(st.lists(ratings, min_size=3, max_size=5))
+def test_a_kwise_vote_is_the_sum_of_its_pairwise_orders(players):
+    """μ: each model's K-wise shift equals the sum of its one-on-one shifts from the same pre-vote ratings."""
+    ranks = list(range(len(players)))
+    after = kwise_update(players, ranks)
+    for i, me in enumerate(players):
+        pairwise = sum(kwise_update([me, other], [ranks[i], ranks[q]])[0].mu - me.mu for q, other in enumerate(players) if q != i)
+        assert after[i].mu - me.mu == pytest.approx(pairwise, rel=1e-9, abs=1e-12)
+
+
+@given(ratings, ratings)
+def test_swapping_the_players_mirrors_the_update(a, b):
+    ab, ba = kwise_update([a, b], [0, 1]), kwise_update([b, a], [1, 0])
+    assert ab == [ba[1], ba[0]]
+
+
+def test_ties_carry_no_order_and_an_upset_moves_more_than_an_expected_win():
+    tied = kwise_update([Rating(30, 2), Rating(20, 2)], [0, 0])
+    assert tied == [Rating(30, 2), Rating(20, 2)]
+    expected = kwise_update([Rating(30, 2), Rating(20, 2)], [0, 1])
+    upset = kwise_update([Rating(30, 2), Rating(20, 2)], [1, 0])
+    assert abs(upset[1].mu - 20) > abs(expected[0].mu - 30)
+    assert all(math.isfinite(v) for v in v_w(-40.0))  # far into the tail: no 0/0
+
+
+def test_a_best_vote_puts_the_chosen_first_and_ties_the_rest():
+    assert best_vote_ranks(4, [2]) == [1, 1, 0, 1]
+    assert best_vote_ranks(4, [0, 3]) == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="by position 0..3"):
+        best_vote_ranks(4, [4])
+    with pytest.raises(ValueError, match="at least 2 participants"):
+        kwise_update([Rating()], [0])
+
+
+@given(st.integers(min_value=2, max_value=12), st.integers(min_value=2, max_value=6), st.randoms(use_true_random=False))
+def test_a_match_is_distinct_variants_led_by_the_least_compared(n, k, rng):
+    k = min(k, n)
+    names = [f"v{i}" for i in range(n)]
+    table = {name: Rating(rng.uniform(10, 40), rng.uniform(1, 8)) for name in names}
+    counts = Counter()
+    for _ in range(rng.randint(0, 20)):
+        record_match(counts, rng.sample(names, k))
+    match = next_match(table, counts, k, rng)
+    compared = {name: sum(v for key, v in counts.items() if name in key) for name in names}
+    assert len(match) == len(set(match)) == k
+    assert compared[match[0]] == min(compared.values())
+
+
+def test_a_new_variant_is_fast_tracked_and_never_compared_pairs_come_first():
+    names = ["fp", "w8a8", "w4a8", "new"]
+    counts = Counter()
+    for _ in range(5):
+        record_match(counts, ["fp", "w8a8", "w4a8"])
+    table = {name: Rating() for name in names}
+    match = next_match(table, counts, 2, random.Random(0))
+    assert match[0] == "new"  # no comparisons yet: the pivot
+    counts[pair("new", "fp")] += 1
+    counts[pair("new", "w8a8")] += 1
+    assert next_match(table, counts, 2, random.Random(0)) == ["new", "w4a8"]  # its one never-compared partner
+    with pytest.raises(ValueError, match="2 to 4 of the 4 variants"):
+        next_match(table, counts, 5, random.Random(0))
