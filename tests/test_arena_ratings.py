@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dilatequant.tools.arena.matchmaking import next_match, pair, record_match
-from dilatequant.tools.arena.ratings import BETA, Rating, best_vote_ranks, kwise_update, v_w
+from dilatequant.tools.arena.ratings import BETA, TAU, Rating, best_vote_ranks, kwise_update, v_w
 
 mus = st.floats(min_value=0.0, max_value=50.0)
 sigmas = st.floats(min_value=0.5, max_value=10.0)
@@ -17,8 +17,8 @@ ratings = st.builds(Rating, mus, sigmas)
 
 
 def test_a_one_on_one_vote_is_trueskills_closed_form():
-    """Two equal newcomers: d = 0, V = φ(0)/Φ(0) = 2φ(0), W = V², c² = 2β² + 2σ² (TrueSkill, no draw, no τ)."""
-    winner, loser = kwise_update([Rating(), Rating()], [0, 1])
+    """Two equal newcomers: d = 0, V = φ(0)/Φ(0) = 2φ(0), W = V², c² = 2β² + 2σ² (TrueSkill, no draw, τ = 0)."""
+    winner, loser = kwise_update([Rating(), Rating()], [0, 1], tau=0.0)
     c = math.sqrt(2 * BETA**2 + 2 * Rating().sigma ** 2)
     v = 2 / math.sqrt(2 * math.pi)
     assert winner.mu == pytest.approx(25 + Rating().sigma ** 2 * v / c, rel=1e-12)
@@ -34,7 +34,7 @@ def test_a_ranking_moves_every_winner_up_every_loser_down_and_shrinks_every_sigm
     after = kwise_update(players, ranks)
     first, last = ranks.index(0), ranks.index(len(players) - 1)
     assert after[first].mu >= players[first].mu and after[last].mu <= players[last].mu
-    assert all(0 < a.sigma <= b.sigma for a, b in zip(after, players))
+    assert all(0 < a.sigma <= math.sqrt(b.sigma**2 + TAU**2) for a, b in zip(after, players))  # σ² + τ², then shrunk
 
 
 @given(st.lists(ratings, min_size=3, max_size=5))
@@ -47,6 +47,15 @@ def test_a_kwise_vote_is_the_sum_of_its_pairwise_orders(players):
         assert after[i].mu - me.mu == pytest.approx(pairwise, rel=1e-9, abs=1e-12)
 
 
+def test_tau_keeps_a_settled_rating_learning():
+    """Without τ, σ shrinks with every vote towards 0 and the ratings freeze; τ² added per vote keeps σ away from 0."""
+    frozen = learning = [Rating(), Rating()]
+    for game in range(2000):  # evenly matched: each wins every other game
+        places = [game % 2, 1 - game % 2]
+        frozen, learning = kwise_update(frozen, places, tau=0.0), kwise_update(learning, places)
+    assert frozen[0].sigma < 0.5 * learning[0].sigma and learning[0].sigma > TAU
+
+
 @given(ratings, ratings)
 def test_swapping_the_players_mirrors_the_update(a, b):
     ab, ba = kwise_update([a, b], [0, 1]), kwise_update([b, a], [1, 0])
@@ -55,7 +64,8 @@ def test_swapping_the_players_mirrors_the_update(a, b):
 
 def test_ties_carry_no_order_and_an_upset_moves_more_than_an_expected_win():
     tied = kwise_update([Rating(30, 2), Rating(20, 2)], [0, 0])
-    assert tied == [Rating(30, 2), Rating(20, 2)]
+    assert [r.mu for r in tied] == [30, 20]  # only τ's added uncertainty
+    assert all(r.sigma == pytest.approx(math.sqrt(4 + TAU**2)) for r in tied)
     expected = kwise_update([Rating(30, 2), Rating(20, 2)], [0, 1])
     upset = kwise_update([Rating(30, 2), Rating(20, 2)], [1, 0])
     assert abs(upset[1].mu - 20) > abs(expected[0].mu - 30)

@@ -8,8 +8,8 @@ allowed) is decomposed into its pairwise orders, and each model's update sums th
     μ_i ← μ_i ± σ_i² V(d) / c          (+ for a win, − for a loss)
     σ_i² ← σ_i² (1 − Σ σ_i² W(d) / c²)
 
-Tied participants give no order, so no update between them. Defaults are the `trueskill` package's, which the
-deployed arena used: μ0 = 25, σ0 = 25/3, β = 25/6. The leaderboard ranks by the conservative μ − 3σ.
+after σ_i² += τ² (skill dynamics, so that σ never reaches 0 and ratings keep learning). Tied participants give no order, so no update between them. Defaults are the `trueskill` package's, which the
+deployed arena used: μ0 = 25, σ0 = 25/3, β = 25/6, τ = 25/300. The leaderboard ranks by the conservative μ − 3σ.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MU0, SIGMA0, BETA = 25.0, 25.0 / 3.0, 25.0 / 6.0
+TAU = 25.0 / 300.0  # skill dynamics: σ² grows by τ² before each vote, so learning never stops (trueskill's default)
 CONSERVATIVE_SIGMAS = 3.0
 MIN_VARIANCE_SHARE = 1e-4  # σ² never shrinks below this share of itself in one vote (guards W's tail)
 
@@ -42,10 +43,11 @@ def v_w(d: float) -> tuple[float, float]:
     return v, v * (v + d)
 
 
-def kwise_update(ratings: Sequence[Rating], ranks: Sequence[int], beta: float = BETA) -> list[Rating]:
+def kwise_update(ratings: Sequence[Rating], ranks: Sequence[int], beta: float = BETA, tau: float = TAU) -> list[Rating]:
     """The ratings after one vote; `ranks[i]` is participant i's place (0 = best; equal places are ties)."""
     if len(ratings) != len(ranks) or len(ratings) < 2:
         raise ValueError(f"a vote ranks at least 2 participants, one place each (got {len(ratings)} ratings, {len(ranks)} places)")
+    ratings = [Rating(r.mu, math.sqrt(r.sigma**2 + tau * tau)) for r in ratings]
     updated = []
     for i, me in enumerate(ratings):
         shift, shrink = 0.0, 0.0
