@@ -213,8 +213,7 @@ def load_artifact(path: str | Path, device: torch.device | str = "cpu") -> Calib
 def describe(path: str | Path) -> dict:
     """The `inspect` summary of an artifact; verifies every checksum on the way."""
     artifact = load_artifact(path)  # verifies the manifest (its own fields too) and every file
-    record = json.loads((artifact.path / "calibration.json").read_text())
-    config = record["config"]
+    record, config = artifact.record, artifact.record.config
     return {
         "kind": KIND,
         "path": str(artifact.path),
@@ -225,7 +224,7 @@ def describe(path: str | Path) -> dict:
         "files": len(artifact.manifest["files"]),
         "method": config["method"],
         "tpq": config["tpq"],
-        "dilation": record["statistics"]["dilation"] if config["dilation"] else "off",
-        "source": record["source"],
-        "run": record["run"],
+        "dilation": record.statistics["dilation"] if config["dilation"] else "off",
+        "source": record.source,
+        "run": record.run,
     }

@@ -63,11 +63,9 @@ FIX_LEARNED = ("Training diverged: lower the learning rate or the iterations (--
 
 
 def quantizer_tensors(quantized) -> dict[str, torch.Tensor]:
-    """Every activation table and weight step of the fake-quant model, by name."""
-    tables = {f"{name} step": q.step for name, q in quantized.act_quantizers().items()}
-    zeros = {f"{name} zero point": q.zero_point for name, q in quantized.act_quantizers().items()}
-    steps = {f"{name} weight step": w.weight_quantizer.step for name, w in quantized.quant_layers().items()}
-    return {k: v.detach() for k, v in {**tables, **zeros, **steps}.items()}
+    """Every activation table (activation_tables' names) and weight step of the fake-quant model."""
+    steps = {f"{name}::weight_step": w.weight_quantizer.step.detach() for name, w in quantized.quant_layers().items()}
+    return {**activation_tables(quantized), **steps}
 
 
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",

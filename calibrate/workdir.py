@@ -1,8 +1,8 @@
 """`OUT.work/`: what a long calibration has finished, so that re-running the same command resumes.
 
 It holds the calibration data, the initialised activation tables and one checkpoint per distilled block, each
-written atomically. A key
-(the configuration and the source model's fingerprint) guards it: a different command starts afresh.
+written atomically. A key (the configuration and the source model's fingerprint) guards it: a command with other
+settings is refused, not resumed.
 The directory is removed once the artifact is written.
 """
 

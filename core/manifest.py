@@ -102,8 +102,9 @@ def finish(staging: Path, kind: str, format_version: str, fields: dict) -> None:
     }
     manifest[SELF_DIGEST] = content_digest(manifest)
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    folder_mode, file_mode = default_mode(True), default_mode(False)
     for path in [staging, *staging.rglob("*")]:
-        path.chmod(default_mode(path.is_dir()))
+        path.chmod(folder_mode if path.is_dir() else file_mode)
 
 
 def replace_directory(new: Path, out: Path) -> None:

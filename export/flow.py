@@ -227,11 +227,11 @@ def save_with_shared_weights(model, path: Path) -> None:
 
 def attention_record(artifact, attention: dict) -> dict:
     """What the manifest says about attention: which matmul inputs carry Q/DQ and in what form the softmax deployed."""
-    softmax = artifact.config.softmax_quantizer
+    softmax, tables = artifact.config.softmax_quantizer, "per-bucket tables" if artifact.config.tpq else "one table"
     return {"quantized_inputs": sorted(attention),
-            "softmax": None if not attention else "uniform per-bucket tables" if softmax == "uniform" else
-            f"calibrated {softmax}, deployed as uniform per-bucket tables from the calibration data (no runtime has a "
-            "log-domain kernel)"}  # fmt: skip
+            "softmax": None if not attention else f"uniform, {tables}" if softmax == "uniform" else
+            f"calibrated {softmax}, deployed uniform ({tables}, from the calibration data: no runtime has a log-domain "
+            "kernel)"}  # fmt: skip
 
 
 def check_inputs(artifact, table: BucketTable) -> CalibrationData:

@@ -293,7 +293,7 @@ def test_non_finite_calibration_results_stop_the_run_naming_the_tensor(made, tmp
         config = CalibConfig.from_bits("W8A8", method="dilatequant", bkd_iters=1, **TINY)
     with pytest.raises(UserError, match="non-finite values") as raised:
         calibrate(made["model"], config, tmp_path / "calib", progress=False)
-    assert f"'{poisoned[0]} step' (1 NaN" in str(raised.value)
+    assert f"'{poisoned[0]}::step' (1 NaN" in str(raised.value)
     assert ("observed activation ranges" if phase == "ranges" else "calibrated parameters") in str(raised.value)
     assert not (tmp_path / "calib").exists()
 
