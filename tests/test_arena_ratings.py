@@ -14,6 +14,8 @@ from dilatequant.tools.arena.ratings import BETA, TAU, Rating, best_vote_ranks, 
 mus = st.floats(min_value=0.0, max_value=50.0)
 sigmas = st.floats(min_value=0.5, max_value=10.0)
 ratings = st.builds(Rating, mus, sigmas)
+# Skill gaps of up to ~3.5 c: beyond them trueskill and openskill approximate Φ's far tail less exactly than erfc.
+near = st.builds(Rating, st.floats(min_value=15.0, max_value=35.0), sigmas)
 
 
 def test_a_one_on_one_vote_is_trueskills_closed_form():
@@ -108,3 +110,40 @@ def test_a_new_variant_is_fast_tracked_and_never_compared_pairs_come_first():
     assert next_match(table, counts, 2, random.Random(0)) == ["new", "w4a8"]  # its one never-compared partner
     with pytest.raises(ValueError, match="2 to 4 of the 4 variants"):
         next_match(table, counts, 5, random.Random(0))
+
+
+@given(near, near, st.booleans())
+def test_a_one_on_one_vote_equals_the_trueskill_package(a, b, a_wins):
+    """K = 2 (no draw): the pairwise closed form is TrueSkill's exact two-player update, τ dynamics included."""
+    import trueskill
+
+    env = trueskill.TrueSkill(mu=25.0, sigma=25.0 / 3.0, beta=BETA, tau=TAU, draw_probability=0.0)
+    ranks = [0, 1] if a_wins else [1, 0]
+    expected = env.rate([(env.create_rating(a.mu, a.sigma),), (env.create_rating(b.mu, b.sigma),)], ranks=ranks)
+    for got, (want,) in zip(kwise_update([a, b], ranks), expected):
+        assert got.mu == pytest.approx(want.mu, rel=1e-6, abs=1e-9)
+        assert got.sigma == pytest.approx(want.sigma, rel=1e-6)
+
+
+@given(st.lists(near, min_size=2, max_size=6), st.randoms(use_true_random=False))
+def test_a_kwise_ranking_equals_openskills_full_pairing_thurstone_mosteller(players, rng):
+    """The paper's K-wise decomposition is Weng & Lin's Thurstone-Mosteller full pairing (openskill) with no draw
+    margin and γ = 1 (the paper divides W by c², openskill's default γ = σ/c would scale it)."""
+    from openskill.models import ThurstoneMostellerFull
+
+    model = ThurstoneMostellerFull(mu=25.0, sigma=25.0 / 3.0, beta=BETA, tau=TAU, epsilon=0.0, gamma=lambda *args: 1.0)
+    ranks = list(range(len(players)))
+    rng.shuffle(ranks)  # a strict ranking: openskill scores ties with draw terms, the paper skips them
+    teams = [[model.rating(mu=p.mu, sigma=p.sigma)] for p in players]
+    for got, (want,) in zip(kwise_update(players, ranks), model.rate(teams, ranks=ranks)):
+        assert got.mu == pytest.approx(want.mu, rel=1e-6, abs=1e-9)
+        assert got.sigma == pytest.approx(want.sigma, rel=1e-6)
+
+
+def test_the_deployed_multiplayer_form_orders_winners_over_losers_and_treats_ties_as_draws():
+    from dilatequant.tools.arena.ratings import trueskill_update
+
+    first, tied_a, tied_b, last = trueskill_update([Rating()] * 4, [0, 1, 1, 2])
+    assert first.mu > tied_a.mu > last.mu
+    assert tied_a.mu == pytest.approx(tied_b.mu, abs=0.05)  # the factor graph's schedule breaks the symmetry slightly
+    assert all(r.sigma < Rating().sigma for r in (first, tied_a, last))

@@ -20,42 +20,13 @@ from dilatequant.engines.config import BACKENDS, FIDELITY_MODES, INTEGER_KERNELS
 from dilatequant.export.config import SCALE_SOURCES, ExportConfig
 from dilatequant.export.profiles import PROFILES
 
+from .arena.cli import arena
 from .demo import DemoConfig
+from .options import Group, sampler_options
 
 MODEL_HELP = f"Bundled model name ({' or '.join(ZOO)}) or a local diffusers model/pipeline directory. Offline: no hub ids."
 CALIB_HELP = "Calibration artifact directory: run its fake-quant model (--model, if given, must be its source)."
 ENGINES_HELP = "Engine directory (dilatequant build): sample through its engines, one per timestep bucket."
-
-
-class Group(click.Group):
-    """Turns user errors into one clean line on stderr and exit status 1, with no traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except UserError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-
-def sampler_options(command: Callable) -> Callable:
-    """The options shared by every command that samples, folded into a SamplerConfig and a device."""
-
-    @click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Sampling steps.")
-    @click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(list(SCHEDULERS)))
-    @click.option("--seed", default=0, show_default=True, help="Seed of the initial noise.")
-    @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Samples per denoiser call [default: 32 on CPU, 500 on CUDA].")
-    @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-    @functools.wraps(command)
-    def wrapper(steps: int, scheduler: str, seed: int, batch_size: int | None, device: str, **kwargs):
-        from dilatequant.core.environment import resolve_device
-        from dilatequant.core.sampling import SamplerConfig, default_batch_size
-
-        torch_device = resolve_device(device)
-        batch_size = batch_size or default_batch_size(torch_device)
-        config = SamplerConfig(scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size)
-        return command(sampler=config, device=torch_device, **kwargs)
-
-    return wrapper
 
 
 def model_options(command: Callable) -> Callable:
@@ -469,6 +440,9 @@ def inspect_command(path: str, as_json: bool) -> None:
 
     summary = inspect_path(path)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+cli.add_command(arena)
 
 
 def main() -> None:

@@ -10,13 +10,19 @@ allowed) is decomposed into its pairwise orders, and each model's update sums th
 
 after σ_i² += τ² (skill dynamics, so that σ never reaches 0 and ratings keep learning). Tied participants give no order, so no update between them. Defaults are the `trueskill` package's, which the
 deployed arena used: μ0 = 25, σ0 = 25/3, β = 25/6, τ = 25/300. The leaderboard ranks by the conservative μ − 3σ.
+
+`RATING_MODELS` names the two forms a vote log can be replayed with: `k-sort` (the paper's pairwise decomposition
+above, written here) and `trueskill` (the deployed Space's one multi-player update per ranking, by the `trueskill`
+package with its defaults, draw probability 0.1 included).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from dilatequant.core.optional import require
 
 MU0, SIGMA0, BETA = 25.0, 25.0 / 3.0, 25.0 / 6.0
 TAU = 25.0 / 300.0  # skill dynamics: σ² grows by τ² before each vote, so learning never stops (trueskill's default)
@@ -69,3 +75,17 @@ def best_vote_ranks(k: int, best: Sequence[int]) -> list[int]:
     if not best or any(not 0 <= b < k for b in best):
         raise ValueError(f"a best vote names 1 to {k} of the {k} shown images by position 0..{k - 1}, got {list(best)}")
     return [0 if i in best else 1 for i in range(k)]
+
+
+def trueskill_update(ratings: Sequence[Rating], ranks: Sequence[int]) -> list[Rating]:
+    """The deployed form: one multi-player TrueSkill update of the whole ranking (factor graph, ties as draws)."""
+    trueskill = require("trueskill", "The arena's 'trueskill' rating model", "arena")
+    env = trueskill.TrueSkill(mu=MU0, sigma=SIGMA0, beta=BETA, tau=TAU)
+    groups = env.rate([(env.create_rating(r.mu, r.sigma),) for r in ratings], ranks=list(ranks))
+    return [Rating(group[0].mu, group[0].sigma) for group in groups]
+
+
+RATING_MODELS: dict[str, Callable[[Sequence[Rating], Sequence[int]], list[Rating]]] = {
+    "k-sort": kwise_update,
+    "trueskill": trueskill_update,
+}
