@@ -1,9 +1,11 @@
 """dilatequant demo on digits with tiny settings: every stage runs, the report has its parts, a rerun resumes."""
 
+import html
 import json
 
 import pytest
 
+from dilatequant.tools.arena.gallery import parse_variant
 from dilatequant.tools.demo import DemoConfig, run_demo
 
 pytest.importorskip("onnxruntime")
@@ -28,6 +30,9 @@ def test_demo_writes_a_complete_report_and_resumes(tmp_path):
     for target in record["targets"]:  # every target's measurement and verdict is on the page
         verdict = "met" if target["met"] else "MISSED"
         assert f"<td>{target['measured']}</td><td>{verdict}</td>" in page.replace("&lt;", "<").replace("&gt;", ">")
+    arena = record["arena"]  # the report's arena command serves exactly the demo's variants
+    assert html.escape(arena["command"]) in page and f'href="{arena["url"]}"' in page
+    assert [parse_variant(f"{name}={path}").kind for name, path in arena["variants"].items()] == ["model", "calibration", "engines", "engines"]
     again: list[str] = []
     run_demo(tmp_path, config, echo=again.append)
     assert sum("reusing" in line for line in again) == 5 and not any("reusing" in line for line in lines)

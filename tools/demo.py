@@ -10,6 +10,7 @@ Every stage writes its artifact under OUT; running the demo again reuses each ar
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -165,6 +166,14 @@ def figures(paths: dict[str, Path], out: Path) -> dict[str, str]:
             "grid_fp32": "grid_fp32.png", "grid_int8": "grid_int8.png"}  # fmt: skip
 
 
+def arena_link(config: DemoConfig, paths: dict[str, Path], out: Path) -> dict:
+    """The command that ranks the demo's variants by eye in K-Sort Arena (`dilatequant arena serve`), and its URL."""
+    variants = {"fp": config.model, "fake-quant": paths["calibration"], "int8-engines": paths["engines-int8"], "fp32-engines": paths["engines-fp32"]}
+    args = [arg for name, path in variants.items() for arg in ("--variant", f"{name}={path}")]
+    command = shlex.join(["dilatequant", "arena", "serve", *args, "--reference", "fp", "--db", str(out / "arena.sqlite")])
+    return {"command": command, "url": "http://127.0.0.1:8000/", "variants": {name: str(path) for name, path in variants.items()}}
+
+
 def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), echo: Callable[[str], None] = print) -> Path:
     """Run every stage (reusing verified artifacts) and write OUT/report.html; returns its path."""
     from dilatequant.core.environment import library_versions
@@ -188,7 +197,7 @@ def run_demo(out: str | Path, config: DemoConfig = DemoConfig(), echo: Callable[
     engines_manifest = json.loads((paths["engines-int8"] / "manifest.json").read_text())
     fidelity = {**engines_manifest["fidelity"], "integer_kernels": engines_manifest["integer_kernels"], "device": engines_manifest["device"]}
     record = {"model": config.model, "n_buckets": config.buckets, "profile": latency, "quality": quality, "fidelity": fidelity,
-              "targets": targets(latency, quality), "figures": figures(paths, out), "stage_seconds": stages.seconds,
+              "targets": targets(latency, quality), "figures": figures(paths, out), "arena": arena_link(config, paths, out), "stage_seconds": stages.seconds,
               "settings": json.dumps(asdict(config)), "versions": library_versions(),
               "quality_note": f"n = {config.quality_n} is a quick look: fid_digits moves by about 15% between seeds at "
                               "n = 1000 (README: noise floor); the README states the n = 2000 measurement."}  # fmt: skip

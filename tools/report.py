@@ -134,6 +134,12 @@ loop with the scheduler; peak RSS is measured in a fresh process (Python and tor
 <p>INT8 engines:</p><img src="{report['figures']['grid_int8']}" alt="INT8 samples">
 <h2>Quality</h2>{table(quality_rows, ["engines", "n", "fid_digits", "class_accuracy", "psnr vs FP32 (dB)"])}
 <p>{html.escape(report['quality_note'])}</p>
+<h2>Rank them by eye: K-Sort Arena</h2>
+<p>Metrics say how far INT8 drifts; your eyes decide. Serve these variants side by side, anonymously, on images from
+identical noise, vote best-of-4 or a full ranking, and read the Bayesian leaderboard:</p>
+<p><code>{html.escape(report['arena']['command'])}</code></p>
+<p>then open <a href="{report['arena']['url']}">{report['arena']['url']}</a> (leaderboard at
+<a href="{report['arena']['url']}leaderboard">{report['arena']['url']}leaderboard</a>).</p>
 <h2>How this was made</h2>{stages}<p>Settings: <code>{settings}</code></p>
 <p>Versions: <code>{html.escape(str(report['versions']))}</code></p>
 </body></html>
