@@ -147,3 +147,14 @@ def test_the_deployed_multiplayer_form_orders_winners_over_losers_and_treats_tie
     assert first.mu > tied_a.mu > last.mu
     assert tied_a.mu == pytest.approx(tied_b.mu, abs=0.05)  # the factor graph's schedule breaks the symmetry slightly
     assert all(r.sigma < Rating().sigma for r in (first, tied_a, last))
+
+
+def test_the_arena_math_imports_no_web_stack():
+    """ratings, matchmaking, the vote store and the leaderboard load without FastAPI, uvicorn or the rating packages."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dilatequant.tools.arena.ratings, dilatequant.tools.arena.matchmaking, "
+            "dilatequant.tools.arena.store, dilatequant.tools.arena.leaderboard; "
+            "print(sorted(m for m in ('fastapi', 'starlette', 'uvicorn', 'trueskill', 'openskill') if m in sys.modules))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
