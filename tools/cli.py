@@ -10,7 +10,7 @@ from typing import Callable
 
 import click
 
-from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, LR_SCHEDULES, RECON_LOSSES, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
+from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, LR_SCHEDULES, RECON_LOSSES, SOFTMAX_QUANTIZERS, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.output import check_writable_file
@@ -158,6 +158,8 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @calib_option("--weight-init", "weight_init", type=click.Choice(WEIGHT_INITS))
 @calib_option("--boundary", "boundary", type=click.Choice(BOUNDARY), help="conv_in, conv_out and time embeddings: 8-bit or kept in FP.")
 @click.option("--quantize-attention", is_flag=True, help="Also quantize the attention matmul inputs (q, k, softmax, v).")
+@calib_option("--softmax-quantizer", "softmax_quantizer", type=click.Choice(SOFTMAX_QUANTIZERS),
+              help="With --quantize-attention: the softmax output's quantizer (log-sqrt2 is exact in torch but deploys as a uniform table).")
 @click.option("--head-tables", "attention_head_tables", is_flag=True,
               help="With --quantize-attention: one table entry per (timestep, attention head) for those inputs.")
 @calib_option("--group-size", "weight_group_size", type=click.IntRange(min=0),
