@@ -2,10 +2,13 @@
 
 import html
 import json
+import shlex
 
 import pytest
+from click.testing import CliRunner
 
 from dilatequant.tools.arena.gallery import parse_variant
+from dilatequant.tools.cli import cli
 from dilatequant.tools.demo import DemoConfig, run_demo
 
 pytest.importorskip("onnxruntime")
@@ -33,6 +36,9 @@ def test_demo_writes_a_complete_report_and_resumes(tmp_path):
     arena = record["arena"]  # the report's arena command serves exactly the demo's variants
     assert html.escape(arena["command"]) in page and f'href="{arena["url"]}"' in page
     assert [parse_variant(f"{name}={path}").kind for name, path in arena["variants"].items()] == ["model", "calibration", "engines", "engines"]
+    judged = shlex.split(arena["command"])[2:]  # the same arena, voted by a metric judge instead of served
+    result = CliRunner().invoke(cli, ["arena", "judge", "--judge", "psnr", "--votes", "3", "--images", "4", *judged[1:]])
+    assert result.exit_code == 0, result.output
     again: list[str] = []
     run_demo(tmp_path, config, echo=again.append)
     assert sum("reusing" in line for line in again) == 5 and not any("reusing" in line for line in lines)

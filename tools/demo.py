@@ -170,7 +170,8 @@ def arena_link(config: DemoConfig, paths: dict[str, Path], out: Path) -> dict:
     """The command that ranks the demo's variants by eye in K-Sort Arena (`dilatequant arena serve`), and its URL."""
     variants = {"fp": config.model, "fake-quant": paths["calibration"], "int8-engines": paths["engines-int8"], "fp32-engines": paths["engines-fp32"]}
     args = [arg for name, path in variants.items() for arg in ("--variant", f"{name}={path}")]
-    command = shlex.join(["dilatequant", "arena", "serve", *args, "--reference", "fp", "--db", str(out / "arena.sqlite")])
+    command = shlex.join(["dilatequant", "arena", "serve", *args, "--reference", "fp", "--steps", str(config.sampling_steps),
+                          "--db", str(out / "arena.sqlite")])  # the engines' calibrated timestep grid
     return {"command": command, "url": "http://127.0.0.1:8000/", "variants": {name: str(path) for name, path in variants.items()}}
 
 

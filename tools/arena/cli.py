@@ -46,16 +46,17 @@ def arena_options(command: Callable) -> Callable:
     @click.option("--reference", default=None, metavar="NAME", help="The FP variant: 'tied with the reference' and the psnr judge.")
     @click.option("--bootstrap", default=200, show_default=True, type=click.IntRange(min=0), help="Leaderboard bootstrap resamples.")
     @click.option("--alpha", default=ALPHA, show_default=True, type=float, help="UCB exploration weight.")
+    @click.option("--clamp", is_flag=True, help="Engine variants run timesteps outside their calibrated range with the nearest bucket.")
     @sampler_options
     @functools.wraps(command)
-    def wrapper(variants, k, db, images, gallery, rating, reference, bootstrap, alpha, sampler, device, **kwargs):
+    def wrapper(variants, k, db, images, gallery, rating, reference, bootstrap, alpha, clamp, sampler, device, **kwargs):
         from .gallery import Gallery, parse_variant
         from .service import Arena, ArenaConfig
         from .store import ArenaStore
 
         config = ArenaConfig(k=k, rating=rating, reference=reference, bootstrap=bootstrap, alpha=alpha)
         parsed = [parse_variant(text) for text in variants]
-        pool = Gallery(gallery or db.with_name(db.name + ".images"), images, sampler, device)
+        pool = Gallery(gallery or db.with_name(db.name + ".images"), images, sampler, device, clamp)
 
         @contextlib.contextmanager
         def open_arena() -> Iterator[Arena]:

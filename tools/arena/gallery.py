@@ -70,10 +70,10 @@ class Item:
 class Gallery:
     """`items` images per variant under `root`; `ensure` generates the missing ones, `path` and `pixels` read them."""
 
-    def __init__(self, root: str | Path, items: int, sampler: SamplerConfig, device: torch.device) -> None:
+    def __init__(self, root: str | Path, items: int, sampler: SamplerConfig, device: torch.device, clamp: bool = False) -> None:
         if items < 1:
             raise UserError(f"--images must be >= 1 (got {items}).")
-        self.root, self.items, self.sampler, self.device = Path(root), items, sampler, device
+        self.root, self.items, self.sampler, self.device, self.clamp = Path(root), items, sampler, device, clamp
         self.folders: dict[str, Path] = {}
         self.pool: list[Item] = []
         self.shape: tuple[int, ...] = ()  # of every variant's samples, set by ensure
@@ -111,7 +111,7 @@ class Gallery:
     def _generate(self, variant: ArenaVariant, folder: Path, progress) -> dict:
         progress(f"arena: {variant.name}: generating {self.items} images ({variant.kind} {variant.spec})")
         start = time.perf_counter()
-        with load_variant(variant.spec, self.device, kind=variant.kind) as loaded_variant:
+        with load_variant(variant.spec, self.device, kind=variant.kind, clamp=self.clamp) as loaded_variant:
             loaded = loaded_variant.loaded
             classes = loaded.denoiser.num_classes
             labels = balanced_labels(self.items, min(10, classes or 10))
