@@ -254,7 +254,9 @@ def test_a_variant_whose_files_changed_is_refused_and_a_public_address_needs_pub
     runner = CliRunner()
     args = ["arena", "judge", "--judge", "psnr", "--votes", "3", "--db", str(db), "--reference", "fp", *IMAGES]
     first = {**variants, "w4a4": changed}
-    assert runner.invoke(cli, [*args, *variant_args(first)]).exit_code == 0
+    assert runner.invoke(cli, [*args, *variant_args(first), "--out", str(tmp_path / "board.json")]).exit_code == 0
+    board = json.loads((tmp_path / "board.json").read_text())
+    assert board["votes"] == 3 and {row["name"] for row in board["rows"]} == set(variants)
     shutil.rmtree(changed)
     shutil.copytree(variants["w8a8"], changed)  # recalibrated: valid, other files
     result = runner.invoke(cli, [*args, *variant_args(first)])

@@ -92,12 +92,18 @@ def serve_command(open_arena, host: str, port: int, public: bool) -> None:
 @arena.command("judge")
 @click.option("--judge", "judge_name", required=True, type=click.Choice(["psnr", "classifier"]), help="The metric that votes.")
 @click.option("--votes", default=100, show_default=True, type=click.IntRange(min=1), help="Matches the judge votes.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the leaderboard as JSON.")
 @arena_options
-def judge_command(open_arena, judge_name: str, votes: int) -> None:
+def judge_command(open_arena, judge_name: str, votes: int, out: Path | None) -> None:
     """Pre-fill an arena with a metric judge's votes, then print the leaderboard."""
+    if out is not None:
+        check_writable_file(out)
     with open_arena() as arena:
         arena.judge(judge_name, votes, progress=click.echo)
-        rows = arena.leaderboard()["rows"]
+        board = arena.leaderboard()
+    rows = board["rows"]
+    if out is not None:
+        atomic_write_text(out, json.dumps(board, indent=1))
     for row in rows:
         click.echo(f"{row['name']:>24}  μ {row['mu']:6.2f}  σ {row['sigma']:5.2f}  μ−3σ {row['conservative']:6.2f}  votes {row['votes']}")
 
