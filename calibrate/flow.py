@@ -69,24 +69,25 @@ def quantizer_tensors(quantized) -> dict[str, torch.Tensor]:
 
 
 def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: torch.device | str = "cpu",
-              progress: bool = True, fitness: ModelFitness | None = None) -> Path:  # fmt: skip
+              progress: bool = True, fitness: ModelFitness | None = None, assume_schedule: bool = False) -> Path:  # fmt: skip
     """Calibrate `model` (zoo name or local directory) and write the artifact to `out`.
 
     Progress is kept in `OUT.work/` (calibration data, the group-size search's state, one checkpoint per distilled
     block): running the same command again after a crash or kill resumes there and writes the same artifact.
-    `fitness(model) -> float` replaces the group-size search's default (calibrate/group_search.py).
+    `fitness(model) -> float` replaces the group-size search's default (calibrate/group_search.py);
+    `assume_schedule`: a model without a scheduler config is calibrated on the default DDPM schedule (recorded).
     """
     device, out = torch.device(device), Path(out)
     check_replaceable(out, KIND)  # fail before the long work, not after it
     with claim_output(out, notify=tqdm.write if progress else None):
-        return calibrate_claimed(model, config, out, device, progress, fitness)
+        return calibrate_claimed(model, config, out, device, progress, fitness, assume_schedule)
 
 
 def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device: torch.device, progress: bool,
-                      fitness: ModelFitness | None) -> Path:  # fmt: skip
+                      fitness: ModelFitness | None, assume_schedule: bool = False) -> Path:  # fmt: skip
     """calibrate() once `out` is claimed: every phase, each checked for non-finite results."""
     timer = PhaseTimer(device)
-    loaded = load_model(model, device)  # refuses non-finite weights
+    loaded = load_model(model, device, assume_schedule)  # refuses non-finite weights and a missing schedule
     fingerprint = model_fingerprint(loaded.model_dir)
     work = WorkDir(out, {"config": config.to_dict(), "source": fingerprint})
     if work.open() and progress:

@@ -27,6 +27,7 @@ from .zoo import ZOO, zoo_path
 COND_TOKENS = 8
 COND_SEED = 1000
 DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
+WEIGHT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")  # diffusers' names, shards and variants
 EXPECTED_LAYOUT = (
     "a diffusers model directory (config.json + weights, e.g. diffusion_pytorch_model.safetensors) "
     "or a pipeline directory (model_index.json with unet/ or transformer/, and scheduler/)"
@@ -139,28 +140,50 @@ def read_model_config(model_dir: Path) -> dict:
     return config
 
 
-def find_scheduler_config(model_dir: Path) -> dict:
-    """The scheduler config beside the model (model/scheduler/ or, in a pipeline, ../scheduler/)."""
-    for candidate in (model_dir / "scheduler", model_dir.parent / "scheduler"):
-        config_file = candidate / "scheduler_config.json"
+def scheduler_config_file(model_dir: Path) -> Path | None:
+    """The scheduler config saved with the model: beside its weights (a plain folder), in model/scheduler/, or in a
+    pipeline's scheduler/."""
+    for config_file in (model_dir / "scheduler_config.json", model_dir / "scheduler" / "scheduler_config.json",
+                        model_dir.parent / "scheduler" / "scheduler_config.json"):  # fmt: skip
         if config_file.is_file():
-            try:
-                return json.loads(config_file.read_text())
-            except ValueError as exc:
-                raise ModelLoadError(f"Cannot parse {config_file}: {exc}.") from exc
-    warnings.warn(
-        f"No scheduler/scheduler_config.json beside {model_dir}; assuming a DDPM schedule {DEFAULT_SCHEDULER_CONFIG}.",
-        stacklevel=2,
-    )
+            return config_file
+    return None
+
+
+def find_scheduler_config(model_dir: Path, assume_schedule: bool = False) -> dict:
+    """The model's noise schedule. A missing one is an error naming what to add, unless `assume_schedule` (the
+    CLI's explicit --scheduler) accepts the default DDPM schedule."""
+    config_file = scheduler_config_file(model_dir)
+    if config_file is not None:
+        try:
+            return json.loads(config_file.read_text())
+        except ValueError as exc:
+            raise ModelLoadError(f"Cannot parse {config_file}: {exc}.") from exc
+    if not assume_schedule:
+        raise ModelLoadError(
+            f"No scheduler config for {model_dir}: the noise schedule the model was trained with decides every timestep. "
+            f"Save it beside the weights (`scheduler.save_pretrained('{model_dir}')` writes scheduler_config.json) or in "
+            f"a scheduler/ folder there; or, where the command takes --scheduler, name one to use the default DDPM "
+            f"schedule {DEFAULT_SCHEDULER_CONFIG}."
+        )
+    warnings.warn(f"No scheduler config for {model_dir}; sampling on the default DDPM schedule {DEFAULT_SCHEDULER_CONFIG} "
+                  "as --scheduler asks.", stacklevel=2)  # fmt: skip
     return dict(DEFAULT_SCHEDULER_CONFIG)
 
 
-def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a denoiser in float32 (eval mode) with its scheduler config, from the zoo or a local directory."""
+def weight_files(model_dir: Path) -> list[Path]:
+    """The denoiser's own weight files (diffusers' names), not every *.safetensors that shares its folder."""
+    return sorted({path for pattern in WEIGHT_PATTERNS for path in model_dir.glob(pattern)})
+
+
+def load_model(spec: str | Path, device: str | torch.device = "cpu", assume_schedule: bool = False) -> LoadedModel:
+    """Load a denoiser in float32 (eval mode) with its scheduler config, from the zoo or a local directory;
+    `assume_schedule`: a model without a scheduler config samples on the default DDPM schedule."""
     import diffusers
 
     model_dir = resolve_model_dir(spec)
     class_name = read_model_config(model_dir)["_class_name"]
+    scheduler_config = find_scheduler_config(model_dir, assume_schedule)  # before minutes of loading
     try:
         model = getattr(diffusers, class_name).from_pretrained(
             model_dir, torch_dtype=torch.float32, local_files_only=True, low_cpu_mem_usage=False
@@ -170,12 +193,12 @@ def load_model(spec: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     require_finite(model.state_dict(), f"Model '{spec}'", "Its weights are corrupt: re-save or retrain it "
                    "(`dilatequant inspect` lists every such tensor).")  # fmt: skip
     denoiser = Denoiser(model, family_of_class(class_name).name).to(device).eval()
-    return LoadedModel(denoiser, find_scheduler_config(model_dir), model_dir, str(spec))
+    return LoadedModel(denoiser, scheduler_config, model_dir, str(spec))
 
 
 def model_fingerprint(model_dir: Path) -> str:
     """sha256 over the model's config.json and weight files: identifies the exact source of a calibration."""
     digest = hashlib.sha256()
-    for path in sorted([model_dir / "config.json", *model_dir.glob("*.safetensors"), *model_dir.glob("*.bin")]):
+    for path in sorted([model_dir / "config.json", *weight_files(model_dir)]):
         digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
     return digest.hexdigest()

@@ -52,6 +52,8 @@ class SamplerConfig:
     steps: int = 50
     seed: int = 0
     batch_size: int = CPU_BATCH_SIZE
+    # A model without a scheduler config samples on the default DDPM schedule (the CLI sets it for an explicit --scheduler).
+    assume_schedule: bool = False
 
     def __post_init__(self) -> None:
         if self.scheduler not in SCHEDULERS:

@@ -63,7 +63,7 @@ def test_inspect_rejects_corrupt_weights(tiny_model_dirs, tmp_path):
 def test_inspect_rejects_a_directory_without_weights(tiny_model_dirs, tmp_path):
     (tmp_path / "config.json").write_text((tiny_model_dirs["unet"] / "config.json").read_text())
     result = invoke("inspect", tmp_path)
-    assert result.exit_code == 1 and "No *.safetensors weights" in result.output
+    assert result.exit_code == 1 and "No diffusion_pytorch_model*.safetensors weights" in result.output
 
 
 def test_user_errors_are_one_line_without_traceback():

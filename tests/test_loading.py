@@ -82,12 +82,6 @@ def test_corrupt_config(tmp_path):
 
 def test_missing_weights(tiny_model_dirs, tmp_path):
     shutil.copy(tiny_model_dirs["unet"] / "config.json", tmp_path / "config.json")
+    shutil.copytree(tiny_model_dirs["unet"] / "scheduler", tmp_path / "scheduler")
     with pytest.raises(ModelLoadError, match="Cannot load the UNet2DModel weights"):
         load_model(tmp_path)
-
-
-def test_missing_scheduler_warns_and_assumes_ddpm(tiny_model_dirs, tmp_path):
-    shutil.copytree(tiny_model_dirs["unet"], tmp_path / "m", ignore=shutil.ignore_patterns("scheduler"))
-    with pytest.warns(UserWarning, match="No scheduler/scheduler_config.json"):
-        loaded = load_model(tmp_path / "m")
-    assert loaded.scheduler_config["num_train_timesteps"] == 1000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +38,7 @@ def model_options(command: Callable) -> Callable:
     @click.option("--engines", default=None, type=click.Path(path_type=Path), help=ENGINES_HELP)
     @click.option("--clamp", is_flag=True, help="With --engines: run timesteps outside the calibrated range with the nearest bucket.")
     @functools.wraps(command)
-    def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, device, **kwargs):
+    def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, device, sampler, **kwargs):
         from .variants import load_variant
 
         if engines is not None and (calib is not None or model is not None):
@@ -47,9 +48,9 @@ def model_options(command: Callable) -> Callable:
         elif calib is not None:
             variant = load_variant(calib, device, kind="calibration", source=model)
         else:
-            variant = load_variant(model or "digits", device, kind="model")
+            variant = load_variant(model or "digits", device, kind="model", assume_schedule=sampler.assume_schedule)
         with variant:
-            return command(loaded=variant.loaded, artifact=variant.artifact, device=device, **kwargs)
+            return command(loaded=variant.loaded, artifact=variant.artifact, device=device, sampler=sampler, **kwargs)
 
     return wrapper
 
@@ -98,9 +99,13 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
     if ref is None and artifact is not None:
         ref = artifact.record.source["spec"]
         artifact.check_source(ref)
-    reference = load_variant(ref, device).loaded if ref else None
-    text = json.dumps(evaluate(loaded, n, sampler, device, reference), indent=2) + "\n"
+    reference = load_variant(ref, device, assume_schedule=sampler.assume_schedule).loaded if ref else None
+    result = evaluate(loaded, n, sampler, device, reference)
+    text = json.dumps(result, indent=2) + "\n"
     click.echo(text, nl=False)  # first: a late write failure must not lose the results
+    if "metrics_skipped" in result:
+        click.echo(f"Note: no bundled quality metric for this model ({result['metrics_skipped']}); "
+                   + ("psnr_vs_ref compares it with the reference." if ref else "pass --ref MODEL for a paired PSNR."), err=True)
     if out is not None:
         write_result(out, text)
 
@@ -205,7 +210,7 @@ def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_a
     overrides.update({key: value for key, value in flags.items() if value != CalibConfig.__dataclass_fields__[key].default})
     config = recipe(recipe_name, bits, **overrides) if recipe_name else CalibConfig.from_bits(bits, **overrides)
     start = time.perf_counter()
-    path = calibrate(model, config, out, resolve_device(device))
+    path = calibrate(model, config, out, resolve_device(device), assume_schedule=options.get("scheduler") is not None)
     click.echo(f"wrote {path} ({config.bits_name}, {config.recipe}, {time.perf_counter() - start:.1f} s)")
 
 
@@ -447,7 +452,13 @@ def inspect_command(path: str, as_json: bool) -> None:
 cli.add_command(arena)
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one readable line on stderr, not Python's two-line form with a source line."""
+    click.echo(f"Warning: {' '.join(str(message).split())}", err=True)
+
+
 def main() -> None:
+    warnings.showwarning = one_line_warning
     cli()
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from dilatequant.core.denoiser import find_scheduler_config, read_model_config, resolve_model_dir
+from dilatequant.core.denoiser import find_scheduler_config, read_model_config, resolve_model_dir, scheduler_config_file, weight_files
 from dilatequant.core.errors import ModelLoadError
 from dilatequant.core.families import family_of_class
 from dilatequant.core.finite import nonfinite
@@ -41,17 +41,24 @@ def non_finite_tensors(path: Path) -> list[str]:
     return found
 
 
+def scheduler_summary(model_dir: Path) -> dict | str:
+    if scheduler_config_file(model_dir) is None:
+        return "missing: sample, eval, calibrate and export refuse this model until scheduler_config.json is beside config.json"
+    scheduler = find_scheduler_config(model_dir)
+    return {k: scheduler.get(k) for k in ("_class_name", "num_train_timesteps", "beta_schedule", "prediction_type")}
+
+
 def inspect_model(spec: str | Path) -> dict:
     """A summary of a model directory (or zoo name); raises ModelLoadError on anything malformed."""
     model_dir = resolve_model_dir(spec)
     config = read_model_config(model_dir)
-    weights = sorted(model_dir.glob("*.safetensors"))
+    weights = [path for path in weight_files(model_dir) if path.suffix == ".safetensors"]
     if not weights:
         found = ", ".join(sorted(p.name for p in model_dir.iterdir()))
-        raise ModelLoadError(f"No *.safetensors weights in {model_dir} (found: {found}). Save the model with "
-                             "save_pretrained(..., safe_serialization=True).")  # fmt: skip
+        raise ModelLoadError(f"No diffusion_pytorch_model*.safetensors weights in {model_dir} (found: {found}). Save the "
+                             "model with save_pretrained(..., safe_serialization=True).")  # fmt: skip
     files = [safetensors_summary(path) for path in weights]
-    scheduler = find_scheduler_config(model_dir)
+    others = sorted(p.name for p in model_dir.glob("*.safetensors") if p not in weights)
     summary = {
         "kind": "model",
         "path": str(model_dir),
@@ -61,8 +68,10 @@ def inspect_model(spec: str | Path) -> dict:
         "in_channels": config.get("in_channels"),
         "parameters": sum(f["parameters"] for f in files),
         "weights": files,
-        "scheduler": {k: scheduler.get(k) for k in ("_class_name", "num_train_timesteps", "beta_schedule", "prediction_type")},
+        "scheduler": scheduler_summary(model_dir),
     }
+    if others:
+        summary["not_weights"] = others  # in the folder, but not the denoiser's files: not counted, not loaded
     training = model_dir / "training.json"
     if training.is_file():
         record = json.loads(training.read_text())

@@ -6,6 +6,7 @@ import functools
 from typing import Callable
 
 import click
+from click.core import ParameterSource
 
 from dilatequant.core.errors import UserError
 from dilatequant.core.sampling import SCHEDULERS
@@ -36,7 +37,8 @@ def sampler_options(command: Callable) -> Callable:
 
         torch_device = resolve_device(device)
         batch_size = batch_size or default_batch_size(torch_device)
-        config = SamplerConfig(scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size)
+        explicit = click.get_current_context().get_parameter_source("scheduler") is ParameterSource.COMMANDLINE
+        config = SamplerConfig(scheduler=scheduler, steps=steps, seed=seed, batch_size=batch_size, assume_schedule=explicit)
         return command(sampler=config, device=torch_device, **kwargs)
 
     return wrapper

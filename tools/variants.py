@@ -52,10 +52,11 @@ def variant_kind(spec: str | Path) -> str:
 
 
 def load_variant(spec: str | Path, device: torch.device | str = "cpu", kind: str | None = None, clamp: bool = False,
-                 source: str | None = None) -> Variant:  # fmt: skip
+                 source: str | None = None, assume_schedule: bool = False) -> Variant:  # fmt: skip
     """Load `spec` as a variant of `kind` (model | calibration | engines; default: what its manifest says). A given
     kind is loaded as such (the CLI's --model, --calib, --engines), so a wrong directory gets that stage's error; `clamp`: engines run timesteps outside the calibrated range with the nearest
-    bucket; `source`: the model a calibration must have been made from (checked by fingerprint)."""
+    bucket; `source`: the model a calibration must have been made from (checked by fingerprint); `assume_schedule`: a
+    model without a scheduler config samples on the default DDPM schedule."""
     found = kind or variant_kind(spec)
     if found not in KINDS:
         raise UserError(f"Unknown variant kind '{kind}'; kinds: {', '.join(KINDS)}.")
@@ -70,4 +71,4 @@ def load_variant(spec: str | Path, device: torch.device | str = "cpu", kind: str
         if source is not None:
             artifact.check_source(source)
         return Variant(found, str(spec), artifact.model, artifact)
-    return Variant(found, str(spec), load_model(spec, device))
+    return Variant(found, str(spec), load_model(spec, device, assume_schedule))

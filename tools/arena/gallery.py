@@ -111,7 +111,8 @@ class Gallery:
     def _generate(self, variant: ArenaVariant, folder: Path, progress) -> dict:
         progress(f"arena: {variant.name}: generating {self.items} images ({variant.kind} {variant.spec})")
         start = time.perf_counter()
-        with load_variant(variant.spec, self.device, kind=variant.kind, clamp=self.clamp) as loaded_variant:
+        with load_variant(variant.spec, self.device, kind=variant.kind, clamp=self.clamp,
+                          assume_schedule=self.sampler.assume_schedule) as loaded_variant:
             loaded = loaded_variant.loaded
             classes = loaded.denoiser.num_classes
             labels = balanced_labels(self.items, min(10, classes or 10))
