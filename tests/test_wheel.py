@@ -43,3 +43,12 @@ def test_wheel_loads_its_bundled_models(fresh_venv_with_wheel):
     assert result.returncode == 0, result.stderr
     module_file, *model_dirs = result.stdout.split()
     assert len(model_dirs) == 2 and all(str(fresh_venv_with_wheel) in path for path in [module_file, *model_dirs])
+
+
+def test_wheel_ships_the_arena_pages(fresh_venv_with_wheel):
+    """The arena's static pages are package data: an installed arena serves its vote page and leaderboard."""
+    code = "from dilatequant.tools.arena.app import page; print(len(page('index.html')), len(page('leaderboard.html')))"
+    result = subprocess.run([fresh_venv_with_wheel / "bin" / "python", "-c", code], capture_output=True, text=True,
+                            cwd=fresh_venv_with_wheel)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert all(int(size) > 1000 for size in result.stdout.split())
