@@ -5,6 +5,7 @@
     dq.export("calib", dq.ExportConfig(buckets=4, profile="ort-cpu"), "onnx")   # export/ (onnx)
     dq.build("onnx", dq.BuildConfig(), "engines")                               # engines/ (a backend)
     variant = dq.load_variant("engines")                                        # a model, calibration or engines
+    pipe.unet = dq.as_diffusers("engines")                                      # engines in a diffusers pipeline
 
 The names resolve on first use, so `import dilatequant` imports no torch, onnx or runtime
 (tests/test_architecture.py checks it). Each stage's package holds the rest; the CLI is `dilatequant.tools.cli`.
@@ -24,6 +25,7 @@ EXPORTS = {
     "ExportConfig": "dilatequant.export.config",
     "build": "dilatequant.engines.engine",
     "load": "dilatequant.engines.engine",
+    "as_diffusers": "dilatequant.engines.diffusers_adapter",
     "BuildConfig": "dilatequant.engines.config",
     "profile": "dilatequant.engines.profile",
     "ProfileConfig": "dilatequant.engines.profile",
@@ -36,6 +38,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ resolve
     from dilatequant.calibrate.flow import calibrate  # noqa: F401
     from dilatequant.calibrate.recipes import recipe  # noqa: F401
     from dilatequant.engines.config import BuildConfig  # noqa: F401
+    from dilatequant.engines.diffusers_adapter import as_diffusers  # noqa: F401
     from dilatequant.engines.engine import build, load  # noqa: F401
     from dilatequant.engines.profile import ProfileConfig, profile  # noqa: F401
     from dilatequant.export.config import ExportConfig  # noqa: F401

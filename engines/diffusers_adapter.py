@@ -1,0 +1,93 @@
+"""`as_diffusers(ENGINES)`: engines as a drop-in denoiser for a diffusers pipeline.
+
+    pipe = diffusers.DDIMPipeline.from_pretrained(MODEL_DIR)
+    pipe.unet = dilatequant.as_diffusers("engines")       # pipe.transformer = ... for a DiT pipeline
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images
+
+The module takes the call signature of the model class the engines were exported from (UNet2DModel,
+UNet2DConditionModel, DiTTransformer2DModel / Transformer2DModel): `(sample | hidden_states, timestep,
+encoder_hidden_states=..., class_labels=..., return_dict=...)`, and returns its output type (`.sample`, or a tuple
+with return_dict=False). Behind it, each sample runs through the engine of its timestep's bucket (runtime.py). It
+exposes what pipelines read from a denoiser: `config` (the exported model's diffusers config), `dtype` (float32,
+the engines' I/O) and `device`. A DiT exported with learned variance returns eps and zeros for the variance half,
+which DiT pipelines discard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import BaseOutput
+
+from dilatequant.core.errors import UserError
+from dilatequant.core.families import get_family
+from dilatequant.core.sampling import DenoiserLike
+
+from .engine import EngineSet
+from .runtime import EngineDenoiser, load_engine_model
+
+
+@dataclass
+class EngineOutput(BaseOutput):
+    """What diffusers' denoisers return: `.sample`, or `[0]`."""
+
+    sample: torch.Tensor
+
+
+class DiffusersDenoiser(torch.nn.Module):
+    """Any `eps = denoiser(x, t, cond)` with a `spec` (the bucketed engines; also a calibration's fake-quant model,
+    to compare pipelines) behind a diffusers denoiser's interface (see the module docstring)."""
+
+    def __init__(self, runtime: DenoiserLike) -> None:
+        super().__init__()
+        self.runtime = runtime
+        self.config = FrozenDict(runtime.spec.config)
+        self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows pipe.to(device) for `device`
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def conditioning(self, encoder_hidden_states: torch.Tensor | None, class_labels: torch.Tensor | None) -> torch.Tensor | None:
+        spec = self.runtime.spec
+        if get_family(spec.family).cross_attention:
+            if encoder_hidden_states is None:
+                raise UserError("These engines are a cross-attention UNet: the pipeline must pass encoder_hidden_states.")
+            return encoder_hidden_states.float()
+        if spec.num_classes:
+            if class_labels is None:
+                raise UserError(f"These engines are class-conditional ({spec.num_classes} classes): pass class_labels, "
+                                "as the model they were exported from needs.")  # fmt: skip
+            return class_labels.long()
+        return None
+
+    def forward(self, sample: torch.Tensor | None = None, timestep: torch.Tensor | float | int | None = None,
+                encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                return_dict: bool = True, hidden_states: torch.Tensor | None = None, **_ignored) -> EngineOutput | tuple:  # fmt: skip
+        x = sample if sample is not None else hidden_states  # UNets name it `sample`, transformers `hidden_states`
+        if x is None or timestep is None:
+            raise UserError("A denoiser call needs the noisy sample and its timestep.")
+        t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(len(x)).round().long()
+        cond = self.conditioning(encoder_hidden_states, class_labels)
+        if cond is not None and len(cond) == 1 < len(x):
+            cond = cond.expand(len(x), *cond.shape[1:])
+        eps = self.runtime(x.float(), t, cond)
+        out_channels = self.config.get("out_channels") or x.shape[1]
+        if out_channels == 2 * x.shape[1]:  # learned variance: the engines export eps alone
+            eps = torch.cat([eps, torch.zeros_like(eps)], dim=1)
+        eps = eps.to(x.dtype)
+        return EngineOutput(sample=eps) if return_dict else (eps,)
+
+
+def as_diffusers(engines: str | Path | EngineSet, clamp: bool = False) -> DiffusersDenoiser:
+    """An engine directory as a diffusers denoiser; `clamp`: timesteps outside the calibrated range use the nearest
+    bucket (a pipeline run with another step count than the calibrated one needs it)."""
+    runtime = EngineDenoiser(engines, clamp) if isinstance(engines, EngineSet) else load_engine_model(engines, clamp).denoiser
+    return DiffusersDenoiser(runtime)
