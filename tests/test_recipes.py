@@ -21,9 +21,12 @@ from dilatequant.tools.cli import cli
 def cli_config(monkeypatch, tmp_path, *args: str) -> CalibConfig:
     """The CalibConfig `dilatequant calibrate ARGS` would run (the run itself replaced by a recorder)."""
     seen = {}
-    monkeypatch.setattr("dilatequant.calibrate.flow.calibrate", lambda model, config, out, device: seen.setdefault("config", config) and out)
+    monkeypatch.setattr("dilatequant.calibrate.flow.calibrate",
+                        lambda model, config, out, device, **options: seen.update(config=config, **options) or out)  # fmt: skip
     result = CliRunner().invoke(cli, ["calibrate", *args, "--device", "cpu", "--out", str(tmp_path / "c")])
     assert result.exit_code == 0, result.output
+    # only an explicit --scheduler lets a model without a scheduler config calibrate on the default DDPM schedule
+    assert seen["assume_schedule"] == ("--scheduler" in args)
     return seen["config"]
 
 
@@ -35,6 +38,7 @@ def test_api_and_cli_calibrate_with_the_same_defaults(monkeypatch, tmp_path):
     assert (old.bkd_iters, old.bkd_lr_weight, old.method) == (400, 1e-5, "dilatequant")
     assert cli_config(monkeypatch, tmp_path, "--method", "minmax", "--bits", "W4A8") == CalibConfig.from_bits("W4A8", method="minmax")
     assert cli_config(monkeypatch, tmp_path, "--recipe", "demo-quick", "--samples", "64") == recipe("demo-quick", samples=64)
+    assert cli_config(monkeypatch, tmp_path, "--scheduler", "ddim") == CalibConfig()
 
 
 def test_every_cli_option_default_is_its_configs_default():
