@@ -22,9 +22,9 @@ import torch
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils import BaseOutput
 
+from dilatequant.core.denoiser import SpecMixin
 from dilatequant.core.errors import UserError
 from dilatequant.core.families import get_family
-from dilatequant.core.sampling import DenoiserLike
 
 from .engine import EngineSet
 from .runtime import EngineDenoiser, load_engine_model
@@ -41,7 +41,7 @@ class DiffusersDenoiser(torch.nn.Module):
     """Any `eps = denoiser(x, t, cond)` with a `spec` (the bucketed engines; also a calibration's fake-quant model,
     to compare pipelines) behind a diffusers denoiser's interface (see the module docstring)."""
 
-    def __init__(self, runtime: DenoiserLike) -> None:
+    def __init__(self, runtime: SpecMixin) -> None:  # and callable: eps = runtime(x, t, cond)
         super().__init__()
         self.runtime = runtime
         self.config = FrozenDict(runtime.spec.config)

@@ -50,12 +50,10 @@ def variants(tiny_model_dirs, tmp_path_factory) -> dict[str, Path]:
     return {"fp": model, "w8a8": w8a8, "w4a4": w4a4, "engines": engines}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_gallery(tmp_path_factory) -> None:
-    """One image cache for the module's arenas (each has its own vote log): images are generated once."""
-    IMAGES.extend(["--gallery", str(tmp_path_factory.mktemp("arena-gallery"))])
-    yield
-    del IMAGES[-2:]
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    """Image options with one cache for the module's arenas (each has its own vote log): images are made once."""
+    return [*IMAGES, "--gallery", str(tmp_path_factory.mktemp("arena-gallery"))]
 
 
 def variant_args(variants: dict[str, Path]) -> list[str]:
@@ -80,11 +78,11 @@ def request(url: str, body: bytes | dict | None = None, headers: dict | None = N
 
 
 @contextmanager
-def arena_server(variants: dict[str, Path], db: Path, *extra: str):
+def arena_server(variants: dict[str, Path], db: Path, images: list[str], *extra: str):
     """`dilatequant arena serve` in a subprocess; yields (base URL, process) once it answers."""
     port = free_port()
     command = [sys.executable, "-m", "dilatequant.tools.cli", "arena", "serve", *variant_args(variants), "--db", str(db),
-               "--reference", "fp", "--port", str(port), "--device", "cpu", *IMAGES, *extra]  # fmt: skip
+               "--reference", "fp", "--port", str(port), "--device", "cpu", *images, *extra]  # fmt: skip
     log = db.with_suffix(".log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -131,9 +129,9 @@ def served_mus(base: str) -> dict[str, float]:
     return {row["name"]: row["mu"] for row in request(base + "/api/leaderboard")[1]["rows"]}
 
 
-def test_a_vote_reveals_the_names_and_bad_votes_are_refused_with_nothing_recorded(variants, tmp_path):
+def test_a_vote_reveals_the_names_and_bad_votes_are_refused_with_nothing_recorded(variants, tmp_path, images):
     db = tmp_path / "arena.sqlite"
-    with arena_server(variants, db) as (base, _):
+    with arena_server(variants, db, images) as (base, _):
         status, match = request(base + "/api/match")
         assert status == 200 and match["k"] == 4 and len(match["images"]) == 4
         assert not any(name in json.dumps(match) for name in ("w8a8", "w4a4", "engines"))  # anonymous until voted
@@ -167,7 +165,7 @@ def test_a_vote_reveals_the_names_and_bad_votes_are_refused_with_nothing_recorde
     assert len(ArenaStore(db).votes()) == 1  # only the good vote
 
 
-def test_twenty_concurrent_voters_lose_no_vote_and_count_none_twice(variants, tmp_path):
+def test_twenty_concurrent_voters_lose_no_vote_and_count_none_twice(variants, tmp_path, images):
     """1,000 votes from 20 threads over loopback, each replayed once more: every acknowledged vote is in the log
     exactly once, every replay refused, and the live ratings equal a replay of the log."""
     db = tmp_path / "arena.sqlite"
@@ -185,7 +183,7 @@ def test_twenty_concurrent_voters_lose_no_vote_and_count_none_twice(variants, tm
                 acknowledged.append(match_id)
                 replays.append(again)
 
-    with arena_server(variants, db, "--bootstrap", "0") as (base, _):
+    with arena_server(variants, db, images, "--bootstrap", "0") as (base, _):
         threads = [threading.Thread(target=voter, args=(i, base)) for i in range(20)]
         for thread in threads:
             thread.start()
@@ -198,7 +196,7 @@ def test_twenty_concurrent_voters_lose_no_vote_and_count_none_twice(variants, tm
     assert live == pytest.approx(replayed_mus(db), rel=1e-12)
 
 
-def test_a_kill_during_voting_loses_no_acknowledged_vote_and_a_restart_replays_the_same_ratings(variants, tmp_path):
+def test_a_kill_during_voting_loses_no_acknowledged_vote_and_a_restart_replays_the_same_ratings(variants, tmp_path, images):
     db = tmp_path / "arena.sqlite"
     acknowledged: list[str] = []
     stop = threading.Event()
@@ -213,7 +211,7 @@ def test_a_kill_during_voting_loses_no_acknowledged_vote_and_a_restart_replays_t
             if status == 200:
                 acknowledged.append(match_id)
 
-    with arena_server(variants, db) as (base, process):
+    with arena_server(variants, db, images) as (base, process):
         threads = [threading.Thread(target=voter, args=(i, base)) for i in range(4)]
         for thread in threads:
             thread.start()
@@ -226,13 +224,13 @@ def test_a_kill_during_voting_loses_no_acknowledged_vote_and_a_restart_replays_t
             thread.join()
     logged = {vote.match_id for vote in ArenaStore(db).votes()}
     assert set(acknowledged) <= logged and len(logged) <= len(acknowledged) + 4  # at most the in-flight ones more
-    with arena_server(variants, db) as (base, _):
+    with arena_server(variants, db, images) as (base, _):
         assert served_mus(base) == pytest.approx(replayed_mus(db), rel=1e-12)
 
 
-def test_export_writes_every_vote_as_csv_and_json(variants, tmp_path):
+def test_export_writes_every_vote_as_csv_and_json(variants, tmp_path, images):
     db = tmp_path / "arena.sqlite"
-    with arena_server(variants, db) as (base, _):
+    with arena_server(variants, db, images) as (base, _):
         rng = random.Random(0)
         ids = [vote_once(base, "export", rng)[0] for _ in range(5)]
     runner = CliRunner()
@@ -248,11 +246,11 @@ def test_export_writes_every_vote_as_csv_and_json(variants, tmp_path):
     assert result.exit_code == 1 and ".csv or .json" in result.output
 
 
-def test_a_variant_whose_files_changed_is_refused_and_a_public_address_needs_public(variants, tmp_path):
+def test_a_variant_whose_files_changed_is_refused_and_a_public_address_needs_public(variants, tmp_path, images):
     db = tmp_path / "arena.sqlite"
     changed = shutil.copytree(variants["w4a4"], tmp_path / "w4a4")
     runner = CliRunner()
-    args = ["arena", "judge", "--judge", "psnr", "--votes", "3", "--db", str(db), "--reference", "fp", *IMAGES]
+    args = ["arena", "judge", "--judge", "psnr", "--votes", "3", "--db", str(db), "--reference", "fp", *images]
     first = {**variants, "w4a4": changed}
     assert runner.invoke(cli, [*args, *variant_args(first), "--out", str(tmp_path / "board.json")]).exit_code == 0
     board = json.loads((tmp_path / "board.json").read_text())
@@ -282,7 +280,7 @@ def test_metric_judges_rank_the_fp_reference_first_and_agree_with_a_human_who_vo
     gallery = Gallery(tmp_path / "gallery", 6, SamplerConfig(steps=4), "cpu")
     gallery.ensure(parsed, progress=lambda line: None)
     arena = Arena(ArenaStore(tmp_path / "arena.sqlite"), gallery, parsed, ArenaConfig(k=2, reference="fp", bootstrap=50, seed=0))
-    arena.judge("psnr", 20)
+    assert arena.judge("psnr", 20) == 20  # every K = 2 match of FP against W4A4 has an order
     board = arena.leaderboard()
     assert [row["name"] for row in board["rows"]] == ["fp", "w4a4"] and board["votes"] == 20
     assert board["rows"][1]["tied_with_reference"] is False
@@ -323,7 +321,7 @@ def browser():
     driver.quit()
 
 
-def test_a_real_browser_votes_in_both_modes_sees_the_reveal_and_the_leaderboard_change(variants, tmp_path, browser):
+def test_a_real_browser_votes_in_both_modes_sees_the_reveal_and_the_leaderboard_change(variants, tmp_path, browser, images):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -337,7 +335,7 @@ def test_a_real_browser_votes_in_both_modes_sees_the_reveal_and_the_leaderboard_
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#board tbody tr")) == 4)
         return [int(e.text) for e in browser.find_elements(By.CSS_SELECTOR, "#board td.votes")]
 
-    with arena_server(variants, tmp_path / "arena.sqlite") as (base, _):
+    with arena_server(variants, tmp_path / "arena.sqlite", images) as (base, _):
         browser.get(base + "/leaderboard")
         assert board_votes() == [0, 0, 0, 0]
         browser.get(base + "/")

@@ -18,10 +18,17 @@ from dilatequant.core.errors import UserError
 from dilatequant.core.output import check_writable_file
 
 from ..options import Group, sampler_options
-from .matchmaking import ALPHA
+from .gallery import ITEMS
+from .judges import JUDGES
 from .ratings import RATING_MODELS
+from .service import ArenaConfig
 
-DEFAULTS = {"k": 4, "images": 40, "db": Path("arena.sqlite")}
+DB = Path("arena.sqlite")
+
+
+def default(field: str):
+    """ArenaConfig's default for `field`: the CLI and the Python API share one."""
+    return ArenaConfig.__dataclass_fields__[field].default
 
 
 @click.group("arena", cls=Group)
@@ -35,23 +42,23 @@ def arena_options(command: Callable) -> Callable:
 
     @click.option("--variant", "variants", multiple=True, required=True, metavar="NAME=PATH",
                   help="A variant to rank: a bundled model name, model directory, calibration artifact or engine directory. Repeat.")
-    @click.option("--k", default=DEFAULTS["k"], show_default=True, type=click.IntRange(min=2), help="Images per match.")
-    @click.option("--db", default=DEFAULTS["db"], show_default=True, type=click.Path(dir_okay=False, path_type=Path),
+    @click.option("--k", default=default("k"), show_default=True, type=click.IntRange(min=2), help="Images per match.")
+    @click.option("--db", default=DB, show_default=True, type=click.Path(dir_okay=False, path_type=Path),
                   help="SQLite vote log (created if missing; WAL).")
-    @click.option("--images", default=DEFAULTS["images"], show_default=True, type=click.IntRange(min=1),
+    @click.option("--images", default=ITEMS, show_default=True, type=click.IntRange(min=1),
                   help="Items (condition + initial noise) in the image pool of every variant.")
     @click.option("--gallery", default=None, type=click.Path(file_okay=False, path_type=Path), help="Image cache [default: DB.images/ beside --db].")
-    @click.option("--rating", default="k-sort", show_default=True, type=click.Choice(list(RATING_MODELS)),
+    @click.option("--rating", default=default("rating"), show_default=True, type=click.Choice(list(RATING_MODELS)),
                   help="k-sort: the paper's pairwise K-wise update; trueskill: the deployed multi-player update.")
     @click.option("--reference", default=None, metavar="NAME", help="The FP variant: 'tied with the reference' and the psnr judge.")
-    @click.option("--bootstrap", default=200, show_default=True, type=click.IntRange(min=0), help="Leaderboard bootstrap resamples.")
-    @click.option("--alpha", default=ALPHA, show_default=True, type=float, help="UCB exploration weight.")
+    @click.option("--bootstrap", default=default("bootstrap"), show_default=True, type=click.IntRange(min=0), help="Leaderboard bootstrap resamples.")
+    @click.option("--alpha", default=default("alpha"), show_default=True, type=float, help="UCB exploration weight.")
     @click.option("--clamp", is_flag=True, help="Engine variants run timesteps outside their calibrated range with the nearest bucket.")
     @sampler_options
     @functools.wraps(command)
     def wrapper(variants, k, db, images, gallery, rating, reference, bootstrap, alpha, clamp, sampler, device, **kwargs):
         from .gallery import Gallery, parse_variant
-        from .service import Arena, ArenaConfig
+        from .service import Arena
         from .store import ArenaStore
 
         config = ArenaConfig(k=k, rating=rating, reference=reference, bootstrap=bootstrap, alpha=alpha)
@@ -90,17 +97,19 @@ def serve_command(open_arena, host: str, port: int, public: bool) -> None:
 
 
 @arena.command("judge")
-@click.option("--judge", "judge_name", required=True, type=click.Choice(["psnr", "classifier"]), help="The metric that votes.")
-@click.option("--votes", default=100, show_default=True, type=click.IntRange(min=1), help="Matches the judge votes.")
+@click.option("--judge", "judge_name", required=True, type=click.Choice(list(JUDGES)), help="The metric that votes.")
+@click.option("--votes", "matches", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Matches the judge ranks (a match whose images it cannot tell apart gets no vote).")
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="Also write the leaderboard as JSON.")
 @arena_options
-def judge_command(open_arena, judge_name: str, votes: int, out: Path | None) -> None:
+def judge_command(open_arena, judge_name: str, matches: int, out: Path | None) -> None:
     """Pre-fill an arena with a metric judge's votes, then print the leaderboard."""
     if out is not None:
         check_writable_file(out)
     with open_arena() as arena:
-        arena.judge(judge_name, votes, progress=click.echo)
+        cast = arena.judge(judge_name, matches, progress=click.echo)
         board = arena.leaderboard()
+    click.echo(f"arena judge {judge_name}: {cast} votes in {matches} matches")
     rows = board["rows"]
     if out is not None:
         atomic_write_text(out, json.dumps(board, indent=1))
@@ -109,7 +118,7 @@ def judge_command(open_arena, judge_name: str, votes: int, out: Path | None) -> 
 
 
 @arena.command("export")
-@click.option("--db", default=DEFAULTS["db"], show_default=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--db", default=DB, show_default=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Votes as .csv or .json.")
 def export_command(db: Path, out: Path) -> None:
     """Write every vote (match, shown order, places, voter, time) and the served variants' digests."""

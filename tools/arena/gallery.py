@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image
 from dilatequant.core.atomic import atomic_write_bytes, atomic_write_text
 from dilatequant.core.denoiser import resolve_model_dir
 from dilatequant.core.errors import UserError
-from dilatequant.core.manifest import sha256_file
+from dilatequant.core.manifest import file_table
 from dilatequant.core.metrics import DigitsMetrics
 from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
@@ -30,6 +31,8 @@ from ..grid import to_uint8
 from ..variants import load_variant, variant_kind
 
 PROVENANCE = "provenance.json"
+ITEMS = 40  # images per variant by default: 4 per digit class
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,9 @@ class ArenaVariant:
 
 
 def directory_digest(directory: Path) -> str:
-    """sha256 over the sorted relative paths and contents of every file (hidden lock/staging files excluded)."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)):
-        digest.update(f"{path.relative_to(directory)}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
+    """sha256 over every file's path and sha256 (the artifacts' file table; hidden lock/staging files excluded)."""
+    table = {path: entry["sha256"] for path, entry in file_table(directory).items() if not any(part.startswith(".") for part in path.split("/"))}
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
 
 
 def parse_variant(text: str) -> ArenaVariant:
@@ -53,7 +54,7 @@ def parse_variant(text: str) -> ArenaVariant:
     name, sep, spec = text.partition("=")
     if not sep or not name or not spec:
         raise UserError(f"--variant takes NAME=PATH (e.g. fp=digits or w8a8=out/calib), got '{text}'.")
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(name) > 40:
+    if not NAME.match(name):
         raise UserError(f"Variant name '{name}' must be 1-40 letters, digits, '-', '_' or '.'.")
     kind = variant_kind(spec)
     directory = Path(spec) if kind != "model" else resolve_model_dir(spec)
@@ -83,29 +84,27 @@ class Gallery:
         return self.root / f"{variant.sha256[:16]}-{s.scheduler}{s.steps}-seed{s.seed}-n{self.items}"
 
     def ensure(self, variants: list[ArenaVariant], progress=print) -> None:
-        """Generate (or reuse) every variant's images; all variants must sample the same shape and classes."""
-        signature = None
+        """Generate (or reuse) every variant's images; all variants must sample the same shape and labels."""
+        records = {}
         for variant in variants:
-            folder = self.folder(variant)
-            self.folders[variant.name] = folder
+            folder = self.folders[variant.name] = self.folder(variant)
             if (folder / PROVENANCE).is_file():
-                record = json.loads((folder / PROVENANCE).read_text())
+                records[variant.name] = json.loads((folder / PROVENANCE).read_text())
                 progress(f"arena: {variant.name}: {self.items} images cached in {folder}")
             else:
-                record = self._generate(variant, folder, progress)
-            found = (tuple(record["shape"]), record["classes"])
-            if signature is not None and found != signature[1]:
-                raise UserError(f"Variants must sample the same images to be compared: {signature[0]} gives shape/classes "
-                                f"{signature[1]}, {variant.name} gives {found}.")  # fmt: skip
-            signature = signature or (variant.name, found)
-        self.shape, classes = signature[1]
-        self.pool = [self._item(i, classes, self.shape) for i in range(self.items)]
+                records[variant.name] = self._generate(variant, folder, progress)
+        first, *others = records.items()
+        for name, record in others:
+            if (record["shape"], record["labels"]) != (first[1]["shape"], first[1]["labels"]):
+                raise UserError(f"Variants must sample the same images to be compared: {first[0]} gives shape "
+                                f"{first[1]['shape']} with {first[1]['classes']} classes, {name} {record['shape']} with {record['classes']}.")  # fmt: skip
+        self.shape = tuple(first[1]["shape"])
+        self.pool = [self._item(i, label if first[1]["classes"] else None) for i, label in enumerate(first[1]["labels"])]
 
-    def _item(self, index: int, classes: int | None, shape: tuple) -> Item:
-        if not classes:
+    def _item(self, index: int, label: int | None) -> Item:
+        if label is None:
             return Item(index, None, f"unconditional sample #{index}")
-        label = int(balanced_labels(self.items, min(10, classes))[index])
-        noun = "the digit" if DigitsMetrics.applies_to(shape) else "class"
+        noun = "the digit" if DigitsMetrics.applies_to(self.shape) else "class"
         return Item(index, label, f"{noun} {label}")
 
     def _generate(self, variant: ArenaVariant, folder: Path, progress) -> dict:

@@ -12,6 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 from scipy.stats import spearmanr
 
 from .matchmaking import record_match
@@ -37,11 +38,6 @@ def apply_vote(ratings: dict[str, Rating], counts: Counter, shown: Sequence[str]
     record_match(counts, shown)
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))]
-
-
 def bootstrap(votes: list[Vote], names: list[str], update: Update, reference: str | None, samples: int,
               seed: int = 0) -> tuple[dict[str, tuple[float, float]], dict[str, bool]]:  # fmt: skip
     """95% intervals of each μ, and whether each variant is statistically tied with `reference`."""
@@ -57,8 +53,8 @@ def bootstrap(votes: list[Vote], names: list[str], update: Update, reference: st
             mus[name].append(ratings[name].mu)
             if reference in ratings:
                 gaps[name].append(ratings[name].mu - ratings[reference].mu)
-    intervals = {name: (percentile(v, 0.025), percentile(v, 0.975)) for name, v in mus.items()}
-    tied = {name: percentile(g, 0.025) <= 0.0 <= percentile(g, 0.975) for name, g in gaps.items() if g and name != reference}
+    intervals = {name: tuple(np.percentile(v, [2.5, 97.5]).tolist()) for name, v in mus.items()}
+    tied = {name: bool(np.percentile(g, 2.5) <= 0.0 <= np.percentile(g, 97.5)) for name, g in gaps.items() if g and name != reference}
     return intervals, tied
 
 

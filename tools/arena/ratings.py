@@ -18,6 +18,7 @@ package with its defaults, draw probability 0.1 included).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -77,10 +78,15 @@ def best_vote_ranks(k: int, best: Sequence[int]) -> list[int]:
     return [0 if i in best else 1 for i in range(k)]
 
 
+@functools.cache
+def trueskill_env():
+    """The deployed Space's environment: the `trueskill` package with its defaults (draw probability 0.1)."""
+    return require("trueskill", "The arena's 'trueskill' rating model", "arena").TrueSkill(mu=MU0, sigma=SIGMA0, beta=BETA, tau=TAU)
+
+
 def trueskill_update(ratings: Sequence[Rating], ranks: Sequence[int]) -> list[Rating]:
     """The deployed form: one multi-player TrueSkill update of the whole ranking (factor graph, ties as draws)."""
-    trueskill = require("trueskill", "The arena's 'trueskill' rating model", "arena")
-    env = trueskill.TrueSkill(mu=MU0, sigma=SIGMA0, beta=BETA, tau=TAU)
+    env = trueskill_env()
     groups = env.rate([(env.create_rating(r.mu, r.sigma),) for r in ratings], ranks=list(ranks))
     return [Rating(group[0].mu, group[0].sigma) for group in groups]
 

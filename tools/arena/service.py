@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dilatequant.core.errors import UserError
 
 from .gallery import ArenaVariant, Gallery
-from .judges import make_judge, places_from_scores
+from .judges import JUDGES, make_judge, places_from_scores
 from .leaderboard import agreement, apply_vote, replay, table
 from .matchmaking import ALPHA, next_match
 from .ratings import RATING_MODELS, best_vote_ranks
@@ -58,7 +58,9 @@ class Arena:
         self.update = RATING_MODELS[config.rating]
         self.rng = random.Random(config.seed)
         self.lock = threading.Lock()
-        self.ratings, self.counts = replay(store.votes(), [*store.variants()], self.update)
+        votes = store.votes()
+        self.ratings, self.counts = replay(votes, [*store.variants()], self.update)
+        self.votes_applied = len(votes)  # the log's length, kept here so the leaderboard's cache check reads nothing
         self._board: tuple[int, dict] | None = None
 
     def new_match(self) -> tuple[Match, str]:
@@ -93,29 +95,32 @@ class Arena:
         match = self.store.match(match_id)
         ranks = self.places(match, mode, best, places)
         with self.lock:
-            self.store.add_vote(match_id, mode, ranks, voter)
+            self.store.add_vote(match, mode, ranks, voter)
             apply_vote(self.ratings, self.counts, match.shown, ranks, self.update)
+            self.votes_applied += 1
             return {"match_id": match_id, "names": list(match.shown), "places": ranks,
                     "ratings": [{"mu": self.ratings[n].mu, "sigma": self.ratings[n].sigma} for n in match.shown]}  # fmt: skip
 
-    def judge(self, name: str, votes: int, progress=lambda line: None) -> int:
-        """Let metric judge `name` vote `votes` matches (pre-filling the arena); returns the votes cast."""
+    def judge(self, name: str, matches: int, progress=lambda line: None) -> int:
+        """Let metric judge `name` rank `matches` matches (pre-filling the arena); returns the votes cast, fewer
+        where the judge saw no difference."""
         judge = make_judge(name, self.gallery, self.config.reference)
-        for i in range(votes):
+        cast = 0
+        for i in range(matches):
             match, _ = self.new_match()
             places = places_from_scores(judge.scores(match.shown, self.gallery.pool[match.item]))
-            if len(set(places)) < 2:
-                continue  # the judge sees no difference: no information, no vote
-            self.vote(match.id, "rank", JUDGE_PREFIX + name, places=places)
+            if len(set(places)) > 1:  # all tied: no information, no vote
+                self.vote(match.id, "rank", JUDGE_PREFIX + name, places=places)
+                cast += 1
             if (i + 1) % 50 == 0:
-                progress(f"arena judge {name}: {i + 1}/{votes} matches")
-        return votes
+                progress(f"arena judge {name}: {i + 1}/{matches} matches")
+        return cast
 
     def judge_agreement(self, votes: list[Vote]) -> dict[str, dict]:
         """Per metric judge: mean Spearman ρ with the human votes on the same matches, and how many it covers."""
         human = [v for v in votes if not v.voter.startswith(JUDGE_PREFIX) and all(n in self.gallery.folders for n in v.shown)]
         result = {}
-        for name in ("psnr", "classifier"):
+        for name in JUDGES:
             try:
                 judge = make_judge(name, self.gallery, self.config.reference)
             except UserError as exc:
@@ -128,8 +133,8 @@ class Arena:
 
     def leaderboard(self) -> dict:
         """Rows (cached until the next vote) and the judges' agreement with humans."""
-        votes = self.store.votes()
-        if self._board is None or self._board[0] != len(votes):
+        if self._board is None or self._board[0] != self.votes_applied:
+            votes = self.store.votes()
             rows = table(votes, [*self.store.variants()], self.update, self.config.reference, self.config.bootstrap)
             for row in rows:
                 row["served"] = row["name"] in self.names

@@ -128,17 +128,14 @@ class ArenaStore:
             raise UnknownMatch(f"No match '{match_id}' was shown by this arena; ask /api/match for one.")
         return Match(match_id, tuple(json.loads(row[0])), row[1])
 
-    def add_vote(self, match_id: str, mode: str, places: list[int], voter: str) -> Vote:
+    def add_vote(self, match: Match, mode: str, places: list[int], voter: str) -> None:
         """Commit one vote; AlreadyVoted if the match has one (the UNIQUE constraint decides, race-free)."""
-        match = self.match(match_id)
-        now = time.time()
         with self.lock:
             try:
-                cursor = self.db.execute("INSERT INTO votes (match_id, mode, places, voter, time) VALUES (?, ?, ?, ?, ?)",
-                                         (match_id, mode, json.dumps(places), voter, now))  # fmt: skip
+                self.db.execute("INSERT INTO votes (match_id, mode, places, voter, time) VALUES (?, ?, ?, ?, ?)",
+                                (match.id, mode, json.dumps(places), voter, time.time()))  # fmt: skip
             except sqlite3.IntegrityError as exc:
-                raise AlreadyVoted(f"Match '{match_id}' was voted already; each match takes one vote.") from exc
-        return Vote(cursor.lastrowid, match_id, match.shown, match.item, mode, tuple(places), voter, now)
+                raise AlreadyVoted(f"Match '{match.id}' was voted already; each match takes one vote.") from exc
 
     def votes(self) -> list[Vote]:
         """Every vote in commit order (the order ratings are replayed in)."""
