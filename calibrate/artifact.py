@@ -151,7 +151,9 @@ class CalibrationArtifact:
     def rebuild(self, index: TimestepIndex, device: torch.device | str = "cpu") -> LoadedModel:
         """The fake-quant model again, with activation tables of `index`'s rows (to be initialised by the caller
         when they differ from the calibrated grid)."""
-        return restore_quantized(self.path / "model", self.plan, self.tensors, index, self.config, torch.device(device))
+        loaded = restore_quantized(self.path / "model", self.plan, self.tensors, index, self.config, torch.device(device))
+        loaded.denoiser.prompts = self.calibration_data().prompts  # labels of the calibration data index them
+        return loaded
 
     def calibration_data(self) -> CalibrationData:
         """The calibration inputs, read once (export reads them for the bucket scales and the check inputs)."""

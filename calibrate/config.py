@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from dilatequant.core.errors import UserError
 from dilatequant.core.manifest import recorded_config
-from dilatequant.core.sampling import SCHEDULERS
+from dilatequant.core.sampling import GUIDANCE_SCALE, SCHEDULERS
 
 from .recipes import METHOD_FIELDS, METHODS, PARTS, RECIPES, get_recipe
 
@@ -73,6 +73,11 @@ class CalibConfig:
     scheduler: str = "ddim"
     steps: int = 50
     seed: int = 0
+    # text-to-image pipelines: trajectories follow these prompts (cycled) with classifier-free guidance against the
+    # negative prompt, recording both halves; none: class ids (or a cross-attention model's seeded stand-in states)
+    prompts: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    guidance_scale: float = GUIDANCE_SCALE
     # block-wise knowledge distillation
     bkd_iters: int | None = None  # the method's: 2000 per block (dilatequant), 0 (minmax), 5000 (eda-dm)
     bkd_batch: int = 32
@@ -93,6 +98,7 @@ class CalibConfig:
             raise UserError(f"Calibration option method='{self.method}' is not one of: {', '.join(METHODS)}.")
         self._resolve_method_settings()
         object.__setattr__(self, "group_choices", tuple(self.group_choices))  # a JSON record holds a list
+        object.__setattr__(self, "prompts", tuple(self.prompts))
         for name, value, allowed in (
             ("act_init", self.act_init, ACT_INITS), ("recipe", self.recipe, tuple(RECIPES)), ("softmax_quantizer", self.softmax_quantizer, SOFTMAX_QUANTIZERS),
             ("weight_init", self.weight_init, WEIGHT_INITS), ("boundary", self.boundary, BOUNDARY),
@@ -146,6 +152,8 @@ class CalibConfig:
                             "computes their grids at run time. Turn one of them off.")  # fmt: skip
         if self.reparam_iters < 0:
             raise UserError(f"reparam_iters must be >= 0, got {self.reparam_iters}.")
+        if self.guidance_scale < 1:
+            raise UserError(f"guidance_scale must be >= 1 (1: no classifier-free guidance), got {self.guidance_scale}.")
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
         if self.samples > self.trajectories * self.steps:

@@ -19,7 +19,7 @@ from dilatequant.core.sampling import SamplerConfig, default_batch_size, samplin
 
 from .artifact import KIND, CalibrationRecord, write_artifact
 from .bkd import distill
-from .calib_data import collect
+from .calib_data import attach_prompts, collect
 from .config import CalibConfig
 from .dilation import summarise
 from .group_search import ModelFitness, search_group_sizes
@@ -96,6 +96,7 @@ def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device:
     timesteps = sampling_timesteps(loaded.scheduler_config, SamplerConfig(config.scheduler, config.steps))
     with timer.phase("calibration_data"):
         data = work.load_data()
+        attach_prompts(loaded, config, data)  # a resumed run's prompts are those it recorded
         if data is None:
             data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
             require_finite({"x": data.x}, f"The calibration inputs recorded along '{model}''s FP trajectories",

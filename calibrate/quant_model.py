@@ -75,7 +75,7 @@ class QuantizedDenoiser(Denoiser):
 
     def __init__(self, denoiser: Denoiser, index: TimestepIndex, plan: list[LayerPlan]) -> None:
         super().__init__(denoiser.model, denoiser.family)
-        self.index, self.plan = index, plan
+        self.index, self.plan, self.prompts = index, plan, denoiser.prompts
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         self.index.set_timesteps(t)

@@ -11,21 +11,26 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .conditioning import CondLayout, standin
 from .errors import ModelLoadError
 from .families import family_of_class, get_family
 from .finite import require_finite
 from .manifest import sha256_file
 from .zoo import ZOO, zoo_path
 
+if TYPE_CHECKING:
+    from .pipelines import PromptTable
+
 # Without a text encoder (offline, no hub) a cross-attention model is conditioned on seeded random
 # encoder states, one fixed tensor per class id: a structural stand-in, the same in every run.
 COND_TOKENS = 8
 COND_SEED = 1000
+VAE_SCALE = 8  # latent -> pixel size of the stand-in's size conditioning (Stable Diffusion's and PixArt's VAEs)
 DEFAULT_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
 WEIGHT_PATTERNS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin")  # diffusers' names, shards and variants
 EXPECTED_LAYOUT = (
@@ -53,13 +58,18 @@ class ModelSpec:
         """Number of class labels the model is conditioned on (None: unconditional or cross-attention)."""
         return get_family(self.family).num_classes(self.config)
 
+    @property
+    def layout(self) -> CondLayout:
+        return get_family(self.family).layout(self.config)
+
     def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """Per-sample conditioning for class ids `labels` (class labels, or encoder states for cross-attention)."""
-        if get_family(self.family).cross_attention:
-            dim = self.config["cross_attention_dim"]
-            states = [torch.randn(COND_TOKENS, dim, generator=torch.Generator().manual_seed(COND_SEED + int(label)))
-                      for label in labels]  # fmt: skip
-            return torch.stack(states)
+        """Per-sample conditioning for class ids `labels`: class labels, or for cross-attention seeded stand-in encoder
+        states per id (core/prompts.py encodes real prompts)."""
+        family = get_family(self.family)
+        if family.cross_attention:
+            pixels = tuple(VAE_SCALE * side for side in self.sample_shape[1:])
+            return torch.stack([standin(self.layout, COND_TOKENS, self.config[family.states_dim_key], pixels,
+                                        torch.Generator().manual_seed(COND_SEED + int(label))) for label in labels])  # fmt: skip
         return labels if self.num_classes else None
 
     def to_dict(self) -> dict:
@@ -67,9 +77,11 @@ class ModelSpec:
 
 
 class SpecMixin:
-    """What samplers need besides the call, read from `self.spec` (torch denoisers and engines alike)."""
+    """What samplers need besides the call, read from `self.spec` (torch denoisers and engines alike). With `prompts`
+    (a text encoder's conditioning rows, core/pipelines.py) labels are prompt indices."""
 
     spec: ModelSpec
+    prompts: PromptTable | None = None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -80,7 +92,7 @@ class SpecMixin:
         return self.spec.num_classes
 
     def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return self.spec.conditioning(labels)
+        return self.prompts.conditioning(labels) if self.prompts is not None else self.spec.conditioning(labels)
 
 
 class Denoiser(SpecMixin, nn.Module):
