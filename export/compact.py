@@ -9,8 +9,11 @@ into initializers.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import string
+
+import numpy as np
 
 from .qdq import ACT_SCALE, ACT_ZERO_POINT
 
@@ -32,21 +35,35 @@ def per_bucket(name: str) -> bool:
 
 
 def share_equal_constants(graph) -> int:
-    """Point every node input at one initializer per distinct (dtype, shape, value); returns inputs re-pointed."""
+    """Point every node input at one initializer per distinct (dtype, shape, value); returns inputs re-pointed.
+    Values are compared only among constants of one dtype and shape, and read without keeping them (`peek`):
+    an unread external weight stays on disk."""
     import onnx_graphsurgeon as gs
 
-    first: dict[tuple, object] = {}
+    uses = [(node, i, tensor) for node in graph.nodes for i, tensor in enumerate(node.inputs)
+            if isinstance(tensor, gs.Constant) and not per_bucket(tensor.name)]  # fmt: skip
+    alike: dict[tuple, list] = {}
+    for use in uses:
+        alike.setdefault((np.dtype(use[2].dtype).str, tuple(use[2].shape)), []).append(use)
     shared = 0
-    for node in graph.nodes:
-        for i, tensor in enumerate(node.inputs):
-            if not isinstance(tensor, gs.Constant) or per_bucket(tensor.name):
-                continue
-            values = tensor.values
-            canonical = first.setdefault((values.dtype.str, values.shape, values.tobytes()), tensor)
+    for group in alike.values():
+        if len({id(tensor) for _, _, tensor in group}) < 2:
+            continue
+        first: dict[bytes, object] = {}
+        digests: dict[int, bytes] = {}
+        for node, i, tensor in group:
+            digest = digests.setdefault(id(tensor), hashlib.sha256(peek(tensor).tobytes()).digest())
+            canonical = first.setdefault(digest, tensor)
             if canonical is not tensor:
                 node.inputs[i] = canonical
                 shared += 1
     return shared
+
+
+def peek(constant) -> np.ndarray:
+    """A constant's values, read without onnx-graphsurgeon caching them in the constant (as `.values` does)."""
+    lazy = constant._values  # gs keeps unread values as a LazyValues (graph.attach_external's, or its own)
+    return lazy.load() if hasattr(lazy, "load") else lazy
 
 
 def compact(graph) -> int:

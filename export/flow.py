@@ -29,7 +29,7 @@ from .buckets import choose_buckets
 from .compact import compact
 from .config import ExportConfig
 from .contract import CHECK_INPUTS_FILE, FORMAT_VERSION, KIND, WEIGHTS_FILE
-from .graph import attention_inputs, compute_node_names, export_fp_graph
+from .graph import attention_inputs, compute_node_names, export_fp_graph, external_location, load_graph
 from .matmul_nbits import add_domain, check_deployable, replace_linear
 from .precision import to_float16
 from .profiles import PROFILES, ExportProfile
@@ -37,6 +37,9 @@ from .qdq import ACT_SCALE, ACT_ZERO_POINT, BLOCKED_OPSET, blocked_weight_dq, ha
 from .simplify import simplify
 
 CHECK_SAMPLES_PER_BUCKET = 4
+EMBEDDED_BYTES = 64  # an initializer this small stays in the graph: an external reference costs about as much
+ALIGNMENT = 64  # each tensor's offset in the weights file (cache lines: ONNX Runtime may use the mapped file as is)
+COPY_CHUNK = 64 * 2**20
 # ONNX Runtime fuses these into QLinearConv / QGemm only when their output is quantized too (measured, ORT 1.31)
 FUSED_WITH_OUTPUT = ("Conv", "Gemm")
 
@@ -125,14 +128,21 @@ def dynamic_profiles() -> str:
 
 def fp_graph(artifact, config: ExportConfig, work: Path):
     """The exported FP graph (onnx-graphsurgeon), its quantized layers' compute nodes and, when the artifact quantizes
-    attention, each attention matmul input's (node, slot) (attention then exports explicitly, as calibrated)."""
-    onnx, gs = require_onnx()
+    attention, each attention matmul input's (node, slot) (attention then exports explicitly, as calibrated).
+    Weights the exporter wrote as external data stay in `work` until written out; the torch model is gone
+    before the graph is read."""
     fp_path = work / "fp.onnx"
-    denoiser = load_model(artifact.path / "model").denoiser
-    attentions = use_explicit_attention(denoiser.model) if artifact.config.quantize_attention else []
-    export_fp_graph(denoiser, fp_path, config.opset)
-    graph = simplify(onnx.load(str(fp_path)))
+    attentions = export_model(artifact.path / "model", fp_path, config.opset, artifact.config.quantize_attention)
+    graph = simplify(load_graph(fp_path), work)
     return graph, name_layer_nodes(graph, [row["layer"] for row in artifact.quantized_layers()]), attention_inputs(graph, attentions)
+
+
+def export_model(model_dir: Path, path: Path, opset: int, explicit_attention: bool = False) -> list[str]:
+    """torch.onnx.export of the model in `model_dir` to `path` (its attentions' names, exported explicitly when asked)."""
+    denoiser = load_model(model_dir).denoiser
+    attentions = use_explicit_attention(denoiser.model) if explicit_attention else []
+    export_fp_graph(denoiser, path, opset)
+    return attentions
 
 
 def name_layer_nodes(graph, layers: list[str]) -> dict:
@@ -210,19 +220,61 @@ def set_bucket(model, scales: BucketScales, bucket: int, metadata: dict[str, str
         model.metadata_props.add(key=f"dilatequant.{key}", value=value)
 
 
-def save_with_shared_weights(model, path: Path) -> None:
-    """Save with every initializer in WEIGHTS_FILE except the per-bucket activation scales and zero points,
-    which stay inside the graph: later bucket graphs rewrite only those and reference the same file."""
-    from onnx import external_data_helper
+def save_with_shared_weights(model, path: Path, source_dir: Path | None = None) -> None:
+    """Save with every initializer in WEIGHTS_FILE beside `path` except the per-bucket activation scales and zero
+    points and tiny tensors, which stay inside the graph: later bucket graphs rewrite only those and reference the
+    same file. Written tensor by tensor: an in-memory one moves from the proto to the file; one still in the
+    exporter's external data (in `source_dir`) is copied file to file, never entering memory whole."""
+    from onnx.external_data_helper import uses_external_data
 
     onnx, _ = require_onnx()
-    external_data_helper.convert_model_to_external_data(model, all_tensors_to_one_file=True, location=WEIGHTS_FILE,
-                                                        size_threshold=0)  # fmt: skip
-    for initializer in model.graph.initializer:  # an external reference costs more than a few bytes of data
-        if initializer.name.startswith((ACT_SCALE, ACT_ZERO_POINT)) or len(initializer.raw_data) <= 64:
-            initializer.data_location = onnx.TensorProto.DEFAULT
+    with open(path.parent / WEIGHTS_FILE, "wb") as weights:
+        for initializer in model.graph.initializer:
+            external = uses_external_data(initializer)
+            size = external_location(initializer, source_dir)[2] if external else len(initializer.raw_data)
+            if initializer.name.startswith((ACT_SCALE, ACT_ZERO_POINT)) or (size is not None and size <= EMBEDDED_BYTES):
+                if external:  # the exporter's external data of a tiny tensor: into the graph, like an in-memory one
+                    initializer.raw_data = read_external(initializer, source_dir)
+                    del initializer.external_data[:]
+                    initializer.data_location = onnx.TensorProto.DEFAULT
+                continue
+            weights.write(b"\0" * (-weights.tell() % ALIGNMENT))
+            offset = weights.tell()
+            if external:
+                copy_external(initializer, source_dir, weights)
+            else:
+                weights.write(initializer.raw_data)
+                initializer.ClearField("raw_data")
             del initializer.external_data[:]
+            for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", weights.tell() - offset)):
+                initializer.external_data.add(key=key, value=str(value))
+            initializer.data_location = onnx.TensorProto.EXTERNAL
     onnx.save_model(model, str(path))
+
+
+def external_chunks(tensor, source_dir: Path | None):
+    """An external-data tensor's bytes, in chunks of at most COPY_CHUNK."""
+    if source_dir is None:
+        raise ValueError(f"initializer {tensor.name} is external data: pass the directory it is relative to")
+    path, offset, length = external_location(tensor, source_dir)
+    with open(path, "rb") as source:
+        source.seek(offset)
+        remaining = length if length is not None else path.stat().st_size - offset
+        while remaining:
+            chunk = source.read(min(COPY_CHUNK, remaining))
+            if not chunk:
+                raise ValueError(f"{path} ends before initializer {tensor.name}'s {length} bytes")
+            yield chunk
+            remaining -= len(chunk)
+
+
+def copy_external(tensor, source_dir: Path | None, sink) -> None:
+    for chunk in external_chunks(tensor, source_dir):
+        sink.write(chunk)
+
+
+def read_external(tensor, source_dir: Path | None) -> bytes:
+    return b"".join(external_chunks(tensor, source_dir))
 
 
 def attention_record(artifact, attention: dict) -> dict:
@@ -261,7 +313,6 @@ def export(calib: str | Path, config: ExportConfig, out: str | Path, progress: b
 
 def write_export(artifact, calib: Path, config: ExportConfig, out: Path, progress: bool) -> Path:
     onnx, _ = require_onnx()
-    from onnx import numpy_helper
 
     say = tqdm.write if progress else (lambda message: None)
     table, estimated = choose_buckets(artifact.record.timesteps, artifact.act_steps(), config.buckets, config.auto_tolerance)
@@ -271,7 +322,7 @@ def write_export(artifact, calib: Path, config: ExportConfig, out: Path, progres
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE, "check_inputs": CHECK_INPUTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
               "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as work:  # the exporter's external data, until copied into the weights file
         say(f"export: tracing the FP graph of {calib} ({config.profile}, {len(table)} buckets)")
         graph, nodes, attention = fp_graph(artifact, config, Path(work))
         quantized_outputs = output_quantized_layers(graph, nodes, config.target, frozenset(row["layer"] for row in group_rows(artifact)))
@@ -279,22 +330,31 @@ def write_export(artifact, calib: Path, config: ExportConfig, out: Path, progres
         scales = bucket_scales(artifact, table, quantized_outputs=quantized_outputs, scales=config.scales)
         say("export: Q/DQ graph")
         template = quantize_graph(graph, nodes, attention, artifact, scales, config)
-    require_finite({i.name: numpy_helper.to_array(i) for i in template.graph.initializer}, "The exported graph",
-                   f"Its initializers come from {calib}: re-calibrate, or check the model for NaN/Inf weights.")  # fmt: skip
-    fields.update(quantized_outputs=sorted(quantized_outputs), attention=attention_record(artifact, attention),
-                  **model_fields(scales.spec, scales.scheduler_config, (table.grid[0], table.grid[-1])))
-    with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
-        (staging / CHECK_INPUTS_FILE).write_bytes(check_inputs(artifact, table).to_bytes())
-        for k, (low, high) in enumerate(tqdm(table.ranges(), desc="write bucket graphs", unit="graph", disable=not progress)):
-            metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
-                        "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
-            set_bucket(template, scales, k, metadata)
-            if k == 0:
-                save_with_shared_weights(template, staging / files["bucket_0"])
-                template = onnx.load(str(staging / files["bucket_0"]), load_external_data=False)
-            else:
-                onnx.save_model(template, str(staging / files[f"bucket_{k}"]))
+        del graph, nodes  # the template holds what is left of them
+        require_finite(embedded_arrays(template), "The exported graph",
+                       f"Its initializers come from {calib}: re-calibrate, or check the model for NaN/Inf weights.")  # fmt: skip
+        fields.update(quantized_outputs=sorted(quantized_outputs), attention=attention_record(artifact, attention),
+                      **model_fields(scales.spec, scales.scheduler_config, (table.grid[0], table.grid[-1])))  # fmt: skip
+        with staged_directory(out, KIND, FORMAT_VERSION, fields) as staging:
+            (staging / CHECK_INPUTS_FILE).write_bytes(check_inputs(artifact, table).to_bytes())
+            for k, (low, high) in enumerate(tqdm(table.ranges(), desc="write bucket graphs", unit="graph", disable=not progress)):
+                metadata = {"bucket": str(k), "timestep_range": f"{low}-{high}", "profile": config.profile,
+                            "source_artifact_sha256": source_sha, "version": library_versions()["dilatequant"]}  # fmt: skip
+                set_bucket(template, scales, k, metadata)
+                if k == 0:
+                    save_with_shared_weights(template, staging / files["bucket_0"], Path(work))
+                else:
+                    onnx.save_model(template, str(staging / files[f"bucket_{k}"]))
     return out
+
+
+def embedded_arrays(model) -> dict[str, np.ndarray]:
+    """The initializers held in the graph proto (what export computed: integer weights, scales, float16 weights). The
+    exporter's external data is the model's FP32 weights, which load_model found finite."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if not uses_external_data(i)}
 
 
 def export_unquantized(model: str | Path, precision: str, out: str | Path) -> Path:
@@ -305,22 +365,26 @@ def export_unquantized(model: str | Path, precision: str, out: str | Path) -> Pa
         raise UserError(f"--precision {precision} is not an unquantized precision; choose fp32 or fp16.")
     check_replaceable(Path(out), KIND)
     loaded = load_model(model)
-    with tempfile.TemporaryDirectory() as work:
+    layers = [layer for group in input_groups(loaded.denoiser.model) for layer in group.layers]
+    with tempfile.TemporaryDirectory() as work:  # the exporter's external data, until copied into the weights file
         export_fp_graph(loaded.denoiser, Path(work) / "fp.onnx", ExportConfig().opset)
-        graph = simplify(onnx.load(str(Path(work) / "fp.onnx")))
-    # nodes named after their layers, so other tools can address them (e.g. quantize_static's nodes_to_exclude)
-    name_layer_nodes(graph, [layer for group in input_groups(loaded.denoiser.model) for layer in group.layers])
-    if precision == "fp16":
-        to_float16(graph)
-    compact(graph)
-    template = gs.export_onnx(graph.cleanup().toposort())
-    del template.graph.value_info[:]
-    return export_single_graph(template, loaded, "unquantized", precision, out)
+        loaded.denoiser.to("meta")  # the weights are in the graph now; the module keeps the config (spec) the manifest needs
+        graph = simplify(load_graph(Path(work) / "fp.onnx"), Path(work))
+        # nodes named after their layers, so other tools can address them (e.g. quantize_static's nodes_to_exclude)
+        name_layer_nodes(graph, layers)
+        if precision == "fp16":
+            to_float16(graph)
+        compact(graph)
+        template = gs.export_onnx(graph.cleanup().toposort())
+        del graph, template.graph.value_info[:]
+        return export_single_graph(template, loaded, "unquantized", precision, out, source_dir=Path(work))
 
 
-def export_single_graph(model, loaded, profile: str, precision: str, out: str | Path, source: dict | None = None) -> Path:
+def export_single_graph(model, loaded, profile: str, precision: str, out: str | Path, source: dict | None = None,
+                        source_dir: Path | None = None) -> Path:  # fmt: skip
     """Write one graph (an onnx ModelProto, for every timestep) as a one-bucket export directory: the FP
-    baseline, or a graph quantized by another tool (`profile` names it) that engines and profile then take."""
+    baseline, or a graph quantized by another tool (`profile` names it) that engines and profile then take;
+    `source_dir`: where the external data of `model`, if any, lies."""
     out = Path(out)
     check_replaceable(out, KIND)
     steps = loaded.scheduler_config.get("num_train_timesteps", 1000)
@@ -336,7 +400,7 @@ def export_single_graph(model, loaded, profile: str, precision: str, out: str | 
         del model.metadata_props[:]
         for key, value in metadata.items():
             model.metadata_props.add(key=f"dilatequant.{key}", value=value)
-        save_with_shared_weights(model, staging / "bucket_0.onnx")
+        save_with_shared_weights(model, staging / "bucket_0.onnx", source_dir)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -42,11 +43,62 @@ def export_fp_graph(denoiser: Denoiser, path: Path, opset: int) -> list[str]:
     args = (x, t) if cond is None else (x, t, cond)
     names = list(INPUT_NAMES[: len(args)])
     axes = {name: {0: "batch"} for name in [*names, OUTPUT_NAME]}
+    if cond is not None and cond.dim() == 3:  # encoder states: text encoders pad to their own length (CLIP 77, T5 120)
+        axes["cond"][1] = "tokens"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(ExportWrapper(denoiser).eval(), args, str(path), input_names=names, output_names=[OUTPUT_NAME],
                           opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)  # fmt: skip
     return names
+
+
+def load_graph(path: Path):
+    """The exported graph as an onnx ModelProto whose weights stay on disk: the exporter writes a model over 2 GB
+    as external data, which is neither read here nor copied until a pass needs a tensor's values
+    (`attach_external`) or the export writes it to its weights file (flow.save_with_shared_weights)."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def external_values_class():
+    """ExternalValues, defined on first use: onnx-graphsurgeon is an optional import."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    class ExternalValues(LazyValues):
+        """An external-data tensor read from its file each time a pass asks for its values, without putting the
+        data into the tensor proto (onnx's loader does) or keeping a mapping of the file open."""
+
+        def __init__(self, tensor, base_dir: Path) -> None:
+            super().__init__(tensor)
+            self.path, self.offset, _ = external_location(tensor, base_dir)
+
+        def load(self) -> np.ndarray:
+            count = int(np.prod(self.shape, dtype=np.int64))
+            return np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset).reshape(self.shape)
+
+    return ExternalValues
+
+
+def external_location(tensor, base_dir: Path) -> tuple[Path, int, int | None]:
+    """(file, offset, length or None: to the end of the file) of an external-data tensor proto."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    return base_dir / info["location"], int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+
+
+def attach_external(graph, base_dir: Path) -> int:
+    """Give every external-data constant of an onnx-graphsurgeon graph values read from `base_dir` on demand;
+    returns how many. Constants nobody reads stay references, and export_onnx writes them back as such."""
+    import onnx_graphsurgeon as gs
+    from onnx.external_data_helper import uses_external_data
+
+    values_class, attached = external_values_class(), 0
+    for tensor in graph.tensors().values():
+        lazy = getattr(tensor, "_values", None)  # gs keeps an unread initializer's proto here (its LazyValues)
+        if isinstance(tensor, gs.Constant) and hasattr(lazy, "tensor") and uses_external_data(lazy.tensor):
+            tensor.values = values_class(lazy.tensor, base_dir)
+            attached += 1
+    return attached
 
 
 def onnx_scope(layer: str) -> str:

@@ -8,6 +8,8 @@ thing as a constant. Divisions and multiplications by a scalar 1 (diffusers' `ou
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -36,7 +38,7 @@ def remove_identity_arithmetic(graph) -> int:
     removed = 0
     for node in graph.nodes:
         constant = node.inputs[1] if node.op in ("Mul", "Div") and len(node.inputs) == 2 else None
-        if not isinstance(constant, gs.Constant) or constant.values.ndim != 0 or constant.values != 1:
+        if not isinstance(constant, gs.Constant) or len(constant.shape) != 0 or constant.values != 1:  # shape: not read
             continue
         source, output = node.inputs[0], node.outputs[0]
         if output in graph.outputs:
@@ -50,14 +52,19 @@ def remove_identity_arithmetic(graph) -> int:
     return removed
 
 
-def simplify(model):
+def simplify(model, base_dir: Path | None = None):
     """An onnx-graphsurgeon graph of `model` with batch-carrying shape arithmetic folded and identities removed.
     ONNX Runtime's symbolic shape inference is used: it tracks the dynamic batch through Reshape/Concat chains
-    where onnx's own inference gives up (measured on digits: 54 of 54 such Reshapes vs 7)."""
+    where onnx's own inference gives up (measured on digits: 54 of 54 such Reshapes vs 7). External-data
+    weights (`model` loaded without them, graph.load_graph) are read from `base_dir` only where a pass needs them."""
     import onnx_graphsurgeon as gs
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    from .graph import attach_external
+
     graph = gs.import_onnx(SymbolicShapeInference.infer_shapes(model, auto_merge=True))
+    if base_dir is not None:
+        attach_external(graph, base_dir)
     remove_identity_arithmetic(graph)
     fold_batch_reshapes(graph)
     graph.cleanup().fold_constants(fold_shapes=True, error_ok=False).cleanup()

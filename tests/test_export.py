@@ -172,6 +172,49 @@ def test_buckets_share_one_weights_file_and_differ_only_in_activation_scales(exp
     assert props[0]["dilatequant.timestep_range"].startswith("0-") and props[1]["dilatequant.timestep_range"].endswith("-999")
 
 
+def toy_model(tensors: dict[str, np.ndarray]):
+    """A graph that adds its initializers to its input (each is a [4] float32 or bigger tensor)."""
+    from onnx import helper
+
+    nodes, previous = [], "x"
+    for index, name in enumerate(tensors):
+        nodes.append(helper.make_node("Add", [previous, name], [f"y{index}"]))
+        previous = f"y{index}"
+    graph = helper.make_graph(nodes, "toy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info(previous, onnx.TensorProto.FLOAT, [4])],
+                              [numpy_helper.from_array(v, k) for k, v in tensors.items()])  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("source", ["in memory", "external, a file per tensor (the exporter over 2 GB)"])
+def test_weights_are_written_tensor_by_tensor_as_onnx_would_write_them(tmp_path, source):
+    """save_with_shared_weights streams every initializer into weights.bin: from the proto, or copied file to file
+    from the exporter's external data without reading it into the proto; the graph reads back as onnx's own
+    external-data save writes it (same tensors, same values), scales and tiny tensors embedded."""
+    from onnx.external_data_helper import uses_external_data
+
+    from dilatequant.export.flow import save_with_shared_weights
+
+    tensors = {"w0": np.arange(4, dtype=np.float32), "s:0": np.full(4, 0.5, np.float32), "tiny": np.ones(4, np.float32)}
+    model, source_dir = toy_model(tensors), None
+    model.graph.initializer.append(numpy_helper.from_array(np.random.default_rng(0).standard_normal((300, 4)).astype(np.float32), "big"))
+    expected = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    if source.startswith("external"):
+        source_dir = tmp_path / "exporter"
+        source_dir.mkdir()
+        onnx.save_model(model, str(source_dir / "fp.onnx"), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+        model = onnx.load(str(source_dir / "fp.onnx"), load_external_data=False)
+        assert all(uses_external_data(i) for i in model.graph.initializer)
+    (tmp_path / "out").mkdir()
+    save_with_shared_weights(model, tmp_path / "out" / "bucket_0.onnx", source_dir)
+    written = onnx.load(str(tmp_path / "out" / "bucket_0.onnx"), load_external_data=False)
+    external = {i.name for i in written.graph.initializer if uses_external_data(i)}
+    assert external == {"big"}
+    reread = onnx.load(str(tmp_path / "out" / "bucket_0.onnx"))
+    assert {i.name: numpy_helper.to_array(i).tolist() for i in reread.graph.initializer} == {k: v.tolist() for k, v in expected.items()}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bucket_0.onnx", "weights.bin"]
+
+
 def test_ort_profile_gives_each_consumer_its_own_pair(exports):
     _, (model, *_) = graphs(exports["unet", "ort-cpu"])
     quantize_inputs = {}
