@@ -26,7 +26,7 @@ class FidelityError(ArtifactError):
     """Built engines compute something else than their graphs; nothing was written."""
 
 KIND = "engines"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "2.0"  # 2.0: ONNX Runtime engines share one weights file
 
 
 def build(export_dir: str | Path, config: BuildConfig, out: str | Path) -> Path:

@@ -13,13 +13,19 @@ the flag is not needed, and it would change their kernels too.
 
 K sessions share one CPU memory arena. Measured on `digits` W8A8 (batch 8, 2 threads): loading and running
 K = 1 / 4 / 8 buckets added 110 / 119 / 135 MB (`engines/memory.py`); a probe with one arena per session
-took 515 MB for K = 8. Sharing the byte-identical initializers (the weights) through
-`SessionOptions.add_initializer` was measured too and saved nothing (337 vs 340 MB): the weights are 5 MB.
+took 515 MB for K = 8.
+
+Weights: the buckets' optimized graphs differ only in what the activation scales touch (scales, folded
+biases), so the build keeps one WEIGHTS_FILE of distinct initializers that every bucket graph references
+(`SharedWeights`), and a process gives every session the same read-only mapping of it through
+`SessionOptions.add_initializer` (`mapped_initializers`), instead of each session reading its own copy.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +38,9 @@ from dilatequant.core.optional import require
 from .backend import BucketEngine, BuildContext, cpu_name
 from .config import BuildConfig
 
+WEIGHTS_FILE = "weights.bin"  # every bucket graph's initializers over 1 KiB, each distinct tensor once
+ALIGNMENT = 64
+EXTERNAL_MIN_BYTES = 1024
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 CPU_PROVIDER = "CPUExecutionProvider"
 
@@ -122,16 +131,19 @@ class OnnxRuntimeBackend:
         ort = require_onnxruntime()
         provider = choose_provider(context.config.provider)
         engines = {}
-        for key, graph in context.export_manifest["graphs"].items():
-            options = session_options(context.config, optimize=True)
-            options.optimized_model_filepath = str(context.staging / f"{key}.onnx")
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{key}.bin")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            graph_input = optimizer_input(context.export_dir / graph, options, precise_kernels(context.config))
-            ort.InferenceSession(graph_input, options, providers=[provider])
-            engines[key] = f"{key}.onnx"
+        with SharedWeights(context.staging / WEIGHTS_FILE) as shared:
+            for key, graph in context.export_manifest["graphs"].items():
+                options = session_options(context.config, optimize=True)
+                options.optimized_model_filepath = str(context.staging / f"{key}.onnx")
+                options.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{key}.bin")
+                options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_MIN_BYTES))
+                graph_input = optimizer_input(context.export_dir / graph, options, precise_kernels(context.config))
+                ort.InferenceSession(graph_input, options, providers=[provider])
+                shared.take(context.staging / f"{key}.onnx", context.staging / f"{key}.bin")
+                engines[key] = f"{key}.onnx"
         kernels = "u8u8" if precise_kernels(context.config) else "u8s8"
-        return {"engines": engines, "provider": provider, "integer_kernels": kernels, "u8s8_saturates": u8s8_saturates()}
+        return {"engines": engines, "provider": provider, "integer_kernels": kernels, "u8s8_saturates": u8s8_saturates(),
+                "weights_file": WEIGHTS_FILE, "weights_shared": shared.record()}  # fmt: skip
 
     def optimized_session(self, graph: bytes | Path, optimized_path: Path, config: BuildConfig):
         """A CPU session over `graph` (serialized, or a file) optimized as the engines are, its optimized graph
@@ -143,6 +155,9 @@ class OnnxRuntimeBackend:
 
     def load(self, engine_dir: Path, manifest: dict, bucket: str) -> OnnxRuntimeEngine:
         check_device(engine_dir, manifest, self.device(BuildConfig(provider=manifest["provider"])))
+        if "weights_file" not in manifest:  # the engine format's major version changed with it; this names the cause
+            raise ArtifactError(f"{engine_dir} keeps a copy of the weights per bucket (built by an older dilatequant); "
+                                "this one shares one weights file. Rebuild the engines with `dilatequant build`.")  # fmt: skip
         config = BuildConfig.from_dict(manifest["build"], manifest["format_version"])
         return OnnxRuntimeEngine(engine_dir / manifest["engines"][bucket], config, manifest["provider"])
 
@@ -171,6 +186,83 @@ def optimizer_input(graph: Path, options, precise: bool) -> str | bytes:
     return model.SerializeToString()
 
 
+class SharedWeights:
+    """One weights file for every bucket graph: `take` moves an optimized graph's initializers from its own file
+    into the shared one, each distinct tensor (by sha256) written once, and deletes its file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offsets: dict[bytes, tuple[int, int]] = {}
+        self.referenced = 0
+
+    def __enter__(self) -> SharedWeights:
+        self.sink = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sink.close()
+
+    def take(self, graph: Path, own_weights: Path) -> None:
+        import onnx
+
+        model = onnx.load(str(graph), load_external_data=False)
+        with open(own_weights, "rb") as source:
+            for tensor in external_tensors(model):
+                info = {entry.key: entry.value for entry in tensor.external_data}
+                source.seek(int(info.get("offset", 0)))
+                data = source.read(int(info["length"]))
+                offset, length = self.add(data)
+                del tensor.external_data[:]
+                for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
+                    tensor.external_data.add(key=key, value=str(value))
+        onnx.save_model(model, str(graph))
+        own_weights.unlink()
+
+    def add(self, data: bytes) -> tuple[int, int]:
+        """(offset, length) of `data` in the shared file, appended (aligned) unless an equal tensor is there."""
+        self.referenced += len(data)
+        digest = hashlib.sha256(data).digest()
+        if digest not in self.offsets:
+            self.sink.write(b"\0" * (-self.sink.tell() % ALIGNMENT))
+            self.offsets[digest] = (self.sink.tell(), len(data))
+            self.sink.write(data)
+        return self.offsets[digest]
+
+    def record(self) -> dict:
+        """What the manifest says: bytes the graphs reference, and bytes the shared file holds."""
+        return {"referenced_bytes": self.referenced, "stored_bytes": sum(length for _, length in self.offsets.values())}
+
+
+def external_tensors(model) -> list:
+    from onnx.external_data_helper import uses_external_data
+
+    return [tensor for tensor in model.graph.initializer if uses_external_data(tensor)]
+
+
+@functools.cache
+def mapped_file(path: Path) -> mmap.mmap:
+    """One read-only mapping of a weights file per process: every session's initializers are views of it."""
+    with open(path, "rb") as file:
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def mapped_initializers(graph: Path) -> dict[str, object]:
+    """OrtValues over the shared weights file's mapping for every external initializer of `graph` (add_initializer
+    takes them as they are: the sessions of all buckets read one copy, paged in from the file)."""
+    import onnx
+    from onnx import helper
+
+    ort = require_onnxruntime()
+    values = {}
+    for tensor in external_tensors(onnx.load(str(graph), load_external_data=False)):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        buffer = mapped_file(graph.parent / info["location"])
+        array = np.frombuffer(buffer, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), count=int(np.prod(tensor.dims, dtype=np.int64)),
+                              offset=int(info["offset"])).reshape(tuple(tensor.dims))  # fmt: skip
+        values[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
+    return values
+
+
 def check_device(engine_dir: Path, manifest: dict, device: str) -> None:
     if manifest["device"] != device:
         raise ArtifactError(f"{engine_dir} was built on {manifest['device']}; this machine is {device}. Optimized graphs "
@@ -196,6 +288,7 @@ class OnnxRuntimeEngine(BucketEngine):
         self.path, self.config, self.provider = path, config, provider
         self.sessions: list = []
         self.pool: ThreadPoolExecutor | None = None
+        self.initializers: dict[str, object] = {}
 
     def _activate(self) -> None:
         options = session_options(self.config, optimize=False)
@@ -203,6 +296,9 @@ class OnnxRuntimeEngine(BucketEngine):
             register_shared_arena()
             options.add_session_config_entry("session.use_env_allocators", "1")
         ort = require_onnxruntime()
+        self.initializers = mapped_initializers(self.path)  # kept alive as long as the sessions that read them
+        for name, value in self.initializers.items():
+            options.add_initializer(name, value)
         self.sessions = [ort.InferenceSession(str(self.path), options, providers=[self.provider]) for _ in range(self.config.streams)]
         self.pool = ThreadPoolExecutor(len(self.sessions), thread_name_prefix="ort-stream") if len(self.sessions) > 1 else None
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -211,7 +307,7 @@ class OnnxRuntimeEngine(BucketEngine):
     def _close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-        self.sessions, self.pool = [], None
+        self.sessions, self.pool, self.initializers = [], None, {}
 
     def _infer(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         batch = len(next(iter(feeds.values())))

@@ -123,6 +123,9 @@ def test_corrupt_or_foreign_engine_directories_are_refused(engines, tmp_path):
     written_with(backend_version="0.1")
     with pytest.raises(ArtifactError, match="built with onnxruntime 0.1.*Rebuild"):
         load(copy)
+    written_with(format_version="1.0")  # a weights file per bucket, before they shared one
+    with pytest.raises(ArtifactError, match="format version 1.0.*Re-create"):
+        load(copy)
     written_with(device="cpu (another CPU)")
     with pytest.raises(ArtifactError, match="built on cpu \\(another CPU\\).*rebuild"):
         load(copy)
@@ -140,6 +143,25 @@ def test_corrupt_or_foreign_engine_directories_are_refused(engines, tmp_path):
     assert not (tmp_path / "never").exists()
     with pytest.raises(UserError, match="strip-weights is a TensorRT option"):
         BuildConfig(strip_weights=True)
+
+
+def test_every_bucket_engine_reads_one_shared_weights_file_whatever_k(tiny_model_dirs, exports, engines, tmp_path):
+    """The buckets' optimized graphs differ only where activation scales reach (scales, folded biases): one weights
+    file holds each distinct tensor once, whatever K."""
+    calib = exports["unet"].parent / "unet-cal"
+    sizes = {}
+    for k in (1, 4):
+        built = build(export(calib, ExportConfig(buckets=k, profile="ort-cpu"), tmp_path / f"export-{k}"), BuildConfig(threads=1),
+                      tmp_path / f"engines-{k}")  # fmt: skip
+        assert sorted(p.name for p in built.iterdir()) == sorted(["manifest.json", "weights.bin", *(f"bucket_{i}.onnx" for i in range(k))])
+        for graph in built.glob("bucket_*.onnx"):
+            model = onnx.load(str(graph), load_external_data=False)
+            locations = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+            assert locations == {"weights.bin"}
+        shared = json.loads((built / "manifest.json").read_text())["weights_shared"]
+        assert shared["referenced_bytes"] >= k * shared["stored_bytes"] / 1.1
+        sizes[k] = (built / "weights.bin").stat().st_size
+    assert sizes[4] < 1.1 * sizes[1]  # only the scale-dependent tensors repeat
 
 
 def test_unquantized_export_is_one_bucket_over_every_timestep(tiny_model_dirs, tmp_path):
