@@ -151,6 +151,31 @@ def upstream_ops(name: str, producers: dict, depth: int = 6) -> list[str]:
     return ops
 
 
+def load_for_lint(path: Path):
+    """The graph at `path` with only what lint reads: Q/DQ scales and zero points. A graph's weights may be external
+    data beyond protobuf's 2 GB (an SD-size export): they stay on disk. Not an ONNX file: a one-line UserError."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    from dilatequant.core.errors import UserError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
+        raise UserError(f"{path} is not an ONNX model ({type(exc).__name__}); lint takes a .onnx graph, e.g. an export's "
+                        "bucket_0.onnx.") from None  # fmt: skip
+    read = {name for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear") for name in node.input[1:]}
+    for tensor in model.graph.initializer:
+        if tensor.name in read and uses_external_data(tensor):
+            try:
+                load_external_data_for_tensor(tensor, str(Path(path).parent))
+            except OSError as exc:
+                raise UserError(f"{path} keeps initializer {tensor.name} in external data that cannot be read ({exc}); keep the "
+                                "graph beside its weights file (an export directory as written).") from None  # fmt: skip
+            tensor.data_location = onnx.TensorProto.DEFAULT
+    return model
+
+
 def ort_fusion(path: Path, threads: int = 1) -> dict:
     """Optimize with ONNX Runtime's CPU EP and report which quantized compute nodes became integer kernels."""
     import onnx
@@ -163,6 +188,9 @@ def ort_fusion(path: Path, threads: int = 1) -> dict:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        # weights beside it: an optimized graph over protobuf's 2 GB (an SD-size FP32 UNet) cannot be one file
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         options.intra_op_num_threads = threads
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)

@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
+from dilatequant.core.errors import UserError
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
 from dilatequant.export.lint import lint_tensorrt
@@ -80,3 +81,27 @@ def test_cli_lint_exit_codes(exported, tmp_path):
     assert bad.exit_code == 1 and "[symmetric] q:" in bad.output
     report = CliRunner().invoke(cli, ["lint", str(exported["ort-cpu"] / "bucket_0.onnx"), "--profile", "ort-cpu", "--min-fused", "0"])
     assert report.exit_code == 0 and json.loads(report.stdout)["quantized_compute_nodes"] > 0
+
+
+def test_a_graph_with_external_weights_is_linted_without_reading_them(tmp_path):
+    """A graph beyond protobuf's 2 GB keeps its weights in external data: lint reads only the Q/DQ scales and zero
+    points (a negative weight scale here, in the external file, is still found); the weights stay on disk. ONNX
+    Runtime's fusion report saves its optimized graph with external initializers too."""
+    from onnx.external_data_helper import uses_external_data
+
+    from dilatequant.export.lint import load_for_lint, ort_fusion
+
+    model = graph()
+    model.ir_version, model.opset_import[0].version = 9, 19  # what ONNX Runtime reads
+    weight_scale = next(i for i in model.graph.initializer if i.name == "ws")
+    weight_scale.CopyFrom(numpy_helper.from_array(np.full(4, -0.5, np.float32), "ws"))
+    onnx.save_model(model, str(tmp_path / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+                    size_threshold=0)  # fmt: skip
+    loaded = load_for_lint(tmp_path / "g.onnx")
+    kept = {i.name for i in loaded.graph.initializer if uses_external_data(i)}
+    assert kept == {"w"}
+    assert [v.rule for v in lint_tensorrt(loaded)] == ["scale"]
+    assert ort_fusion(tmp_path / "g.onnx")["quantized_compute_nodes"] == 1
+    (tmp_path / "not.onnx").write_text("hello")
+    with pytest.raises(UserError, match="not an ONNX model"):
+        load_for_lint(tmp_path / "not.onnx")
