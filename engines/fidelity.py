@@ -286,7 +286,8 @@ def bucket_feeds(export_dir: Path, manifest: dict) -> dict[str, dict[str, np.nda
         else:
             x = rng.standard_normal((SAMPLES_PER_BUCKET, *spec.sample_shape))
             t, labels = np.full(SAMPLES_PER_BUCKET, (low + high) // 2), np.arange(SAMPLES_PER_BUCKET) % (spec.num_classes or 1)
-        cond = spec.conditioning(torch.from_numpy(labels.astype(np.int64)))
+        labels = torch.from_numpy(labels.astype(np.int64))
+        cond = torch.from_numpy(recorded["prompt_rows"])[labels] if recorded and "prompt_rows" in recorded else spec.conditioning(labels)
         feeds[f"bucket_{k}"] = {"x": x.astype(np.float32), "t": t.astype(np.int64),
                                 **({"cond": cond.numpy()} if cond is not None else {})}  # fmt: skip
     return feeds

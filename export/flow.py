@@ -291,7 +291,7 @@ def check_inputs(artifact, table: BucketTable) -> CalibrationData:
     data = artifact.calibration_data()
     buckets = torch.from_numpy(table.buckets_of(data.t))
     rows = torch.cat([(buckets == k).nonzero().flatten()[:CHECK_SAMPLES_PER_BUCKET] for k in range(len(table))])
-    return CalibrationData(data.x[rows], data.t[rows], data.labels[rows])
+    return CalibrationData(data.x[rows], data.t[rows], data.labels[rows], prompts=data.prompts)  # labels index the prompts' rows
 
 
 def model_fields(spec: ModelSpec, scheduler_config: dict, calibrated_range: tuple[int, int]) -> dict:
