@@ -102,8 +102,11 @@ def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device:
             require_finite({"x": data.x}, f"The calibration inputs recorded along '{model}''s FP trajectories",
                            "The model's own sampling diverges; check the model and its scheduler config.")  # fmt: skip
             work.save_data(data)
+    distilling = parts_that_ran(config).reconstruction == "block-distillation"
     with timer.phase("transforms"):  # dilation and the post-norm reparameterisation, where configured
-        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress)
+        # distillation and the group-size search compare against the FP model; otherwise it is not needed again
+        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress,
+                                                      in_place=not (distilling or config.group_search))  # fmt: skip
     with timer.phase("initialisation"):
         saved = work.load_initialisation()
         if saved is None:
@@ -118,7 +121,7 @@ def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device:
         with timer.phase("group_search"):
             searched = search_group_sizes(quantized, loaded, config, device, work.path / "group_search.json", fitness, progress)
     blocks = {}
-    if parts_that_ran(config).reconstruction == "block-distillation":
+    if distilling:
         with timer.phase("distillation"):
             blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress)
         if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum

@@ -216,10 +216,12 @@ def weight_quantizer(layer: nn.Conv2d | nn.Linear, row: LayerPlan, config: Calib
 
 
 def prepare(denoiser: Denoiser, timesteps: torch.Tensor, config: CalibConfig, data: CalibrationData | None = None,
-            batch_size: int = CPU_BATCH_SIZE, progress: bool = True) -> tuple[QuantizedDenoiser, dict[str, DilationRecord], dict[str, dict]]:  # fmt: skip
+            batch_size: int = CPU_BATCH_SIZE, progress: bool = True, in_place: bool = False,
+            ) -> tuple[QuantizedDenoiser, dict[str, DilationRecord], dict[str, dict]]:  # fmt: skip
     """A fake-quantized copy of `denoiser` (dilated, then reparameterised on `data`, when configured), quantizers not
-    yet initialised; also the reparameterisation's statistics."""
-    denoiser = copy.deepcopy(denoiser).eval()
+    yet initialised; also the reparameterisation's statistics. `in_place`: `denoiser` itself becomes it (no second
+    copy of the weights: for a caller that no longer needs the FP model)."""
+    denoiser = (denoiser if in_place else copy.deepcopy(denoiser)).eval()
     family = get_family(denoiser.family)
     groups, plan = quantized_groups(denoiser.model, family, config)
     records = dilate(denoiser.model, family, groups, config.dilation_cap) if config.dilation else {}

@@ -203,3 +203,22 @@ def test_an_unrelated_output_directory_is_never_overwritten(tiny_model_dirs, tmp
     with pytest.raises(ArtifactError, match="is not a dilatequant calibration directory; refusing to overwrite"):
         calibrate(tiny_model_dirs["unet"], CalibConfig(bkd_iters=0, **TINY), keep, progress=False)
     assert (keep / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.parametrize("bkd_iters", [0, 2])
+def test_only_distillation_keeps_a_second_copy_of_the_model(tiny_model_dirs, tmp_path, monkeypatch, bkd_iters):
+    """Without distillation (or the group-size search) the FP model is not needed after the calibration data: it
+    becomes the fake-quant model in place, so calibration holds one copy of the weights, not two."""
+    import dilatequant.calibrate.flow as flow
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("in_place", False))
+        return prepare(*args, **kwargs)
+
+    prepare = flow.prepare
+    monkeypatch.setattr(flow, "prepare", spy)
+    config = CalibConfig.from_bits("W8A8", method="dilatequant", bkd_iters=bkd_iters, samples=16, trajectories=4, steps=4)
+    calibrate(tiny_model_dirs["unet"], config, tmp_path / "cal", progress=False)
+    assert seen == [bkd_iters == 0]
