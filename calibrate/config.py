@@ -113,9 +113,9 @@ class CalibConfig:
                 raise UserError(f"{name}={bits} is unsupported; use one of {', '.join(map(str, SUPPORTED_BITS))}.")
         if self.samples < 1 or self.trajectories < 1 or self.steps < 1 or self.bkd_iters < 0:
             raise UserError("samples, trajectories and steps must be >= 1 and bkd_iters >= 0.")
-        if self.timestep_sampling == "tdac" and self.samples > self.trajectories:
+        if self.timestep_sampling == "tdac" and self.samples > self.trajectories * self.halves:
             raise UserError(f"timestep_sampling='tdac' takes every sample from its own trajectory: samples={self.samples} "
-                            f"needs trajectories >= {self.samples} (got {self.trajectories}).")  # fmt: skip
+                            f"needs trajectories >= {-(-self.samples // self.halves)} (got {self.trajectories}).")  # fmt: skip
         if not (0 <= self.qdrop_prob <= 1 and self.fbr_lambda >= 0):
             raise UserError(f"qdrop_prob must be in [0, 1] and fbr_lambda >= 0; got {self.qdrop_prob}, {self.fbr_lambda}.")
         rates = {"bkd_lr_weight": self.bkd_lr_weight, "bkd_lr_step": self.bkd_lr_step, "bkd_lr_rounding": self.bkd_lr_rounding}
@@ -156,9 +156,9 @@ class CalibConfig:
             raise UserError(f"guidance_scale must be >= 1 (1: no classifier-free guidance), got {self.guidance_scale}.")
         if not (self.tdac_radius > 0 and self.tdac_lambda >= 0):
             raise UserError(f"tdac_radius must be > 0 and tdac_lambda >= 0, got {self.tdac_radius}, {self.tdac_lambda}.")
-        if self.samples > self.trajectories * self.steps:
-            raise UserError(f"samples={self.samples} exceeds the {self.trajectories} trajectories x {self.steps} "
-                            "steps recorded; raise trajectories or lower samples.")  # fmt: skip
+        if self.samples > self.trajectories * self.steps * self.halves:
+            raise UserError(f"samples={self.samples} exceeds the {self.trajectories} trajectories x {self.steps} steps"
+                            f"{' x 2 guided halves' if self.halves == 2 else ''} recorded; raise trajectories or lower samples.")  # fmt: skip
 
     def _resolve_method_settings(self) -> None:
         """Fill the fields left None from the method, and refuse settings the method would not run: a config
@@ -188,6 +188,11 @@ class CalibConfig:
         if match is None:
             raise UserError(f"Bit preset '{preset}' is not of the form WxAy; use one of {', '.join(BIT_PRESETS)}.")
         return cls(weight_bits=int(match[1]), act_bits=int(match[2]), **overrides)
+
+    @property
+    def halves(self) -> int:
+        """Denoiser inputs recorded per trajectory and step: 2 under classifier-free guidance (prompt and negative)."""
+        return 2 if self.prompts and self.guidance_scale != 1 else 1
 
     @property
     def bits_name(self) -> str:

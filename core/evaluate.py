@@ -1,8 +1,10 @@
-"""Sample a model and score it: fid_digits, class_accuracy and (with a reference model) psnr_vs_ref."""
+"""Sample a model and score it: fid_digits, class_accuracy and (with a reference model) psnr_vs_ref. A model
+given prompts (core/pipelines.py) generates through its pipeline's VAE and is scored on the decoded images."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -10,11 +12,21 @@ from .denoiser import LoadedModel
 from .environment import describe_device, library_versions
 from .errors import UserError
 from .metrics import DigitsMetrics, digits_metrics, psnr_vs_ref
+from .pipelines import decode_latents
 from .sampling import SamplerConfig, balanced_labels, sample
 
 
 def labels_for(model: LoadedModel, n: int) -> torch.Tensor:
-    return balanced_labels(n, min(10, model.denoiser.num_classes or 10))
+    """Prompt indices cycling over the model's prompts, else class ids cycling over (at most) ten classes."""
+    prompts = model.denoiser.prompts
+    return prompts.labels(n) if prompts is not None else balanced_labels(n, min(10, model.denoiser.num_classes or 10))
+
+
+def generate(model: LoadedModel, labels: torch.Tensor, sampler: SamplerConfig, device: torch.device, progress: bool = True) -> torch.Tensor:
+    """Images in [-1, 1] for `labels`: sampled, and with prompts decoded by the pipeline's VAE from the latents."""
+    prompts = model.denoiser.prompts
+    images = sample(model.denoiser, model.scheduler_config, labels, sampler, device, progress, latents=prompts is not None)
+    return decode_latents(Path(prompts.pipeline), images) if prompts is not None else images
 
 
 def score(images: torch.Tensor, labels: torch.Tensor, reference_images: torch.Tensor | None = None) -> dict:
@@ -47,16 +59,19 @@ def evaluate(
         )
     labels = labels_for(model, n)
     start = time.perf_counter()
-    images = sample(model.denoiser, model.scheduler_config, labels, sampler, device, progress)
+    images = generate(model, labels, sampler, device, progress)
     sampling_seconds = time.perf_counter() - start
     result: dict = {
         "model": model.source, "n": n, "steps": sampler.steps, "scheduler": sampler.scheduler, "seed": sampler.seed,
         "batch_size": sampler.batch_size, "device": describe_device(device), "seconds": round(sampling_seconds, 2),
         "images_per_second": round(n / sampling_seconds, 2),
     }  # fmt: skip
+    if model.denoiser.prompts is not None:
+        prompts = model.denoiser.prompts
+        result.update(prompts=prompts.prompts, negative_prompt=prompts.negative_prompt, guidance_scale=sampler.guidance_scale)
     reference_images = None
     if reference is not None:
-        reference_images = sample(reference.denoiser, reference.scheduler_config, labels, sampler, device, progress)
+        reference_images = generate(reference, labels, sampler, device, progress)
         result["reference"] = reference.source
     result.update(score(images, labels, reference_images))
     if reference_images is not None:  # same labels and noise: the reference's own metrics, for paired comparisons

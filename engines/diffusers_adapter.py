@@ -1,22 +1,25 @@
 """`as_diffusers(ENGINES)`: engines as a drop-in denoiser for a diffusers pipeline.
 
-    pipe = diffusers.DDIMPipeline.from_pretrained(MODEL_DIR)
-    pipe.unet = dilatequant.as_diffusers("engines")       # pipe.transformer = ... for a DiT pipeline
+    pipe = diffusers.DDIMPipeline.from_pretrained(MODEL_DIR)      # or StableDiffusionPipeline, PixArtAlphaPipeline, ...
+    pipe.unet = dilatequant.as_diffusers("engines")       # pipe.transformer = ... for a DiT or PixArt pipeline
     images = pipe(batch_size=4, generator=torch.Generator().manual_seed(0)).images
 
 The module takes the call signature of the model class the engines were exported from (UNet2DModel,
-UNet2DConditionModel, DiTTransformer2DModel / Transformer2DModel): `(sample | hidden_states, timestep,
-encoder_hidden_states=..., class_labels=..., return_dict=...)`, and returns its output type (`.sample`, or a tuple
-with return_dict=False). Behind it, each sample runs through the engine of its timestep's bucket (runtime.py). It
-exposes what pipelines read from a denoiser: `config` (the exported model's diffusers config), `dtype` (float32,
-the engines' I/O) and `device`. A DiT exported with learned variance returns eps and zeros for the variance half,
-which DiT pipelines discard.
+UNet2DConditionModel, DiTTransformer2DModel / Transformer2DModel, PixArtTransformer2DModel): `(sample |
+hidden_states, timestep, encoder_hidden_states=..., encoder_attention_mask=..., added_cond_kwargs=..., class_labels=...,
+return_dict=...)`, and returns its output type (`.sample`, or a tuple with return_dict=False). What a text-conditioned
+model takes besides the encoder states (SDXL's text_embeds and time_ids, PixArt's mask) is packed into the engines'
+one `cond` input as the family's layout says (core/conditioning.py). Behind it, each sample runs through the engine of
+its timestep's bucket (runtime.py). It exposes what pipelines read from a denoiser: `config` (the exported model's
+diffusers config), `dtype` (float32, the engines' I/O) and `device`. A model exported with learned variance returns
+eps and zeros for the variance half, which pipelines discard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from diffusers.configuration_utils import FrozenDict
@@ -46,6 +49,8 @@ class DiffusersDenoiser(torch.nn.Module):
         self.runtime = runtime
         self.config = FrozenDict(runtime.spec.config)
         self.register_buffer("anchor", torch.zeros(()), persistent=False)  # follows pipe.to(device) for `device`
+        if "projection_class_embeddings_input_dim" in self.config:  # SDXL pipelines check their time ids' width against it
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=self.config["projection_class_embeddings_input_dim"]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -55,12 +60,14 @@ class DiffusersDenoiser(torch.nn.Module):
     def device(self) -> torch.device:
         return self.anchor.device
 
-    def conditioning(self, encoder_hidden_states: torch.Tensor | None, class_labels: torch.Tensor | None) -> torch.Tensor | None:
+    def conditioning(self, encoder_hidden_states: torch.Tensor | None, class_labels: torch.Tensor | None,
+                     encoder_attention_mask: torch.Tensor | None = None, added_cond_kwargs: dict | None = None) -> torch.Tensor | None:  # fmt: skip
         spec = self.runtime.spec
         if get_family(spec.family).cross_attention:
             if encoder_hidden_states is None:
-                raise UserError("These engines are a cross-attention UNet: the pipeline must pass encoder_hidden_states.")
-            return encoder_hidden_states.float()
+                raise UserError("These engines are a text-conditioned denoiser: the pipeline must pass encoder_hidden_states.")
+            extras = {name: value for name, value in (added_cond_kwargs or {}).items() if value is not None}
+            return spec.layout.pack(encoder_hidden_states.float(), encoder_attention_mask, extras)
         if spec.num_classes:
             if class_labels is None:
                 raise UserError(f"These engines are class-conditional ({spec.num_classes} classes): pass class_labels, "
@@ -70,12 +77,13 @@ class DiffusersDenoiser(torch.nn.Module):
 
     def forward(self, sample: torch.Tensor | None = None, timestep: torch.Tensor | float | int | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
-                return_dict: bool = True, hidden_states: torch.Tensor | None = None, **_ignored) -> EngineOutput | tuple:  # fmt: skip
+                return_dict: bool = True, hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None,
+                added_cond_kwargs: dict | None = None, **_ignored) -> EngineOutput | tuple:  # fmt: skip
         x = sample if sample is not None else hidden_states  # UNets name it `sample`, transformers `hidden_states`
         if x is None or timestep is None:
             raise UserError("A denoiser call needs the noisy sample and its timestep.")
         t = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(len(x)).round().long()
-        cond = self.conditioning(encoder_hidden_states, class_labels)
+        cond = self.conditioning(encoder_hidden_states, class_labels, encoder_attention_mask, added_cond_kwargs)
         if cond is not None and len(cond) == 1 < len(x):
             cond = cond.expand(len(x), *cond.shape[1:])
         eps = self.runtime(x.float(), t, cond)

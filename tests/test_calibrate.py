@@ -35,7 +35,7 @@ def relative_error(artifact_dir, model_dir) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
+@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit", "pixart"])
 def test_rebuilt_fake_quant_model_tracks_fp_and_more_bits_track_better(artifacts, tiny_model_dirs, family):
     w8a8 = relative_error(artifacts[family, "W8A8"], tiny_model_dirs[family])
     w4a4 = relative_error(artifacts[family, "W4A4"], tiny_model_dirs[family])

@@ -24,7 +24,7 @@ from dilatequant.tools.cli import cli
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
-FAMILIES = ["unet", "unet-cond", "dit"]
+FAMILIES = ["unet", "unet-cond", "dit", "pixart"]
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def check_buckets_against_torch(out, calib, samples_per_bucket: int = 4, end_to_
         assert np.linalg.norm(values["eps"] - reference) / np.linalg.norm(reference) < end_to_end_rtol
 
 
-@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit"])
+@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit", "pixart"])
 @pytest.mark.parametrize("profile", ["tensorrt", "ort-cpu"])
 def test_every_bucket_quantizes_exactly_like_torch_and_tracks_it_end_to_end(exports, calibrations, family, profile):
     # random tiny weights amplify the few rounding flips more than a trained model does (digits: 2%)

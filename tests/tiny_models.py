@@ -31,6 +31,11 @@ TINY_CONFIGS: dict[str, tuple[str, dict, str | None]] = {
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, num_embeds_ada_norm=10,
     ), "transformer"),
+    # PixArt-like: adaLN-single DiT blocks with cross-attention to (masked) T5 states, learned sigma.
+    "pixart": ("PixArtTransformer2DModel", dict(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+        cross_attention_dim=16, caption_channels=32, norm_num_groups=4,
+    ), "transformer"),
 }  # fmt: skip
 
 
@@ -123,9 +128,7 @@ def build_tiny_pipeline(kind: str, root: Path) -> Path:
     elif kind == "pixart":  # T5 states under a padding mask, adaLN-single DiT blocks with cross-attention, learned sigma
         t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=32, num_layers=1,
                                                                num_heads=2, pad_token_id=1, eos_token_id=1))  # fmt: skip
-        transformer = diffusers.PixArtTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_layers=2,
-                                                         num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
-                                                         caption_channels=32, norm_num_groups=4)  # fmt: skip
+        transformer = diffusers.PixArtTransformer2DModel(**TINY_CONFIGS["pixart"][1])
         pipe = diffusers.PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=t5, vae=vae, transformer=transformer, scheduler=scheduler)
     else:
         raise ValueError(f"unknown tiny pipeline {kind}")

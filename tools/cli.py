@@ -15,6 +15,7 @@ from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.output import check_writable_file
+from dilatequant.core.pipelines import read_prompts
 from dilatequant.core.sampling import SCHEDULERS
 from dilatequant.core.zoo import ZOO
 from dilatequant.engines.config import BACKENDS, FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
@@ -31,15 +32,23 @@ ENGINES_HELP = "Engine directory (dilatequant build): sample through its engines
 
 
 def model_options(command: Callable) -> Callable:
-    """--model / --calib / --engines, resolved into (the model to run, its calibration artifact or None)."""
+    """--model / --calib / --engines, resolved into (the model to run, its calibration artifact or None); with
+    --prompts, the model is given them (labels are then prompt indices)."""
 
     @click.option("--model", default=None, help=MODEL_HELP + "  [default: digits]")
     @click.option("--calib", default=None, type=click.Path(path_type=Path), help=CALIB_HELP)
     @click.option("--engines", default=None, type=click.Path(path_type=Path), help=ENGINES_HELP)
     @click.option("--clamp", is_flag=True, help="With --engines: run timesteps outside the calibrated range with the nearest bucket.")
+    @click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+                  help="Text file, one prompt per line: a text-to-image pipeline's images of these prompts (cycled), "
+                       "decoded by its VAE.")  # fmt: skip
+    @click.option("--negative-prompt", default="", help="With --prompts: the prompt guidance steers away from.")
+    @click.option("--pipeline", default=None, type=click.Path(file_okay=False, path_type=Path),
+                  help="With --prompts: the pipeline whose text encoder and VAE to use [default: the one the model came from].")
     @functools.wraps(command)
-    def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, device, sampler, **kwargs):
-        from .variants import load_variant
+    def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, prompts_file: Path | None,
+                negative_prompt: str, pipeline: Path | None, device, sampler, **kwargs):  # fmt: skip
+        from .variants import load_variant, prompt_table
 
         if engines is not None and (calib is not None or model is not None):
             raise UserError("--engines runs an engine directory on its own; drop --model/--calib (use --ref for a reference).")
@@ -50,6 +59,10 @@ def model_options(command: Callable) -> Callable:
         else:
             variant = load_variant(model or "digits", device, kind="model", assume_schedule=sampler.assume_schedule)
         with variant:
+            if prompts_file is not None:
+                variant.loaded.denoiser.prompts = prompt_table(variant, read_prompts(prompts_file), negative_prompt, pipeline)
+            elif pipeline is not None or negative_prompt:
+                raise UserError("--negative-prompt and --pipeline apply to prompted sampling; add --prompts FILE.")
             return command(loaded=variant.loaded, artifact=variant.artifact, device=device, sampler=sampler, **kwargs)
 
     return wrapper
@@ -62,22 +75,22 @@ def cli() -> None:
 
 
 @cli.command("sample")
-@click.option("--n", default=64, show_default=True, type=click.IntRange(min=1), help="Number of samples (classes cycle 0..9).")
+@click.option("--n", default=64, show_default=True, type=click.IntRange(min=1), help="Number of samples (classes cycle 0..9, or the prompts).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG grid to write.")
 @sampler_options
 @model_options
 def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None:
-    """Sample a model (or a calibrated fake-quant model) and write a PNG grid labelled by class."""
-    from dilatequant.core.evaluate import labels_for
-    from dilatequant.core.sampling import sample
+    """Sample a model (or a calibrated fake-quant model, or engines) and write a PNG grid labelled by class or prompt."""
+    from dilatequant.core.evaluate import generate, labels_for
 
     from .grid import save_grid
 
     check_writable_file(out)
     labels = labels_for(loaded, n)
     start = time.perf_counter()
-    images = sample(loaded.denoiser, loaded.scheduler_config, labels, sampler, device)
-    save_grid(images, labels, out)
+    images = generate(loaded, labels, sampler, device)
+    prompts = loaded.denoiser.prompts
+    save_grid(images, labels, out, captions=[prompts.prompts[i] for i in labels.tolist()] if prompts else None)
     click.echo(f"wrote {out} ({n} samples, {sampler.steps} {sampler.scheduler} steps, {time.perf_counter() - start:.1f} s)")
 
 
@@ -100,6 +113,8 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
         ref = artifact.record.source["spec"]
         artifact.check_source(ref)
     reference = load_variant(ref, device, assume_schedule=sampler.assume_schedule).loaded if ref else None
+    if reference is not None:  # the same prompts, encoded once: a paired comparison
+        reference.denoiser.prompts = loaded.denoiser.prompts
     result = evaluate(loaded, n, sampler, device, reference)
     text = json.dumps(result, indent=2) + "\n"
     click.echo(text, nl=False)  # first: a late write failure must not lose the results
@@ -194,16 +209,25 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @calib_option("--steps", "steps", type=int, help="Sampler steps: the timestep grid that is calibrated.")
 @calib_option("--scheduler", "scheduler", type=click.Choice(list(SCHEDULERS)))
 @calib_option("--seed", "seed", type=int)
+@click.option("--prompts", "prompts_file", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Text file, one prompt per line: record the calibration trajectories of a text-to-image pipeline "
+                   "(--model: its directory) on these prompts, both halves of classifier-free guidance.")  # fmt: skip
+@calib_option("--negative-prompt", "negative_prompt", help="With --prompts: the unconditional half's prompt.")
+@calib_option("--guidance-scale", "guidance_scale", type=float, help="With --prompts: classifier-free guidance (1: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact directory to write.")
 def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_attention: bool, attention_head_tables: bool,
-                      asymmetric: bool, device: str, out: Path, **options) -> None:  # fmt: skip
+                      asymmetric: bool, device: str, out: Path, prompts_file: Path | None, **options) -> None:  # fmt: skip
     """Calibrate a model (a method, or a named recipe) and write the calibration artifact."""
     from dilatequant.calibrate.flow import calibrate
     from dilatequant.calibrate.recipes import recipe
     from dilatequant.core.environment import resolve_device
 
     overrides = {key: value for key, value in options.items() if value is not None}
+    if prompts_file is not None:
+        overrides["prompts"] = tuple(read_prompts(prompts_file))
+    elif "negative_prompt" in overrides or "guidance_scale" in overrides:
+        raise UserError("--negative-prompt and --guidance-scale apply to prompted calibration; add --prompts FILE.")
     if "group_choices" in overrides:
         overrides["group_choices"] = group_sizes(overrides["group_choices"])
     flags = {"quantize_attention": quantize_attention, "attention_head_tables": attention_head_tables, "act_symmetric": not asymmetric}

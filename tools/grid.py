@@ -20,8 +20,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 1).numpy() if pixels.shape[1] == 3 else pixels[:, 0].numpy()
 
 
-def grid_image(images: torch.Tensor, labels: torch.Tensor, columns: int = 10, scale: int = 2) -> Image.Image:
-    """Tile samples row-major into `columns` columns, upscaled by `scale`, each with a 'class N' caption."""
+def grid_image(images: torch.Tensor, labels: torch.Tensor, columns: int = 10, scale: int = 2,
+               captions: list[str] | None = None) -> Image.Image:  # fmt: skip
+    """Tile samples row-major into `columns` columns, upscaled by `scale`, each with a 'class N' caption (or its own)."""
     tiles = [Image.fromarray(p).convert("RGB") for p in to_uint8(images)]
     width, height = tiles[0].width * scale, tiles[0].height * scale
     cell_height = height + CAPTION_HEIGHT
@@ -31,11 +32,12 @@ def grid_image(images: torch.Tensor, labels: torch.Tensor, columns: int = 10, sc
     for i, (tile, label) in enumerate(zip(tiles, labels.tolist())):
         x, y = (i % columns) * width, (i // columns) * cell_height
         canvas.paste(tile.resize((width, height), Image.NEAREST), (x, y + CAPTION_HEIGHT))
-        draw.text((x + 2, y), f"class {label}", fill="black")
+        caption = captions[i] if captions else f"class {label}"
+        draw.text((x + 2, y), caption[: max(4, width // 6)], fill="black")
     return canvas
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, columns: int = 10) -> Path:
+def save_grid(images: torch.Tensor, labels: torch.Tensor, path: str | Path, columns: int = 10, captions: list[str] | None = None) -> Path:
     buffer = io.BytesIO()
-    grid_image(images, labels, columns).save(buffer, format="PNG")
+    grid_image(images, labels, columns, captions=captions).save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from dilatequant.core.denoiser import LoadedModel, load_model
-from dilatequant.core.errors import UserError
+from dilatequant.core.denoiser import LoadedModel, load_model, resolve_model_dir
+from dilatequant.core.errors import ModelLoadError, UserError
 from dilatequant.core.manifest import MANIFEST_NAME
+from dilatequant.core.pipelines import PromptTable, encode_prompts, pipeline_dir_of
 
 KINDS = ("model", "calibration", "engines")
 
@@ -72,3 +73,40 @@ def load_variant(spec: str | Path, device: torch.device | str = "cpu", kind: str
             artifact.check_source(source)
         return Variant(found, str(spec), artifact.model, artifact)
     return Variant(found, str(spec), load_model(spec, device, assume_schedule))
+
+
+def source_spec(variant: Variant) -> str | None:
+    """The model a calibration or engine variant was made from, as recorded (engines: through their export)."""
+    from dilatequant.calibrate.contract import load_artifact
+
+    if variant.kind == "calibration":
+        return variant.artifact.record.source["spec"]
+    if variant.kind == "engines":
+        export_source = json.loads((Path(variant.spec) / MANIFEST_NAME).read_text())["source"]["source"]
+        calibration = export_source.get("calibration")
+        return load_artifact(calibration).record.source["spec"] if calibration and Path(calibration).is_dir() else export_source.get("model")
+    return variant.spec
+
+
+def pipeline_of(variant: Variant) -> Path | None:
+    """The text-to-image pipeline directory a variant was made from (whose text encoders encode prompts), if found."""
+    if variant.kind == "model":
+        return pipeline_dir_of(variant.loaded.model_dir)
+    spec = source_spec(variant)
+    try:
+        return pipeline_dir_of(resolve_model_dir(spec)) if spec else None
+    except ModelLoadError:  # moved or deleted since
+        return None
+
+
+def prompt_table(variant: Variant, prompts: list[str], negative_prompt: str, pipeline: Path | None = None) -> PromptTable:
+    """`prompts` encoded for `variant`: the ones it was calibrated on as stored, else by the text encoder(s) of
+    `pipeline` (default: the pipeline it was made from)."""
+    stored = variant.loaded.denoiser.prompts
+    if pipeline is None and stored is not None and stored.same_prompts(prompts, negative_prompt):
+        return stored
+    pipeline = pipeline or pipeline_of(variant)
+    if pipeline is None:
+        raise UserError(f"--prompts needs the text encoder of the pipeline {variant.spec} was made from, and none was found "
+                        "(a bare denoiser, or the pipeline moved). Pass --pipeline DIR: the diffusers pipeline directory.")  # fmt: skip
+    return encode_prompts(pipeline, prompts, negative_prompt)
