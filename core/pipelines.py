@@ -23,6 +23,7 @@ from safetensors.torch import save
 from .conditioning import CondLayout, size_extras
 from .errors import ModelLoadError, UserError
 from .families import family_of_class
+from .optional import require
 
 # pipeline components that prompt encoding never needs (skipped when loading: the denoiser and VAE are the big ones)
 DENOISER_AND_DECODER = ("unet", "transformer", "vae", "safety_checker", "feature_extractor", "image_encoder")
@@ -135,6 +136,7 @@ def encode_prompts(pipeline_dir: Path, prompts: list[str], negative_prompt: str 
     """The conditioning rows of `prompts` and `negative_prompt`, from the pipeline's own text encoder(s) (float32, CPU)."""
     import diffusers
 
+    require("transformers", "Encoding prompts with a pipeline's text encoders", "text")
     class_name = pipeline_class(pipeline_dir)
     if class_name not in ENCODERS:
         raise ModelLoadError(f"{pipeline_dir} is a {class_name}; --prompts supports {', '.join(ENCODERS)} pipelines.")
