@@ -54,11 +54,21 @@ def export_fp_graph(denoiser: Denoiser, path: Path, opset: int) -> list[str]:
 
 def load_graph(path: Path):
     """The exported graph as an onnx ModelProto whose weights stay on disk: the exporter writes a model over 2 GB
-    as external data, which is neither read here nor copied until a pass needs a tensor's values
-    (`attach_external`) or the export writes it to its weights file (flow.save_with_shared_weights)."""
+    as external data; the Conv/Gemm/MatMul weights in it are neither read here nor copied until a pass needs a
+    tensor's values (`attach_external`) or the export writes it to its weights file
+    (flow.save_with_shared_weights). The other initializers (biases, norms: small) are read, because ONNX Runtime's
+    symbolic shape inference evaluates what they feed."""
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    return onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {node.input[1] for node in model.graph.node if node.op_type in COMPUTE_OPS and len(node.input) > 1}
+    for tensor in model.graph.initializer:  # biases, norms: shape inference evaluates the ops they feed
+        if uses_external_data(tensor) and tensor.name not in weights:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return model
 
 
 def external_values_class():
