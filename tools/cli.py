@@ -431,15 +431,10 @@ def lint_command(graph: Path, profile: str, allow_residual_add: bool, min_fused:
     """Check a Q/DQ graph against a profile's rules; non-zero exit on any violation. ort-cpu: which layers ONNX
     Runtime fuses into integer kernels on this CPU and, for a graph of an export directory, whether each fused
     kernel computes what the graph says (on the export's recorded inputs)."""
-    import onnx
-
     from dilatequant.engines.fidelity import check_graph
-    from dilatequant.export.lint import lint_tensorrt, ort_fusion
+    from dilatequant.export.lint import lint_tensorrt, load_for_lint, ort_fusion
 
-    try:
-        model = onnx.load(str(graph))
-    except Exception as exc:  # protobuf's DecodeError and friends: not an ONNX file
-        raise UserError(f"{graph} is not an ONNX model ({type(exc).__name__}); lint takes a .onnx graph, e.g. an export's bucket_0.onnx.") from None
+    model = load_for_lint(graph)  # weights stay on disk: a graph may be beyond protobuf's 2 GB
     if PROFILES[profile].lint == "static-qdq":
         violations = lint_tensorrt(model, allow_residual_add)
         for violation in violations:
