@@ -322,3 +322,33 @@ def test_w4a8_stores_gemm_weights_as_int4_for_tensorrt_and_int8_containers_elsew
             if w.data_type == onnx.TensorProto.INT8:  # 8-bit boundary layers, and 4-bit values in int8 containers
                 assert np.abs(numpy_helper.to_array(w).astype(int) + 0.5).max() <= 2 ** (bits[name] - 1)
         assert model.opset_import[0].version == (21 if int4 else 19)
+
+
+@pytest.mark.parametrize("family", ["unet", "unet-cond", "dit", "pixart"])
+def test_the_fp_graph_streams_its_weights_and_computes_what_the_exporters_own_folding_computes(tiny_model_dirs, tmp_path, family):
+    """export_fp_graph traces without parameters, writes them to fp.weights and folds what depends only on them,
+    node by node: no constant-only node (and no If) is left, every weight of a Conv/Gemm/MatMul is an initializer,
+    the graph file holds no weight data, and it computes what the exporter's own folding (export_params=True,
+    do_constant_folding=True, weights in memory) computes."""
+    import warnings
+
+    from dilatequant.core.denoiser import load_model
+    from dilatequant.export.graph import FP_WEIGHTS, INLINE_BYTES, ExportWrapper, export_fp_graph
+
+    denoiser = load_model(tiny_model_dirs[family]).denoiser
+    export_fp_graph(denoiser, tmp_path / "fp.onnx", 19)
+    graph = onnx.load(str(tmp_path / "fp.onnx"), load_external_data=False)
+    constants = {i.name for i in graph.graph.initializer}
+    assert not [n.op_type for n in graph.graph.node if n.op_type == "If" or (n.input and all(i in constants for i in n.input if i))]
+    assert all(n.input[1] in constants for n in graph.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 1)
+    assert all(len(i.raw_data) <= INLINE_BYTES for i in graph.graph.initializer)  # the graph file holds no weights
+    assert (tmp_path / FP_WEIGHTS).stat().st_size >= sum(p.numel() * 4 for p in denoiser.parameters() if p.numel() * 4 > INLINE_BYTES)
+    x, t = torch.randn(3, *denoiser.sample_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([5, 400, 900])
+    cond = denoiser.conditioning(torch.arange(3))
+    feeds = {"x": x.numpy(), "t": t.numpy(), **({"cond": cond.numpy()} if cond is not None else {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ExportWrapper(denoiser).eval(), tuple(torch.from_numpy(v) for v in feeds.values()), str(tmp_path / "own.onnx"),
+                          input_names=list(feeds), output_names=["eps"], opset_version=19, dynamo=False)  # fmt: skip
+    run = lambda path: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]  # noqa: E731
+    np.testing.assert_allclose(run(tmp_path / "fp.onnx"), run(tmp_path / "own.onnx"), rtol=1e-5, atol=1e-6)
