@@ -25,7 +25,9 @@ class BuildConfig:
     `integer_kernels` 'auto' (u8u8 where this CPU's u8s8 kernels saturate, else u8s8), or forced.
     torch: the reference executor (`provider` auto, cpu, cuda or cuda:N; one stream).
     tensorrt: an optimization profile over the batch dimension (`min_batch` <= `opt_batch` <= `max_batch`;
-    resolution fixed to the model's, or free between `min_size` and `max_size` with `dynamic_resolution`),
+    resolution fixed to the model's, or free between `min_size` and `max_size` with `dynamic_resolution`; the encoder
+    states' token count of a text-conditioned model between `min_tokens` and `max_tokens`, tuned for `opt_tokens`:
+    CLIP pads to 77, T5 to 120 or 300, and SDXL's and PixArt's packed conditioning add a row),
     `optimization_level` 0-5 (TensorRT's builder optimization level), `refittable` and `strip_weights`
     (weight-stripped plans, refitted from the ONNX weights at load).
     Every build checks its engines against the graphs (engines/fidelity.py): `fidelity` 'fail' refuses to
@@ -43,6 +45,9 @@ class BuildConfig:
     dynamic_resolution: bool = False
     min_size: int = 16
     max_size: int = 128
+    min_tokens: int = 1
+    opt_tokens: int = 77
+    max_tokens: int = 512
     optimization_level: int = 3
     refittable: bool = False
     strip_weights: bool = False
@@ -59,6 +64,8 @@ class BuildConfig:
             raise UserError(f"--streams must be >= 1, got {self.streams}.")
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise UserError(f"Batch profile must satisfy 1 <= min <= opt <= max, got {self.min_batch}/{self.opt_batch}/{self.max_batch}.")
+        if not 1 <= self.min_tokens <= self.opt_tokens <= self.max_tokens:
+            raise UserError(f"Token profile must satisfy 1 <= min <= opt <= max, got {self.min_tokens}/{self.opt_tokens}/{self.max_tokens}.")
         if not 0 <= self.optimization_level <= 5:
             raise UserError(f"--optimization-level must be 0..5 (TensorRT's builder levels), got {self.optimization_level}.")
         if self.dynamic_resolution and not 1 <= self.min_size <= self.max_size:

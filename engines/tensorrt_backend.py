@@ -29,7 +29,7 @@ import numpy as np
 from dilatequant.core.errors import UserError
 from dilatequant.core.manifest import MANIFEST_NAME, ArtifactError, sha256_file
 from dilatequant.core.optional import require
-from dilatequant.export.contract import INPUT_NAMES, OUTPUT_NAME, read_export_manifest
+from dilatequant.export.contract import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, TOKENS_DIM, read_export_manifest
 
 from .backend import BucketEngine, BuildContext
 from .config import BuildConfig
@@ -38,7 +38,6 @@ Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # min, opt, max
 
 TIMING_CACHE = "timing.cache"
-BATCH_DIM = "batch"  # the export's name for the one dynamic dimension
 IMAGE_INPUT = INPUT_NAMES[0]  # x: [batch, C, H, W], the input whose H and W --dynamic-resolution frees
 UNKNOWN_GPU = "unknown GPU"
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -70,8 +69,9 @@ def load_graph_structure(path: Path):
 
 
 def shape_profile(graph_path: str | Path, config: BuildConfig) -> dict[str, ShapeRange]:
-    """(min, opt, max) shape of every input of an ONNX graph: dims named 'batch' over config's batch range, x's height
-    and width over min_size..max_size with dynamic_resolution, every other dim as the graph fixes it."""
+    """(min, opt, max) shape of every input of an ONNX graph: dims named 'batch' over config's batch range, cond's
+    'tokens' over its token range, x's height and width over min_size..max_size with dynamic_resolution, every other
+    dim as the graph fixes it."""
     profile = {}
     for tensor in load_graph_structure(Path(graph_path)).input:
         dims = [dim_range(graph_path, tensor.name, axis, dim, config) for axis, dim in enumerate(tensor.type.tensor_type.shape.dim)]
@@ -83,6 +83,8 @@ def dim_range(graph_path: str | Path, name: str, axis: int, dim, config: BuildCo
     """(min, opt, max) of one input dimension (an ONNX TensorShapeProto.Dimension)."""
     if dim.dim_param == BATCH_DIM:
         return config.min_batch, config.opt_batch, config.max_batch
+    if dim.dim_param == TOKENS_DIM:
+        return config.min_tokens, config.opt_tokens, config.max_tokens
     fixed = dim.HasField("dim_value")
     if config.dynamic_resolution and name == IMAGE_INPUT and axis >= 2:
         if fixed:  # a profile cannot free a dimension the network fixes: TensorRT rejects it
@@ -91,7 +93,7 @@ def dim_range(graph_path: str | Path, name: str, axis: int, dim, config: BuildCo
         return config.min_size, config.max_size, config.max_size  # tuned for the largest: full-resolution sampling
     if not fixed:
         raise UserError(f"{graph_path}: input {name} has a free dimension {axis} ('{dim.dim_param}'); engines take a free "
-                        f"'{BATCH_DIM}' (and, with --dynamic-resolution, a free height and width of {IMAGE_INPUT}) only. "
+                        f"'{BATCH_DIM}' and '{TOKENS_DIM}' (and, with --dynamic-resolution, a free height and width of {IMAGE_INPUT}) only. "
                         "Re-export the model.")  # fmt: skip
     return (dim.dim_value,) * 3
 

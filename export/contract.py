@@ -22,9 +22,10 @@ FORMAT_VERSION = "1.0"
 WEIGHTS_FILE = "weights.bin"
 CHECK_INPUTS_FILE = "check_inputs.safetensors"
 INPUT_NAMES = ("x", "t", "cond")  # cond only for conditional models
+BATCH_DIM, TOKENS_DIM = "batch", "tokens"  # the graphs' free dimensions: every input's first; cond's second (encoder states)
 OUTPUT_NAME = "eps"
 
-__all__ = ["CHECK_INPUTS_FILE", "FORMAT_VERSION", "INPUT_NAMES", "KIND", "OUTPUT_NAME", "WEIGHTS_FILE", "BucketTable",
+__all__ = ["BATCH_DIM", "TOKENS_DIM", "CHECK_INPUTS_FILE", "FORMAT_VERSION", "INPUT_NAMES", "KIND", "OUTPUT_NAME", "WEIGHTS_FILE", "BucketTable",
            "read_export_manifest"]  # fmt: skip
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dilatequant.core.denoiser import Denoiser
 
-from .contract import INPUT_NAMES, OUTPUT_NAME
+from .contract import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, TOKENS_DIM
 
 SCOPE_PREFIX = "/denoiser/model/"
 FP_WEIGHTS = "fp.weights"  # the traced graph's parameters, beside it in the export's work directory
@@ -50,9 +50,9 @@ def export_fp_graph(denoiser: Denoiser, path: Path, opset: int) -> list[str]:
     cond = denoiser.conditioning(torch.tensor([0, 1]))
     args = (x, t) if cond is None else (x, t, cond)
     names = list(INPUT_NAMES[: len(args)])
-    axes = {name: {0: "batch"} for name in [*names, OUTPUT_NAME]}
+    axes = {name: {0: BATCH_DIM} for name in [*names, OUTPUT_NAME]}
     if cond is not None and cond.dim() == 3:  # encoder states: text encoders pad to their own length (CLIP 77, T5 120)
-        axes["cond"][1] = "tokens"
+        axes["cond"][1] = TOKENS_DIM
     # no_grad: tracing with autograd on kept every activation of the traced batch alive (SD-1.5 size: 4.6 GB, measured)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes

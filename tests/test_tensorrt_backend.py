@@ -26,8 +26,9 @@ from dilatequant.export.flow import export, export_unquantized
 
 TINY = {"samples": 32, "trajectories": 8, "steps": 5}
 # family -> the non-batch dims of each graph input (tests/tiny_models.py): x, t, and labels or encoder states as cond
-INPUT_DIMS = {"unet": {"x": (1, 16, 16), "t": (), "cond": ()}, "unet-cond": {"x": (4, 16, 16), "t": (), "cond": (8, 16)},
-              "dit": {"x": (4, 8, 8), "t": (), "cond": ()}}  # fmt: skip
+TOKENS = (1, 77, 512)  # BuildConfig's default token range: (min, opt, max) of cond's free 'tokens' dimension
+INPUT_DIMS = {"unet": {"x": (1, 16, 16), "t": (), "cond": ()}, "unet-cond": {"x": (4, 16, 16), "t": (), "cond": ("tokens", 16)},
+              "dit": {"x": (4, 8, 8), "t": (), "cond": ()}, "pixart": {"x": (4, 8, 8), "t": (), "cond": ("tokens", 33)}}  # fmt: skip
 needs_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="TensorRT is not installed "
                                     "(pip install 'dilatequant[tensorrt]' on a machine with an NVIDIA GPU)")
 
@@ -67,7 +68,8 @@ def test_build_config_round_trips_through_the_manifest():
 def test_shape_profile_ranges_the_batch_and_keeps_every_other_dim_of_the_graph(unquantized_exports, family):
     config = BuildConfig(backend="tensorrt", min_batch=2, opt_batch=4, max_batch=16)
     profile = shape_profile(unquantized_exports[family] / "bucket_0.onnx", config)
-    assert profile == {name: tuple((batch, *dims) for batch in (2, 4, 16)) for name, dims in INPUT_DIMS[family].items()}
+    assert profile == {name: tuple((batch, *(tokens if d == "tokens" else d for d in dims)) for batch, tokens in zip((2, 4, 16), TOKENS))
+                       for name, dims in INPUT_DIMS[family].items()}  # fmt: skip
 
 
 def free_height_and_width(graph_path, out):
@@ -87,7 +89,7 @@ def test_dynamic_resolution_frees_height_and_width_only_where_the_graph_does(unq
         shape_profile(graph, dynamic)
     free = free_height_and_width(graph, tmp_path / "free.onnx")
     assert shape_profile(free, dynamic) == {"x": ((1, 4, 8, 8), (8, 4, 64, 64), (32, 4, 64, 64)), "t": ((1,), (8,), (32,)),
-                                            "cond": ((1, 8, 16), (8, 8, 16), (32, 8, 16))}  # fmt: skip
+                                            "cond": ((1, 1, 16), (8, 77, 16), (32, 512, 16))}  # fmt: skip
     with pytest.raises(UserError, match="input x has a free dimension 2 \\('height'\\)"):
         shape_profile(free, BuildConfig(backend="tensorrt"))
 

@@ -289,6 +289,8 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
               help="onnxruntime: execution provider (auto: TensorRT, CUDA, then CPU, as installed); "
                    "torch: auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True, help="tensorrt: min,opt,max batch of the optimization profile.")
+@click.option("--tokens", default="1,77,512", show_default=True,
+              help="tensorrt: min,opt,max encoder-state tokens of a text-conditioned model (CLIP 77, T5 120/300; +1 packed row).")
 @click.option("--dynamic-resolution", default=None, help="tensorrt: MIN,MAX image size instead of the model's fixed size.")
 @click.option("--optimization-level", default=BuildConfig.optimization_level, show_default=True, help="tensorrt: builder optimization level 0-5.")
 @click.option("--refittable", is_flag=True, help="tensorrt: refittable engines.")
@@ -301,7 +303,7 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 @click.option("--fidelity-bound", default=BuildConfig.fidelity_bound, show_default=True,
               help="Largest relative error of one quantized layer's output against the graph run op by op.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
-def build_command(export_dir: Path, backend: str, threads: int, streams: int, provider: str, batch: str, dynamic_resolution: str | None,
+def build_command(export_dir: Path, backend: str, threads: int, streams: int, provider: str, batch: str, tokens: str, dynamic_resolution: str | None,
                   optimization_level: int, refittable: bool, strip_weights: bool, emit_trtexec: bool, integer_kernels: str,
                   fidelity: str, fidelity_bound: float, out: Path) -> None:  # fmt: skip
     """Build one engine per bucket graph of an export directory, and check the engines against the graphs."""
@@ -309,8 +311,10 @@ def build_command(export_dir: Path, backend: str, threads: int, streams: int, pr
     from dilatequant.engines.fidelity import summary
 
     min_batch, opt_batch, max_batch = parse_ints(batch, "--batch", 3)
+    min_tokens, opt_tokens, max_tokens = parse_ints(tokens, "--tokens", 3)
     sizes = parse_ints(dynamic_resolution, "--dynamic-resolution", 2) if dynamic_resolution else (16, 128)
     config = BuildConfig(backend=backend, threads=threads, streams=streams, provider=provider, min_batch=min_batch, opt_batch=opt_batch,
+                         min_tokens=min_tokens, opt_tokens=opt_tokens, max_tokens=max_tokens,
                          max_batch=max_batch, dynamic_resolution=dynamic_resolution is not None, min_size=sizes[0],
                          max_size=sizes[1], optimization_level=optimization_level, refittable=refittable,
                          strip_weights=strip_weights, integer_kernels=integer_kernels, fidelity=fidelity,
