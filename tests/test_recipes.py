@@ -139,7 +139,7 @@ def test_family_registry_covers_every_supported_class(tiny_model_dirs):
     for name, directory in tiny_model_dirs.items():
         class_name = read_model_config(resolve_model_dir(directory))["_class_name"]
         assert family_of_class(class_name).name == name == load_model(directory).denoiser.family
-    assert set(FAMILIES) == {"unet", "unet-cond", "dit"}
+    assert set(FAMILIES) == {"unet", "unet-cond", "dit", "pixart"}
     with pytest.raises(ModelLoadError, match="describes a 'VQModel'.*Supported denoisers: UNet2DModel"):
         family_of_class("VQModel")
 

@@ -19,7 +19,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -94,15 +93,32 @@ def stages(model: str, work: Path, samples: int) -> list[Stage]:
     ]  # fmt: skip
 
 
+POLL_SECONDS = 0.1
+
+
+def high_water_gb(pid: int) -> float:
+    """A live process's peak resident memory (VmHWM: of its own address space since exec), in GiB; 0 once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 2**20 for line in lines if line.startswith("VmHWM")), 0.0)
+
+
 def run_stage(argv: list[str], log: Path) -> dict:
-    """Run one command in a fresh process: wall seconds, its peak RSS (wait4's ru_maxrss) and exit status."""
+    """Run one command in a fresh process: wall seconds, its peak RSS (VmHWM, polled every POLL_SECONDS until it exits)
+    and exit status."""
     start = time.perf_counter()
-    with log.open("w") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-        _, status, usage = os.wait4(process.pid, 0)
+    redirect = [(os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
+    pid = os.posix_spawnp(argv[0], argv, {**os.environ, "TQDM_DISABLE": "1"}, file_actions=redirect)
+    peak, status = 0.0, None
+    while status is None:  # wait4's ru_maxrss would count the parent's memory the child started from (Linux keeps it across exec)
+        peak = max(peak, high_water_gb(pid))
+        done, code = os.waitpid(pid, os.WNOHANG)
+        status = code if done else time.sleep(POLL_SECONDS)
     seconds = time.perf_counter() - start
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "rc": os.waitstatus_to_exitcode(status),
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak, 2), "rc": os.waitstatus_to_exitcode(status),
             "last_line": lines[-1][-300:] if lines else ""}  # fmt: skip
 
 
