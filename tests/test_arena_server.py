@@ -322,11 +322,13 @@ def browser():
 
 
 def test_a_real_browser_votes_in_both_modes_sees_the_reveal_and_the_leaderboard_change(variants, tmp_path, browser, images):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    wait = WebDriverWait(browser, 20)
+    # the page replaces its candidates on every match: an element found just before may be gone when read, so retry
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException,))
 
     def revealed() -> list[str]:
         return [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".candidate .name")]
