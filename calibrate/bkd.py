@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.errors import UserError
 from dilatequant.core.families import get_family
 from dilatequant.core.structure import call_order
 from dilatequant.core.tensors import map_tensors
@@ -34,6 +35,7 @@ from dilatequant.core.tensors import map_tensors
 from .calib_data import CalibrationData
 from .config import CalibConfig
 from .cuda_graph import WARMUP, GraphedStep, replayable
+from .distributed import SINGLE, Ranks
 from .quant_model import QuantizedDenoiser, QuantLayer
 from .quantizer import ActQuantizer, WeightQuantizer
 from .reconstruction import FP_INPUTS, LAYER_TARGETS, LOSSES, LR_SCHEDULES, MIXERS, WEIGHT_ROUNDINGS, layer_outputs, quant_layer_names
@@ -82,15 +84,22 @@ class Batch:
     x: torch.Tensor
     t: torch.Tensor
     cond: torch.Tensor | None
+    share: float = 1.0  # this rank's rows over the whole batch's: the weight of its loss
 
 
-def batches(data: CalibrationData, denoiser: Denoiser, size: int, device: torch.device) -> list[Batch]:
-    """Fixed mixed-timestep batches of the calibration data, on the device."""
+def batches(data: CalibrationData, denoiser: Denoiser, size: int, device: torch.device, ranks: Ranks = SINGLE) -> list[Batch]:
+    """Fixed mixed-timestep batches of the calibration data, on the device; on several ranks, this rank's rows of each."""
     out = []
     for start in range(0, len(data), size):
-        cond = denoiser.conditioning(data.labels[start : start + size])
-        out.append(Batch(data.x[start : start + size].to(device), data.t[start : start + size].to(device),
-                         cond.to(device) if cond is not None else None))  # fmt: skip
+        n = min(size, len(data) - start)
+        if n < ranks.world_size:
+            raise UserError(f"a distillation batch of {n} samples cannot be split over {ranks.world_size} ranks; make "
+                            "--samples and --bkd-batch multiples of at least that many, or use fewer ranks.")  # fmt: skip
+        rows = ranks.rows(n)
+        rows = slice(start + rows.start, start + rows.stop)
+        cond = denoiser.conditioning(data.labels[rows])
+        out.append(Batch(data.x[rows].to(device), data.t[rows].to(device), cond.to(device) if cond is not None else None,
+                         (rows.stop - rows.start) / n))  # fmt: skip
     return out
 
 
@@ -122,21 +131,28 @@ class BlockData:
     inputs: list[dict]
     targets: list[torch.Tensor]
     t: list[torch.Tensor]
+    shares: list[float]
     fp_inputs: list[dict] | None = None
     layer_names: list[str] | None = None
     layer_targets: list[list[torch.Tensor]] | None = None
 
 
 def block_examples(quantized: QuantizedDenoiser, data: BlockData, config: CalibConfig) -> list[tuple]:
-    """Per batch: (input, FP input when the mixing reads it, target, layer targets, timestep rows)."""
+    """Per batch: (input, FP input when the mixing reads it, target, layer targets, timestep rows, loss weight)."""
+    device = data.targets[0].device
     return [(data.inputs[i], data.fp_inputs[i] if config.input_mixing in FP_INPUTS else None, data.targets[i],
-             data.layer_targets[i] if data.layer_targets else [], quantized.index.lookup(data.t[i]))
-            for i in range(len(data.inputs))]  # fmt: skip
+             data.layer_targets[i] if data.layer_targets else [], quantized.index.lookup(data.t[i]),
+             torch.tensor(data.shares[i], device=device)) for i in range(len(data.inputs))]  # fmt: skip
 
 
-def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int) -> dict:
+def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, config: CalibConfig, seed: int,
+                ranks: Ranks = SINGLE) -> dict:  # fmt: skip
     """Train one block on its cached data with the config's reconstruction parts; returns the final loss and
-    whether the iterations replayed a CUDA graph."""
+    whether the iterations replayed a CUDA graph.
+
+    On several ranks each holds its rows of every batch: its loss is weighted by its share of the batch and the
+    gradients are summed over the ranks, which is the whole batch's gradient, so every rank takes the same Adam step.
+    The all-reduce and Adam's step then run outside the CUDA graph (capturing a collective is not attempted)."""
     rounding = WEIGHT_ROUNDINGS[config.weight_rounding](block, config)
     groups = rounding.param_groups()
     # Steps span orders of magnitude (8-bit vs 4-bit, weights vs activations): their learning rate is
@@ -162,7 +178,7 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
         torch.manual_seed(seed)
 
         def step(example) -> torch.Tensor:
-            inputs, fp_inputs, target, layer_targets, rows = example
+            inputs, fp_inputs, target, layer_targets, rows, share = example
             quantized.index.set_rows(rows)
             args, kwargs = inputs["args"], inputs["kwargs"]
             if mix is not None:
@@ -171,29 +187,37 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
             output = first_tensor(block(*args, **kwargs))
             loss = loss_fn(output, target, [outputs[n] for n in names], layer_targets, config.fbr_lambda)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            (loss * share if ranks.active else loss).backward()
+            if not ranks.active:
+                optimizer.step()
             return loss
 
+        def update() -> None:  # on several ranks: the whole batch's gradient, then the step
+            ranks.all_reduce([p.grad for p in trained if p.grad is not None], "sum", "distillation")
+            optimizer.step()
+
+        after = update if ranks.active else None
         run, first = step, 0
         if graphed:  # the warm-up iterations run at the first iteration's rates
-            run, first = replayed(step, [examples[i] for i in order[:WARMUP]]), WARMUP
+            run, first = replayed(step, [examples[i] for i in order[:WARMUP]], after), WARMUP
             graphed = run is not step
         for k in range(first, len(order)):
             if schedule is not None:
                 set_rates(optimizer, bases, schedule(k, len(order)))
             loss = run(examples[order[k]])
+            if after is not None and not graphed:
+                after()
     for p in trained:
         p.requires_grad_(False)
     rounding.finish()
     return {"loss": float(loss.detach()), "cuda_graph": graphed}
 
 
-def replayed(step, warmup: list):
-    """The step as a replayed CUDA graph, or (when its forward cannot be captured, e.g. a host sync in it)
-    the step itself, with a warning."""
+def replayed(step, warmup: list, after=None):
+    """The step as a replayed CUDA graph (`after` run eagerly after each), or (when its forward cannot be captured,
+    e.g. a host sync in it) the step itself, with a warning."""
     try:
-        return GraphedStep(step, warmup)
+        return GraphedStep(step, warmup, after)
     except RuntimeError as error:
         warnings.warn(f"CUDA graph capture failed, this block trains eagerly: {error}", stacklevel=2)
         return step
@@ -208,11 +232,11 @@ def set_rates(optimizer: torch.optim.Optimizer, bases: list[float], fraction: fl
 
 
 def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, config: CalibConfig,
-            device: torch.device, work: WorkDir, progress: bool = True) -> dict:  # fmt: skip
-    """Distil every block in call order, resuming from `work`'s checkpoints; returns per-block statistics."""
+            device: torch.device, work: WorkDir, progress: bool = True, ranks: Ranks = SINGLE) -> dict:  # fmt: skip
+    """Distil every block in call order, resuming from `work`'s checkpoints (rank 0's); returns per-block statistics."""
     quantized.requires_grad_(False)
     fp_modules, q_modules = dict(fp.model.named_modules()), dict(quantized.model.named_modules())
-    data_batches = batches(data, fp, config.bkd_batch, device)
+    data_batches = batches(data, fp, config.bkd_batch, device, ranks)
     probe = data_batches[0]
     names = call_order(get_family(fp.family).blocks(fp.model), fp_modules, lambda: torch.no_grad()(fp)(probe.x, probe.t, probe.cond))
     stats = {}
@@ -220,45 +244,46 @@ def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, c
         block = q_modules[name]
         if not has_quantized_layers(block):
             continue  # nothing quantized inside (e.g. a boundary layer kept in FP)
-        saved = work.load_block(index, name)
+        saved = ranks.from_main(lambda: work.load_block(index, name), "reading a block checkpoint")
         if saved is not None:
             block.load_state_dict(saved)
             stats[name] = {"resumed": True}
             continue
         stats[name] = distill_block(quantized, fp, fp_modules[name], block, data_batches, config, device,
-                                    seed=config.seed * 1000 + index)  # fmt: skip
-        work.save_block(index, name, block.state_dict())
+                                    seed=config.seed * 1000 + index, ranks=ranks)  # fmt: skip
+        ranks.from_main(lambda: work.save_block(index, name, block.state_dict()), "saving a block checkpoint")
     return stats
 
 
 def distill_block(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Module, block: nn.Module,
-               data_batches: list[Batch], config: CalibConfig, device: torch.device, seed: int) -> dict:  # fmt: skip
+                  data_batches: list[Batch], config: CalibConfig, device: torch.device, seed: int,
+                  ranks: Ranks = SINGLE) -> dict:  # fmt: skip
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = block_data(quantized, fp, fp_block, block, data_batches, config)
-    inputs, targets, t = data.inputs, data.targets, data.t
     initial = {k: v.clone() for k, v in block.state_dict().items()}
-    before = mean_loss(quantized, block, inputs, targets, t)
-    trained = train_block(quantized, block, data, config, seed)
-    after = mean_loss(quantized, block, inputs, targets, t)
+    before = mean_loss(quantized, block, data, ranks)
+    trained = train_block(quantized, block, data, config, seed, ranks)
+    after = mean_loss(quantized, block, data, ranks)
     if after > before:  # never leave a block worse on its own calibration data than initialisation did
         block.load_state_dict(initial)
     record = {"mse_before": before, "mse_after": min(before, after), "kept_initialisation": after > before,
-              "seconds": round(time.perf_counter() - start, 2), "cuda_graph": trained["cuda_graph"], "cache_mib": round(cache_bytes(inputs, targets) / 2**20, 1)}  # fmt: skip
+              "seconds": round(time.perf_counter() - start, 2), "cuda_graph": trained["cuda_graph"], "cache_mib": round(cache_bytes(data.inputs, data.targets) / 2**20, 1)}  # fmt: skip
     if device.type == "cuda":
         record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return record
 
 
 @torch.no_grad()
-def mean_loss(quantized: QuantizedDenoiser, block: nn.Module, inputs: list[dict], targets: list[torch.Tensor],
-              t: list[torch.Tensor]) -> float:  # fmt: skip
+def mean_loss(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData, ranks: Ranks = SINGLE) -> float:
+    """The block's output MSE averaged over the batches (each batch's over all ranks' rows)."""
     total = 0.0
-    for i in range(len(inputs)):
-        quantized.index.set_timesteps(t[i])
-        total += F.mse_loss(first_tensor(block(*inputs[i]["args"], **inputs[i]["kwargs"])), targets[i]).item()
-    return total / len(inputs)
+    for i, inputs in enumerate(data.inputs):
+        quantized.index.set_timesteps(data.t[i])
+        loss = F.mse_loss(first_tensor(block(*inputs["args"], **inputs["kwargs"])), data.targets[i]).item()
+        total += loss * data.shares[i] if ranks.active else loss
+    return ranks.sum(total, "distillation") / len(data.inputs)
 
 
 def cache_bytes(inputs: list[dict], targets: list[torch.Tensor]) -> int:
@@ -278,7 +303,8 @@ def block_data(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Module, 
                data_batches: list[Batch], config: CalibConfig) -> BlockData:  # fmt: skip
     """The block's training data; the FP block's inputs only for parts that read them (QDrop, FBR)."""
     data = BlockData([run_captured(quantized, block, "inputs", b) for b in data_batches],
-                     [run_captured(fp, fp_block, "output", b)["output"] for b in data_batches], [b.t for b in data_batches])  # fmt: skip
+                     [run_captured(fp, fp_block, "output", b)["output"] for b in data_batches], [b.t for b in data_batches],
+                     [b.share for b in data_batches])  # fmt: skip
     layer_loss = config.recon_loss in LAYER_TARGETS
     if config.input_mixing in FP_INPUTS or layer_loss:
         data.fp_inputs = [run_captured(fp, fp_block, "inputs", b) for b in data_batches]

@@ -10,6 +10,7 @@ halves are recorded (the negative half labelled `prompts.negative_label`), as th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from dilatequant.core.pipelines import PromptTable, encode_prompts, pipeline_dir
 from dilatequant.core.sampling import SamplerConfig, balanced_labels, sample
 
 from .config import CalibConfig
+from .distributed import SINGLE, Ranks
 from .selection import NEEDS_FEATURES, SELECTORS, Pool
 
 
@@ -62,11 +64,15 @@ class CalibrationData:
 
 
 class _Recorder:
-    """Passes calls through to the denoiser and keeps every input, in call order; with `feature_steps`, also the
-    input of the family's middle-feature module during the first that many calls (the first batch)."""
+    """Passes calls through to the denoiser and keeps every input, per sampling batch (`steps` calls each); with
+    `feature_steps`, also the input of the family's middle-feature module during the first that many calls it passes
+    (its first batch). Batches in `skip` (other ranks') are not run: their calls return zeros, which keeps the sampler's
+    noise draws where one process has them at almost no cost."""
 
-    def __init__(self, denoiser: Denoiser, feature_steps: int = 0) -> None:
-        self.denoiser, self.calls, self.features = denoiser, [], []
+    def __init__(self, denoiser: Denoiser, steps: int, feature_steps: int = 0, skip: Container[int] = ()) -> None:
+        self.denoiser, self.steps, self.skip = denoiser, steps, skip
+        self.batches: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.features, self.made = [], 0
         self.sample_shape = denoiser.sample_shape
         if feature_steps:
             site = dict(denoiser.model.named_modules())[get_family(denoiser.family).feature_site(denoiser.model)]
@@ -84,8 +90,15 @@ class _Recorder:
         return self.denoiser.conditioning(labels)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        self.calls.append((x.detach().cpu(), t.detach().cpu()))
+        batch, self.made = self.made // self.steps, self.made + 1
+        if batch in self.skip:
+            return torch.zeros_like(x)
+        self.batches.setdefault(batch, []).append((x.detach().cpu(), t.detach().cpu()))
         return self.denoiser(x, t, cond)
+
+    def recorded(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per recorded batch: its inputs (rows, steps, C, H, W) and timesteps (steps,)."""
+        return {k: (torch.stack([x for x, _ in calls], 1), torch.stack([t[0] for _, t in calls])) for k, calls in self.batches.items()}
 
 
 def attach_prompts(loaded: LoadedModel, config: CalibConfig, data: CalibrationData | None = None) -> None:
@@ -101,35 +114,68 @@ def attach_prompts(loaded: LoadedModel, config: CalibConfig, data: CalibrationDa
 
 
 def collect(denoiser: Denoiser, scheduler_config: dict, config: CalibConfig, device: torch.device,
-            batch_size: int, progress: bool = True) -> CalibrationData:  # fmt: skip
+            batch_size: int, progress: bool = True, ranks: Ranks = SINGLE) -> CalibrationData:  # fmt: skip
     """Sample `config.trajectories` FP trajectories and select `config.samples` inputs from them (with guidance,
-    a trajectory's negative-prompt half counts as one more trajectory to choose from)."""
+    a trajectory's negative-prompt half counts as one more trajectory to choose from).
+
+    On several ranks each records its sampling batches (batch k is rank k mod N's, at most `batch_size` and at most
+    an N-th of the trajectories each), the batches are gathered and put in the order one process records them with
+    `batch_size`, and every rank makes the same selection. Initial noise depends only on (seed, index), and DDIM and
+    DPM-Solver++ are deterministic, so the set is the one process's; DDPM's per-step noise is drawn per batch, so it
+    is the same only where the ranks' batches are one process's (trajectories >= N x batch_size)."""
     tdac = config.timestep_sampling in NEEDS_FEATURES
-    recorder = _Recorder(denoiser, config.steps if tdac else 0)
     prompts = denoiser.prompts
     labels = prompts.labels(config.trajectories) if prompts else balanced_labels(config.trajectories, min(10, denoiser.num_classes or 10))
-    sampler = SamplerConfig(config.scheduler, config.steps, config.seed, batch_size, guidance_scale=config.guidance_scale)
+    guided = prompts is not None and config.guidance_scale != 1
+    record_batch = min(batch_size, -(-config.trajectories // ranks.world_size))
+    n_batches = -(-config.trajectories // record_batch)
+    recorder = _Recorder(denoiser, config.steps, config.steps if tdac else 0, set(range(n_batches)) - set(ranks.shard(n_batches)))
+    sampler = SamplerConfig(config.scheduler, config.steps, config.seed, record_batch, guidance_scale=config.guidance_scale)
     try:
         sample(recorder, scheduler_config, labels, sampler, device, progress)
     finally:
         if tdac:
             recorder.hook.remove()
-    # calls are batch-major: for each batch, one call per step
-    batches = [recorder.calls[i : i + config.steps] for i in range(0, len(recorder.calls), config.steps)]
-    x = torch.cat([torch.stack([call[0] for call in batch], 1) for batch in batches])  # (M, T, C, H, W)
-    t = torch.stack([call[1][0] for call in batches[0]])  # (T,)
-    if len(x) > len(labels):  # guided: each batch called on [negative prompt, prompts]
+    mine = recorder.recorded()
+    batches = ranks.in_order([mine[k] for k in ranks.shard(n_batches)], n_batches, "recording the FP trajectories")
+    x = one_process_order([b[0] for b in batches], guided, batch_size)  # (M, T, C, H, W)
+    t = batches[0][1]  # (T,)
+    if guided:  # each batch called on [negative prompt, prompts]
         labels = torch.cat([torch.cat([torch.full_like(part, prompts.negative_label), part]) for part in labels.split(batch_size)])
-    pool = Pool(len(x), t.tolist(), torch.stack(recorder.features) if tdac else None)
+    pool = Pool(len(x), t.tolist(), first_batch_features(recorder.features, guided, batch_size, ranks) if tdac else None)
     chosen = SELECTORS[config.timestep_sampling](pool, config.samples, torch.Generator().manual_seed(config.seed + 2),
                                                  radius=config.tdac_radius, lam=config.tdac_lambda)  # fmt: skip
     return CalibrationData(x[chosen.trajectory, chosen.step], t[chosen.step], labels[chosen.trajectory], chosen.record, prompts)
 
 
+def one_process_order(batches: list[torch.Tensor], guided: bool, batch_size: int) -> torch.Tensor:
+    """Recorded batches (rows first, in batch order) laid out as one process records them in batches of
+    `batch_size`: trajectories in order, and under guidance each batch's negative-prompt rows before its prompts'."""
+    if not guided:
+        return torch.cat(batches)
+    negative, prompted = (torch.cat([b.chunk(2)[half] for b in batches]) for half in (0, 1))
+    return torch.cat([torch.cat(pair) for pair in zip(negative.split(batch_size), prompted.split(batch_size))])
+
+
+def first_batch_features(features: list[torch.Tensor], guided: bool, batch_size: int, ranks: Ranks) -> torch.Tensor:
+    """TDAC's feature maps (steps, rows, ...) of one process's first batch: the ranks' first batches (batches
+    0..N-1, which hold it), laid out as one process and cut to its first batch."""
+    firsts = [f for f in ranks.gather(torch.stack(features, 1) if features else None, "gathering TDAC's features") if f is not None]
+    rows = one_process_order(firsts, guided, batch_size)
+    covered = sum(len(f) for f in firsts) // (2 if guided else 1)
+    return rows[: min(batch_size, covered) * (2 if guided else 1)].transpose(0, 1)
+
+
 @torch.no_grad()
-def run_over(denoiser: Denoiser, data: CalibrationData, batch_size: int, device: torch.device, desc: str, progress: bool) -> None:
-    """Call `denoiser` on every calibration sample, a batch at a time (for the hooks that observe it)."""
-    for start in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress):
+def run_over(denoiser: Denoiser, data: CalibrationData, batch_size: int, device: torch.device, desc: str, progress: bool,
+             ranks: Ranks = SINGLE, before_batch: Callable[[], None] | None = None) -> None:  # fmt: skip
+    """Call `denoiser` on every calibration sample, a batch at a time (for the hooks that observe it); on several
+    ranks, each calls it on its shard of the batches (batch k is rank k mod N's)."""
+    starts = range(0, len(data), batch_size)
+    for k in tqdm(ranks.shard(len(starts)), desc=desc, disable=not progress):
+        start = starts[k]
+        if before_batch is not None:
+            before_batch()
         labels = data.labels[start : start + batch_size]
         cond = denoiser.conditioning(labels)
         denoiser(data.x[start : start + batch_size].to(device), data.t[start : start + batch_size].to(device),

@@ -45,16 +45,19 @@ def replayable(examples: list[Any]) -> bool:
 
 
 class GraphedStep:
-    """`step(example) -> loss`, run WARMUP times eagerly on `warmup` examples, then captured and replayed."""
+    """`step(example) -> loss`, run WARMUP times eagerly on `warmup` examples, then captured and replayed; `after`
+    (e.g. a gradient all-reduce and the optimizer's step) runs eagerly after each step, outside the graph."""
 
-    def __init__(self, step: Callable[[Any], torch.Tensor], warmup: list[Any]) -> None:
-        self.static = static_copy(warmup[0])
+    def __init__(self, step: Callable[[Any], torch.Tensor], warmup: list[Any], after: Callable[[], None] | None = None) -> None:
+        self.static, self.after = static_copy(warmup[0]), after
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for example in warmup:
                 copy_into(self.static, example)
                 step(self.static)
+                if after is not None:
+                    after()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
@@ -63,4 +66,6 @@ class GraphedStep:
     def __call__(self, example: Any) -> torch.Tensor:
         copy_into(self.static, example)
         self.graph.replay()
+        if self.after is not None:
+            self.after()
         return self.loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from .bkd import distill
 from .calib_data import attach_prompts, collect
 from .config import CalibConfig
 from .dilation import summarise
+from .distributed import SINGLE, Ranks, process_group
 from .group_search import ModelFitness, search_group_sizes
 from .initialise import activation_tables, initialise_activations, restore_tables
 from .quant_model import prepare
@@ -76,58 +77,67 @@ def calibrate(model: str | Path, config: CalibConfig, out: str | Path, device: t
     block): running the same command again after a crash or kill resumes there and writes the same artifact.
     `fitness(model) -> float` replaces the group-size search's default (calibrate/group_search.py);
     `assume_schedule`: a model without a scheduler config is calibrated on the default DDPM schedule (recorded).
+    Started by torchrun (`torchrun --nproc-per-node N -m dilatequant calibrate ...`), the ranks share the work
+    (calibrate/distributed.py) and rank 0 writes the artifact and the work dir; the artifact records the world size.
     """
     device, out = torch.device(device), Path(out)
-    check_replaceable(out, KIND)  # fail before the long work, not after it
-    with claim_output(out, notify=tqdm.write if progress else None):
-        return calibrate_claimed(model, config, out, device, progress, fitness, assume_schedule)
+    with process_group(device) as (ranks, device):
+        ranks.from_main(lambda: check_replaceable(out, KIND), "checking the output")  # fail before the long work
+        progress = progress and ranks.main
+        with claim_output(out, notify=tqdm.write if progress else None) if ranks.main else nullcontext():
+            return calibrate_claimed(model, config, out, device, progress, fitness, assume_schedule, ranks)
 
 
 def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device: torch.device, progress: bool,
-                      fitness: ModelFitness | None, assume_schedule: bool = False) -> Path:  # fmt: skip
-    """calibrate() once `out` is claimed: every phase, each checked for non-finite results."""
+                      fitness: ModelFitness | None, assume_schedule: bool = False, ranks: Ranks = SINGLE) -> Path:  # fmt: skip
+    """calibrate() once `out` is claimed: every phase, each checked for non-finite results. Files are rank 0's: the
+    others get what it read through `ranks.from_main`."""
     timer = PhaseTimer(device)
     loaded = load_model(model, device, assume_schedule)  # refuses non-finite weights and a missing schedule
     fingerprint = model_fingerprint(loaded.model_dir)
     work = WorkDir(out, {"config": config.to_dict(), "source": fingerprint})
-    if work.open() and progress:
+    if ranks.from_main(work.open, "opening the work directory") and progress:
         tqdm.write(f"resuming from {work.path}: {work.describe()}")
     batch_size = default_batch_size(device)
     timesteps = sampling_timesteps(loaded.scheduler_config, SamplerConfig(config.scheduler, config.steps))
     with timer.phase("calibration_data"):
-        data = work.load_data()
+        data = ranks.from_main(work.load_data, "reading the calibration data")
         attach_prompts(loaded, config, data)  # a resumed run's prompts are those it recorded
         if data is None:
-            data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress)
+            data = collect(loaded.denoiser, loaded.scheduler_config, config, device, batch_size, progress, ranks)
             require_finite({"x": data.x}, f"The calibration inputs recorded along '{model}''s FP trajectories",
                            "The model's own sampling diverges; check the model and its scheduler config.")  # fmt: skip
-            work.save_data(data)
+            ranks.from_main(lambda: work.save_data(data), "saving the calibration data")
     distilling = parts_that_ran(config).reconstruction == "block-distillation"
     with timer.phase("transforms"):  # dilation and the post-norm reparameterisation, where configured
         # distillation and the group-size search compare against the FP model; otherwise it is not needed again
         quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress,
                                                       in_place=not (distilling or config.group_search))  # fmt: skip
     with timer.phase("initialisation"):
-        saved = work.load_initialisation()
+        saved = ranks.from_main(work.load_initialisation, "reading the initialisation")
         if saved is None:
-            ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress)
+            ranges = initialise_activations(quantized, data, config.act_init, config.percentile, batch_size, device, progress,
+                                            ranks=ranks)  # fmt: skip
             require_finite(quantizer_tensors(quantized), "The observed activation ranges", FIX_RANGES)
-            work.save_initialisation(ranges, activation_tables(quantized))
+            ranks.from_main(lambda: work.save_initialisation(ranges, activation_tables(quantized)), "saving the initialisation")
         else:  # a resumed run: the (MSE) search is not redone
             ranges, tables = saved
             restore_tables(quantized, tables)
     searched = None
     if config.group_search:
         with timer.phase("group_search"):
-            searched = search_group_sizes(quantized, loaded, config, device, work.path / "group_search.json", fitness, progress)
+            searched = search_group_sizes(quantized, loaded, config, device, work.path / "group_search.json", fitness, progress, ranks)
     blocks = {}
     if distilling:
         with timer.phase("distillation"):
-            blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress)
+            blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress, ranks)
         if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum
             block_peaks = [b["peak_cuda_mib"] for b in blocks.values() if "peak_cuda_mib" in b]
             timer.peak_cuda_mib["distillation"] = max([timer.peak_cuda_mib["distillation"], *block_peaks])
     require_finite({**quantizer_tensors(quantized), **quantized.fp_state_dict()}, "The calibrated parameters", FIX_LEARNED)
+    run = {**timer.record(), **ranks.record()}
+    if ranks.active:  # every rank's own peaks: the memory a rank needs
+        run["per_rank"] = ranks.gather({k: v for k, v in run.items() if k in ("peak_rss_mib", "peak_cuda_mib")}, "the run record")
     record = CalibrationRecord(
         config=config.to_dict(),
         recipe=recorded_recipe(config),
@@ -138,8 +148,12 @@ def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device:
             name: {**ranges[name], **(records[name].stats() if name in records else {})} for name in ranges},
             "blocks": blocks, "data_selection": data.selection, **({"group_search": searched} if searched else {}),
             **({"reparameterisation": reparameterised} if reparameterised else {})},
-        run=timer.record(),
+        run=run,
     )  # fmt: skip
-    path = write_artifact(out, loaded, quantized, records, data, record)
-    work.remove()
-    return path
+
+    def write() -> Path:
+        path = write_artifact(out, loaded, quantized, records, data, record)
+        work.remove()
+        return path
+
+    return ranks.from_main(write, "writing the artifact")

@@ -20,6 +20,7 @@ from dilatequant.core.metrics import DigitsMetrics
 from dilatequant.core.sampling import SamplerConfig, default_batch_size, sample
 
 from .config import CalibConfig
+from .distributed import SINGLE, Ranks
 from .quant_model import QuantizedDenoiser, set_group_sizes
 from .search import SearchConfig, search
 
@@ -47,8 +48,10 @@ def image_fitness(loaded: LoadedModel, config: CalibConfig, device: torch.device
 
 
 def search_group_sizes(quantized: QuantizedDenoiser, loaded: LoadedModel, config: CalibConfig, device: torch.device,
-                       state_path: Path | None, fitness: ModelFitness | None = None, progress: bool = True) -> dict:  # fmt: skip
-    """Search, apply the best group sizes to `quantized` and return what the artifact records."""
+                       state_path: Path | None, fitness: ModelFitness | None = None, progress: bool = True,
+                       ranks: Ranks = SINGLE) -> dict:  # fmt: skip
+    """Search (on several ranks, each evaluating its share of the genomes), apply the best group sizes to `quantized`
+    and return what the artifact records."""
     metric = "caller's fitness"
     if fitness is None:
         fitness, metric = image_fitness(loaded, config, device)
@@ -60,7 +63,7 @@ def search_group_sizes(quantized: QuantizedDenoiser, loaded: LoadedModel, config
 
     settings = SearchConfig(config.group_choices, config.weight_group_size, config.search_population, config.search_top_k,
                             config.search_generations, seed=config.seed)  # fmt: skip
-    result = search(searchable_widths(quantized), genome_fitness, settings, state_path, progress)
+    result = search(searchable_widths(quantized), genome_fitness, settings, state_path, progress, ranks)
     set_group_sizes(quantized, result.best, config)
     return {"metric": metric, "best": result.best, "fitness": result.fitness, "evaluations": result.evaluations,
             "history": result.history, "seconds": round(result.seconds, 1), "resumed": result.resumed}  # fmt: skip

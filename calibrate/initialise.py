@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .calib_data import CalibrationData, run_over
+from .distributed import SINGLE, Ranks
 from .quant_model import QuantizedDenoiser
 from .quantizer import ActQuantizer, IntFormat, asymmetric_step_and_zero, fake_quantize, symmetric_step
 
@@ -24,16 +25,39 @@ MSE_SAMPLES = 256
 
 class RowObserver:
     """Per-row (timestep) statistics of one quantizer's input, accumulated over batches on the quantizer's device
-    (moving every observed activation to the CPU took half of a GPU calibration)."""
+    (moving every observed activation to the CPU took half of a GPU calibration).
+
+    Min/max reduce exactly in any order; the float sums of the percentile and MSE initialisations do not, so each
+    batch's sums (and counts) are kept apart (`partials`) and added in batch order by `merge`, on one rank or several."""
+
+    SUMS = ("count", "pct_lo", "pct_hi", "mse", "mse_count")
 
     def __init__(self, quantizer: ActQuantizer, percentile: float | None) -> None:
         cells, device = quantizer.step.numel(), quantizer.step.device  # rows, or rows x heads
         self.quantizer, self.percentile = quantizer, percentile
         self.lo, self.hi = torch.full((cells,), float("inf"), device=device), torch.full((cells,), float("-inf"), device=device)
-        self.pct_lo, self.pct_hi, self.count = (torch.zeros(cells, device=device) for _ in range(3))
+        self.count = torch.zeros(cells, device=device)
         self.channel_amax: torch.Tensor | None = None
+        self.pct_lo, self.pct_hi = torch.zeros(cells, device=device), torch.zeros(cells, device=device)
         self.mse = torch.zeros(cells, len(MSE_FRACTIONS), device=device)
         self.mse_count = torch.zeros(cells, device=device)
+        self.partials: list[dict[str, torch.Tensor]] = []  # per batch this rank observed: its share of SUMS
+
+    def start_batch(self) -> None:
+        self.partials.append({name: torch.zeros_like(getattr(self, name)) for name in self.SUMS})
+
+    def partial(self) -> dict[str, torch.Tensor]:
+        """The current batch's sums (observing without start_batch makes everything one batch)."""
+        if not self.partials:
+            self.start_batch()
+        return self.partials[-1]
+
+    def add(self, partials: list[dict[str, torch.Tensor]]) -> None:
+        """Add batches' sums, in the given (batch) order, and forget this rank's own."""
+        for partial in partials:
+            for name in self.SUMS:
+                getattr(self, name).add_(partial[name].to(self.lo.device))
+        self.partials = []
 
     def cells(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's table cell (its timestep row; with head columns, one cell per sample and head) and the
@@ -48,11 +72,11 @@ class RowObserver:
         rows, flat = self.cells(x)
         self.lo.scatter_reduce_(0, rows, flat.amin(1), "amin")
         self.hi.scatter_reduce_(0, rows, flat.amax(1), "amax")
-        self.count.scatter_add_(0, rows, torch.ones(len(rows), device=x.device))
+        self.partial()["count"].scatter_add_(0, rows, torch.ones(len(rows), device=x.device))
         if self.percentile is not None:  # per-sample percentiles, averaged per row in grid()
             k_hi = max(1, round(self.percentile / 100 * flat.shape[1]))
-            self.pct_hi.scatter_add_(0, rows, flat.kthvalue(k_hi, 1).values)
-            self.pct_lo.scatter_add_(0, rows, flat.kthvalue(max(1, flat.shape[1] - k_hi + 1), 1).values)
+            self.partial()["pct_hi"].scatter_add_(0, rows, flat.kthvalue(k_hi, 1).values)
+            self.partial()["pct_lo"].scatter_add_(0, rows, flat.kthvalue(max(1, flat.shape[1] - k_hi + 1), 1).values)
         dims = [d for d in range(x.dim()) if d != self.quantizer.channel_dim % x.dim()]
         amax = x.abs().amax(dim=dims)
         self.channel_amax = amax if self.channel_amax is None else torch.maximum(self.channel_amax, amax)
@@ -61,12 +85,12 @@ class RowObserver:
         """Accumulate, per row, the quantization error of each candidate clipping range."""
         x = x.detach().float().to(self.lo.device)
         rows, flat = self.cells(x)
-        fmt = self.quantizer.fmt
+        fmt, partial = self.quantizer.fmt, self.partial()
         for k, fraction in enumerate(MSE_FRACTIONS.tolist()):
             step, zero = self.grid(fraction)
             error = (fake_quantize(flat, step[rows, None], zero[rows, None], fmt) - flat).pow(2).sum(1)
-            self.mse[:, k].scatter_add_(0, rows, error)
-        self.mse_count.scatter_add_(0, rows, torch.ones(len(rows), device=x.device))
+            partial["mse"][:, k].scatter_add_(0, rows, error)
+        partial["mse_count"].scatter_add_(0, rows, torch.ones(len(rows), device=x.device))
 
     def grid(self, fraction: float, percentile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(step, zero point) per row for the observed range (or mean percentile range) scaled by fraction."""
@@ -80,6 +104,7 @@ class RowObserver:
 
     def finish(self, method: str) -> None:
         """Write the chosen (step, zero point) rows into the quantizer."""
+        self.add(self.partials)  # what merge() has not added (an observer used on its own)
         if method == "mse":  # rows the MSE subset missed take the clipping fraction of their nearest row
             best = self.mse.argmin(1)[self.nearest_row(self.mse_count > 0)]
             step, zero = self.grid(1.0)
@@ -129,21 +154,46 @@ def hooked(quantizers: dict[str, ActQuantizer], observe: str, observers: dict[st
 
 def initialise_activations(quantized: QuantizedDenoiser, data: CalibrationData, method: str, percentile: float,
                            batch_size: int, device: torch.device, progress: bool = True,
-                           only: set[str] | None = None) -> dict[str, dict]:  # fmt: skip
-    """Set every activation table (or those of the groups in `only`) from the calibration data; returns
-    per-group range statistics."""
+                           only: set[str] | None = None, ranks: Ranks = SINGLE) -> dict[str, dict]:  # fmt: skip
+    """Set every activation table (or those of the groups in `only`) from the calibration data, each rank observing
+    its shard of the batches; returns per-group range statistics."""
     quantizers = {name: q for name, q in quantized.act_quantizers().items() if only is None or name in only}
     observers = {name: RowObserver(q, percentile if method == "percentile" else None) for name, q in quantizers.items()}
+
+    def start_batch() -> None:
+        for observer in observers.values():
+            observer.start_batch()
+
     quantized.set_quantization(activations=False, weights=False)
     with hooked(quantizers, "observe", observers):
-        run_over(quantized, data, batch_size, device, "observe ranges", progress)
+        run_over(quantized, data, batch_size, device, "observe ranges", progress, ranks, start_batch)
+    merge(observers, -(-len(data) // batch_size), ranks, "observing activation ranges")
     if method == "mse":
         with hooked(quantizers, "observe_mse", observers):
-            run_over(quantized, data.subset(MSE_SAMPLES), batch_size, device, "MSE search", progress)
+            run_over(quantized, data.subset(MSE_SAMPLES), batch_size, device, "MSE search", progress, ranks, start_batch)
+        merge(observers, -(-min(len(data), MSE_SAMPLES) // batch_size), ranks, "the MSE search")
     for observer in observers.values():
         observer.finish(method)
     quantized.set_quantization(activations=True, weights=True)
     return {name: observer.range_reduction() for name, observer in observers.items()}
+
+
+def merge(observers: dict[str, RowObserver], n_batches: int, ranks: Ranks, phase: str) -> None:
+    """Combine what every rank observed over its batches: min/max all-reduced; each batch's sums and counts added in
+    batch order (as one process adds them), so every rank, and one rank alone, gets the same floats."""
+    observed = list(observers.values())
+    ranks.all_reduce([o.lo for o in observed], "min", phase)
+    ranks.all_reduce([o.hi for o in observed], "max", phase)
+    if ranks.active:  # a rank without batches has no channel maxima: gathered, not all-reduced
+        amax = ranks.gather([None if o.channel_amax is None else o.channel_amax.cpu() for o in observed], phase)
+        for observer, maxima in zip(observed, zip(*amax)):
+            present = [m for m in maxima if m is not None]
+            observer.channel_amax = torch.stack(present).amax(0).to(observer.lo.device) if present else None
+    host = (lambda v: v.cpu()) if ranks.active else (lambda v: v)  # one process: no round trip
+    mine = [[{k: host(v) for k, v in o.partials[j].items()} for o in observed] for j in range(len(ranks.shard(n_batches)))]
+    batches = ranks.in_order(mine, n_batches, phase) if ranks.active else mine
+    for k, observer in enumerate(observed):
+        observer.add([batch[k] for batch in batches])
 
 
 def activation_tables(quantized: QuantizedDenoiser) -> dict[str, torch.Tensor]:

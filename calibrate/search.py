@@ -28,6 +28,7 @@ from tqdm import tqdm
 from dilatequant.core.atomic import atomic_write_text
 from dilatequant.core.errors import UserError
 
+from .distributed import SINGLE, Ranks
 from .groupwise import legal_group_sizes
 
 Genome = tuple[int, ...]
@@ -104,11 +105,11 @@ class Space:
 
 
 class SearchState:
-    """What a search has done so far, written to `path` (when given) after every step."""
+    """What a search has done so far, written to `path` (when given) after every step; `saved` is what the file
+    held (read by rank 0 alone on several ranks)."""
 
-    def __init__(self, path: Path | None, key: dict, seed: int) -> None:
+    def __init__(self, path: Path | None, key: dict, seed: int, saved: dict | None) -> None:
         self.path, self.key, self.started = path, key, time.perf_counter()
-        saved = json.loads(path.read_text()) if path is not None and path.is_file() else None
         self.resumed = saved is not None and saved["key"] == key
         if self.resumed:
             self.generation, self.candidates, self.history = saved["generation"], saved["candidates"], saved["history"]
@@ -158,21 +159,30 @@ def breed(space: Space, state: SearchState, config: SearchConfig) -> list[Genome
     return list(dict.fromkeys(candidates))[: config.population]
 
 
+def read_state(path: Path | None) -> dict | None:
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
 def search(widths: Mapping[str, int], fitness: Callable[[dict[str, int]], float], config: SearchConfig,
-           state_path: str | Path | None = None, progress: bool = True) -> SearchResult:  # fmt: skip
-    """Search group sizes for the layers of `widths` (name -> input channels) minimising `fitness(group_sizes)`."""
+           state_path: str | Path | None = None, progress: bool = True, ranks: Ranks = SINGLE) -> SearchResult:  # fmt: skip
+    """Search group sizes for the layers of `widths` (name -> input channels) minimising `fitness(group_sizes)`.
+    On several ranks, each evaluates one of every N genomes still to evaluate; rank 0 alone reads and writes the state."""
     space = Space(widths, config)
     key = json.loads(json.dumps({"widths": dict(widths), "config": asdict(config)}))  # as it reads back from the file
-    state = SearchState(Path(state_path) if state_path else None, key, config.seed)
+    path = Path(state_path) if state_path else None
+    saved = ranks.from_main(lambda: read_state(path), "reading the search state")
+    state = SearchState(path if ranks.main else None, key, config.seed, saved)
     bar = tqdm(total=config.generations, initial=state.generation, desc="group-size search", disable=not progress)
     while state.generation < config.generations:
         if state.candidates is None:
             state.candidates = [list(g) for g in breed(space, state, config)]
             state.save()
-        for genome in map(tuple, state.candidates):
-            if genome_key(genome) not in state.fitness:
-                state.fitness[genome_key(genome)] = float(fitness(dict(zip(space.layers, genome))))
-                state.save()
+        pending = [g for g in map(tuple, state.candidates) if genome_key(g) not in state.fitness]
+        for start in range(0, len(pending), ranks.world_size):  # one genome per rank at a time, saved as they come
+            genomes = pending[start : start + ranks.world_size]
+            values = ranks.map(lambda g: float(fitness(dict(zip(space.layers, g)))), genomes, "the group-size search")
+            state.fitness.update({genome_key(g): v for g, v in zip(genomes, values)})
+            state.save()
         best = ranked(state.fitness)[0]
         state.history.append({"generation": state.generation, "best": dict(zip(space.layers, best)),
                               "fitness": state.fitness[genome_key(best)], "mean_group_size": float(np.mean(best)),

@@ -91,7 +91,7 @@ def test_graphed_calibration_learns_like_the_eager_one(tiny_model_dirs, tmp_path
 
 
 def test_a_block_that_cannot_be_captured_trains_eagerly_with_a_warning(monkeypatch):
-    def refuse(step, warmup):
+    def refuse(step, warmup, after):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(bkd, "GraphedStep", refuse)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -215,10 +216,13 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
 @calib_option("--negative-prompt", "negative_prompt", help="With --prompts: the unconditional half's prompt.")
 @calib_option("--guidance-scale", "guidance_scale", type=float, help="With --prompts: classifier-free guidance (1: none).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Calibrate on this many processes of this machine (one per GPU, or gloo on CPU) under torchrun.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Artifact directory to write.")
 def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_attention: bool, attention_head_tables: bool,
-                      asymmetric: bool, device: str, out: Path, prompts_file: Path | None, **options) -> None:  # fmt: skip
+                      asymmetric: bool, device: str, nproc: int, out: Path, prompts_file: Path | None, **options) -> None:  # fmt: skip
     """Calibrate a model (a method, or a named recipe) and write the calibration artifact."""
+    from dilatequant.calibrate.distributed import launch, without_option
     from dilatequant.calibrate.flow import calibrate
     from dilatequant.calibrate.recipes import recipe
     from dilatequant.core.environment import resolve_device
@@ -233,6 +237,8 @@ def calibrate_command(model: str, recipe_name: str | None, bits: str, quantize_a
     flags = {"quantize_attention": quantize_attention, "attention_head_tables": attention_head_tables, "act_symmetric": not asymmetric}
     overrides.update({key: value for key, value in flags.items() if value != CalibConfig.__dataclass_fields__[key].default})
     config = recipe(recipe_name, bits, **overrides) if recipe_name else CalibConfig.from_bits(bits, **overrides)
+    if nproc > 1:  # the same command on nproc ranks (checked above, before any process starts)
+        return launch(nproc, without_option(sys.argv[1:], "--nproc"), device)
     start = time.perf_counter()
     path = calibrate(model, config, out, resolve_device(device), assume_schedule=options.get("scheduler") is not None)
     click.echo(f"wrote {path} ({config.bits_name}, {config.recipe}, {time.perf_counter() - start:.1f} s)")
