@@ -118,19 +118,16 @@ def collect(denoiser: Denoiser, scheduler_config: dict, config: CalibConfig, dev
     """Sample `config.trajectories` FP trajectories and select `config.samples` inputs from them (with guidance,
     a trajectory's negative-prompt half counts as one more trajectory to choose from).
 
-    On several ranks each records its sampling batches (batch k is rank k mod N's, at most `batch_size` and at most
-    an N-th of the trajectories each), the batches are gathered and put in the order one process records them with
-    `batch_size`, and every rank makes the same selection. Initial noise depends only on (seed, index), and DDIM and
-    DPM-Solver++ are deterministic, so the set is the one process's; DDPM's per-step noise is drawn per batch, so it
-    is the same only where the ranks' batches are one process's (trajectories >= N x batch_size)."""
+    On several ranks, sampling batch k (of `batch_size`, as one process samples) is rank k mod N's; the batches are
+    gathered and every rank makes the same selection. Every batch is computed as one process computes it, and the
+    batches of other ranks still draw DDPM's noise, so the set is one process's, bit for bit. The recording divides
+    only when there are at least N batches (trajectories > (N - 1) x batch_size)."""
     tdac = config.timestep_sampling in NEEDS_FEATURES
     prompts = denoiser.prompts
     labels = prompts.labels(config.trajectories) if prompts else balanced_labels(config.trajectories, min(10, denoiser.num_classes or 10))
-    guided = prompts is not None and config.guidance_scale != 1
-    record_batch = min(batch_size, -(-config.trajectories // ranks.world_size))
-    n_batches = -(-config.trajectories // record_batch)
+    n_batches = -(-config.trajectories // batch_size)
     recorder = _Recorder(denoiser, config.steps, config.steps if tdac else 0, set(range(n_batches)) - set(ranks.shard(n_batches)))
-    sampler = SamplerConfig(config.scheduler, config.steps, config.seed, record_batch, guidance_scale=config.guidance_scale)
+    sampler = SamplerConfig(config.scheduler, config.steps, config.seed, batch_size, guidance_scale=config.guidance_scale)
     try:
         sample(recorder, scheduler_config, labels, sampler, device, progress)
     finally:
@@ -138,32 +135,16 @@ def collect(denoiser: Denoiser, scheduler_config: dict, config: CalibConfig, dev
             recorder.hook.remove()
     mine = recorder.recorded()
     batches = ranks.in_order([mine[k] for k in ranks.shard(n_batches)], n_batches, "recording the FP trajectories")
-    x = one_process_order([b[0] for b in batches], guided, batch_size)  # (M, T, C, H, W)
+    x = torch.cat([b[0] for b in batches])  # (M, T, C, H, W)
     t = batches[0][1]  # (T,)
-    if guided:  # each batch called on [negative prompt, prompts]
+    if len(x) > len(labels):  # guided: each batch called on [negative prompt, prompts]
         labels = torch.cat([torch.cat([torch.full_like(part, prompts.negative_label), part]) for part in labels.split(batch_size)])
-    pool = Pool(len(x), t.tolist(), first_batch_features(recorder.features, guided, batch_size, ranks) if tdac else None)
+    # TDAC reads the first batch's features: rank 0's
+    features = ranks.from_main(lambda: torch.stack(recorder.features), "TDAC's features") if tdac else None
+    pool = Pool(len(x), t.tolist(), features)
     chosen = SELECTORS[config.timestep_sampling](pool, config.samples, torch.Generator().manual_seed(config.seed + 2),
                                                  radius=config.tdac_radius, lam=config.tdac_lambda)  # fmt: skip
     return CalibrationData(x[chosen.trajectory, chosen.step], t[chosen.step], labels[chosen.trajectory], chosen.record, prompts)
-
-
-def one_process_order(batches: list[torch.Tensor], guided: bool, batch_size: int) -> torch.Tensor:
-    """Recorded batches (rows first, in batch order) laid out as one process records them in batches of
-    `batch_size`: trajectories in order, and under guidance each batch's negative-prompt rows before its prompts'."""
-    if not guided:
-        return torch.cat(batches)
-    negative, prompted = (torch.cat([b.chunk(2)[half] for b in batches]) for half in (0, 1))
-    return torch.cat([torch.cat(pair) for pair in zip(negative.split(batch_size), prompted.split(batch_size))])
-
-
-def first_batch_features(features: list[torch.Tensor], guided: bool, batch_size: int, ranks: Ranks) -> torch.Tensor:
-    """TDAC's feature maps (steps, rows, ...) of one process's first batch: the ranks' first batches (batches
-    0..N-1, which hold it), laid out as one process and cut to its first batch."""
-    firsts = [f for f in ranks.gather(torch.stack(features, 1) if features else None, "gathering TDAC's features") if f is not None]
-    rows = one_process_order(firsts, guided, batch_size)
-    covered = sum(len(f) for f in firsts) // (2 if guided else 1)
-    return rows[: min(batch_size, covered) * (2 if guided else 1)].transpose(0, 1)
 
 
 @torch.no_grad()

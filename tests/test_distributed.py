@@ -15,7 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dilatequant.calibrate.calib_data import first_batch_features, one_process_order
 from dilatequant.calibrate.distributed import Ranks, without_option
 
 ARGS = ["--bits", "W8A8", "--method", "dilatequant", "--samples", "64", "--trajectories", "64", "--steps", "4",
@@ -140,18 +139,6 @@ def test_rows_and_shards_cover_every_item_once(n, world):
     rows = [Ranks(rank, world).rows(n) for rank in range(world)]
     assert [i for s in rows for i in range(n)[s]] == list(range(n))
     assert sorted(i for rank in range(world) for i in Ranks(rank, world).shard(n)) == list(range(n))
-
-
-def test_guided_batches_of_any_size_are_laid_out_as_one_process_records_them():
-    trajectories, steps = torch.arange(6), 2  # one value per trajectory and step: negative halves negated
-
-    def recorded(rows: torch.Tensor) -> torch.Tensor:  # one guided batch as sampling calls the denoiser
-        return torch.cat([-rows - 1, rows + 1])[:, None].expand(-1, steps)
-
-    one_process = [recorded(part) for part in trajectories.split(4)]
-    assert torch.equal(one_process_order([recorded(part) for part in trajectories.split(3)], True, 4), torch.cat(one_process))
-    per_call = [one_process[0][:, step] for step in range(steps)]  # TDAC's features: the first batch's calls
-    assert torch.equal(first_batch_features(per_call, True, 4, Ranks()), one_process[0].T)
 
 
 def search_on_a_rank(rank: int, port: int, state: str, results) -> None:
