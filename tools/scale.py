@@ -194,13 +194,16 @@ def latency(quantized: str, fp32: str, out: str, runs: int = 5) -> None:
 
 
 def conditioning(engines):
-    """A zero conditioning input of the engines' shape, or None for an unconditional model."""
+    """A zero conditioning input of the engines' shape at batch 1, or None for an unconditional model; encoder states
+    get CLIP's 77 tokens (BuildConfig's opt_tokens), what a Stable Diffusion pipeline passes."""
     import numpy as np
+
+    from dilatequant.engines.config import BuildConfig
 
     cond = next((i for i in engines.engines[0].sessions[0].get_inputs() if i.name == "cond"), None)
     if cond is None:
         return None
-    shape = [1 if not isinstance(d, int) else d for d in cond.shape]
+    shape = [d if isinstance(d, int) else 1 if axis == 0 else BuildConfig().opt_tokens for axis, d in enumerate(cond.shape)]
     return np.zeros(shape, dtype=engines.engines[0].input_dtypes["cond"])
 
 
