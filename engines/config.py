@@ -22,7 +22,10 @@ class BuildConfig:
     sessions per bucket that each run a slice of the batch concurrently (on the 2-core CPU, 2 streams x 1
     thread ran INT8 digits at 0.42x FP32 vs 0.50x for 1 x 2 threads: integer kernels scale poorly over
     threads); `provider` 'auto' (TensorRT, then CUDA, then CPU: the first the installed onnxruntime offers);
-    `integer_kernels` 'auto' (u8u8 where this CPU's u8s8 kernels saturate, else u8s8), or forced.
+    `integer_kernels` 'auto' (u8u8 where this CPU's u8s8 kernels saturate, else u8s8), or forced; `prepack` lets
+    ONNX Runtime repack the integer weights for its kernels, a copy per session beside the shared weights file
+    (faster; off saves memory: 4 SD-1.5-size buckets 2.06 instead of 5.44 GB resident, 3.06 instead of 2.28 s per
+    call, measured in docs/results/scale.md).
     torch: the reference executor (`provider` auto, cpu, cuda or cuda:N; one stream).
     tensorrt: an optimization profile over the batch dimension (`min_batch` <= `opt_batch` <= `max_batch`;
     resolution fixed to the model's, or free between `min_size` and `max_size` with `dynamic_resolution`; the encoder
@@ -52,6 +55,7 @@ class BuildConfig:
     refittable: bool = False
     strip_weights: bool = False
     integer_kernels: str = "auto"
+    prepack: bool = True
     fidelity: str = "fail"
     fidelity_bound: float = 1e-2
 
@@ -80,6 +84,8 @@ class BuildConfig:
             raise UserError(f"--fidelity must be one of {', '.join(FIDELITY_MODES)}, got '{self.fidelity}'.")
         if not self.fidelity_bound > 0:
             raise UserError(f"--fidelity-bound must be > 0 (a relative error, e.g. 1e-2), got {self.fidelity_bound}.")
+        if not self.prepack and self.backend != "onnxruntime":
+            raise UserError("--no-prepack is an onnxruntime option.")
         if self.strip_weights and self.backend != "tensorrt":
             raise UserError("--strip-weights is a TensorRT option; the onnxruntime backend keeps its weights.")
 

@@ -84,6 +84,8 @@ def session_options(config: BuildConfig, optimize: bool):
     options.graph_optimization_level = level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
     if precise_kernels(config):
         options.add_session_config_entry(PRECISE_INTEGER_KERNELS, "1")
+    if not config.prepack:  # each session would keep its own repacked copy of the integer weights
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 

@@ -240,3 +240,15 @@ def test_load_variant_reads_each_kind_and_refuses_the_wrong_one(exports, engines
         load_variant(exports["unet"], kind="engines")
     with pytest.raises(ArtifactError, match="is not the model"):
         load_variant(calib, source=tiny_model_dirs["dit"])
+
+
+def test_engines_without_prepacking_compute_the_same_and_record_it(exports, engines, tmp_path):
+    """--no-prepack (one copy of the integer weights instead of one per session): same outputs, recorded; refused
+    for a backend that has no such option."""
+    plain = build(exports["unet-cond"], BuildConfig(threads=1, prepack=False), tmp_path / "no-prepack")
+    assert json.loads((plain / "manifest.json").read_text())["build"]["prepack"] is False
+    packed, unpacked = load_engine_model(engines["unet-cond"]).denoiser, load_engine_model(plain).denoiser
+    x, t, cond = inputs(packed, [packed.high, packed.low])
+    np.testing.assert_allclose(unpacked(x, t, cond).numpy(), packed(x, t, cond).numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(UserError, match="--no-prepack is an onnxruntime option"):
+        BuildConfig(backend="torch", prepack=False)

@@ -301,6 +301,8 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
 @click.option("--optimization-level", default=BuildConfig.optimization_level, show_default=True, help="tensorrt: builder optimization level 0-5.")
 @click.option("--refittable", is_flag=True, help="tensorrt: refittable engines.")
 @click.option("--strip-weights", is_flag=True, help="tensorrt: weight-stripped plans (refitted from the ONNX weights at load).")
+@click.option("--prepack/--no-prepack", default=BuildConfig.prepack, show_default=True,
+              help="onnxruntime: repacked integer weights per session (faster); --no-prepack keeps one copy (less memory).")
 @click.option("--emit-trtexec", is_flag=True, help="tensorrt: write an equivalent trtexec script per bucket instead of building.")
 @click.option("--integer-kernels", default=BuildConfig.integer_kernels, show_default=True, type=click.Choice(INTEGER_KERNELS),
               help="onnxruntime: u8u8 (exact everywhere) or u8s8 (faster, saturates on x86 CPUs without VNNI); auto picks by probing the CPU.")
@@ -310,7 +312,7 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
               help="Largest relative error of one quantized layer's output against the graph run op by op.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Engine directory to write.")
 def build_command(export_dir: Path, backend: str, threads: int, streams: int, provider: str, batch: str, tokens: str, dynamic_resolution: str | None,
-                  optimization_level: int, refittable: bool, strip_weights: bool, emit_trtexec: bool, integer_kernels: str,
+                  optimization_level: int, refittable: bool, strip_weights: bool, prepack: bool, emit_trtexec: bool, integer_kernels: str,
                   fidelity: str, fidelity_bound: float, out: Path) -> None:  # fmt: skip
     """Build one engine per bucket graph of an export directory, and check the engines against the graphs."""
     from dilatequant.engines.engine import build
@@ -323,7 +325,7 @@ def build_command(export_dir: Path, backend: str, threads: int, streams: int, pr
                          min_tokens=min_tokens, opt_tokens=opt_tokens, max_tokens=max_tokens,
                          max_batch=max_batch, dynamic_resolution=dynamic_resolution is not None, min_size=sizes[0],
                          max_size=sizes[1], optimization_level=optimization_level, refittable=refittable,
-                         strip_weights=strip_weights, integer_kernels=integer_kernels, fidelity=fidelity,
+                         strip_weights=strip_weights, prepack=prepack, integer_kernels=integer_kernels, fidelity=fidelity,
                          fidelity_bound=fidelity_bound)  # fmt: skip
     start = time.perf_counter()
     if emit_trtexec:
