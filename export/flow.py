@@ -321,7 +321,8 @@ def write_export(artifact, calib: Path, config: ExportConfig, out: Path, progres
     fields = {"config": config.to_dict(), "profile": config.profile, "precision": config.precision, "n_buckets": len(table),
               "buckets": table.to_dict(), "graphs": files, "weights_file": WEIGHTS_FILE, "check_inputs": CHECK_INPUTS_FILE,
               "estimated_error_by_k": {str(k): v for k, v in estimated.items()},
-              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name}}  # fmt: skip
+              "source": {"calibration": str(calib), "manifest_sha256": source_sha, "bits": artifact.config.bits_name,
+                         "model": artifact.record.source["spec"]}}  # fmt: skip
     with tempfile.TemporaryDirectory() as work:  # the exporter's external data, until copied into the weights file
         say(f"export: tracing the FP graph of {calib} ({config.profile}, {len(table)} buckets)")
         graph, nodes, attention = fp_graph(artifact, config, Path(work))

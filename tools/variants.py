@@ -76,15 +76,11 @@ def load_variant(spec: str | Path, device: torch.device | str = "cpu", kind: str
 
 
 def source_spec(variant: Variant) -> str | None:
-    """The model a calibration or engine variant was made from, as recorded (engines: through their export)."""
-    from dilatequant.calibrate.contract import load_artifact
-
+    """The model a calibration or engine variant was made from, as recorded (engines: in their export's manifest)."""
     if variant.kind == "calibration":
         return variant.artifact.record.source["spec"]
     if variant.kind == "engines":
-        export_source = json.loads((Path(variant.spec) / MANIFEST_NAME).read_text())["source"]["source"]
-        calibration = export_source.get("calibration")
-        return load_artifact(calibration).record.source["spec"] if calibration and Path(calibration).is_dir() else export_source.get("model")
+        return json.loads((Path(variant.spec) / MANIFEST_NAME).read_text())["source"]["source"].get("model")
     return variant.spec
 
 
