@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
 from .conditioning import CondLayout, size_extras
+from .denoiser import VAE_SCALE
 from .errors import ModelLoadError, UserError
 from .families import family_of_class
 from .optional import require
@@ -32,7 +31,7 @@ DENOISER_AND_DECODER = ("unet", "transformer", "vae", "safety_checker", "feature
 @dataclass
 class PromptTable:
     """Conditioning rows of `prompts` and of `negative_prompt` (the last row), as the pipeline at `pipeline` encoded
-    them; labels index the rows."""
+    them; labels index the rows. Stored with the calibration data (its rows a tensor there, the rest `metadata()`)."""
 
     prompts: list[str]
     negative_prompt: str
@@ -56,18 +55,10 @@ class PromptTable:
     def metadata(self) -> dict[str, str]:
         return {"prompts": json.dumps({"prompts": self.prompts, "negative_prompt": self.negative_prompt, "pipeline": self.pipeline})}
 
-    def to_bytes(self) -> bytes:
-        return save({"rows": self.rows.contiguous()}, metadata=self.metadata())
-
     @classmethod
     def from_tensors(cls, rows: torch.Tensor, metadata: dict[str, str]) -> PromptTable:
         record = json.loads(metadata["prompts"])
         return cls(record["prompts"], record["negative_prompt"], rows, record["pipeline"])
-
-    @classmethod
-    def load(cls, path: Path) -> PromptTable:
-        with safe_open(str(path), "pt") as file:
-            return cls.from_tensors(file.get_tensor("rows"), file.metadata())
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -160,7 +151,7 @@ def vae_scale(pipeline_dir: Path) -> int:
 def latent_pixels(pipeline_dir: Path, denoiser_config: dict) -> tuple[int, int]:
     size = denoiser_config["sample_size"]
     height, width = (size, size) if isinstance(size, int) else size
-    scale = vae_scale(pipeline_dir) if (pipeline_dir / "vae" / "config.json").is_file() else 8
+    scale = vae_scale(pipeline_dir) if (pipeline_dir / "vae" / "config.json").is_file() else VAE_SCALE
     return height * scale, width * scale
 
 
