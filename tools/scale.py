@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -93,32 +94,26 @@ def stages(model: str, work: Path, samples: int) -> list[Stage]:
     ]  # fmt: skip
 
 
-POLL_SECONDS = 0.1
-
-
-def high_water_gb(pid: int) -> float:
-    """A live process's peak resident memory (VmHWM: of its own address space since exec), in GiB; 0 once it is gone."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return 0.0
-    return next((int(line.split()[1]) / 2**20 for line in lines if line.startswith("VmHWM")), 0.0)
+# A small parent for each stage: the kernel carries the spawning process's peak RSS into the child's ru_maxrss
+# (posix_spawn shares its memory until exec), so the stage is spawned from this ~10 MB interpreter, not from the
+# benchmark, and wait4 then gives the stage's true peak however briefly it was reached.
+MEASURE = """import json, os, sys
+log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, log, 1), (os.POSIX_SPAWN_DUP2, log, 2)])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
+"""
 
 
 def run_stage(argv: list[str], log: Path) -> dict:
-    """Run one command in a fresh process: wall seconds, its peak RSS (VmHWM, polled every POLL_SECONDS until it exits)
-    and exit status."""
+    """Run one command in a fresh process: wall seconds, its peak RSS (GiB) and exit status."""
     start = time.perf_counter()
-    redirect = [(os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
-    pid = os.posix_spawnp(argv[0], argv, {**os.environ, "TQDM_DISABLE": "1"}, file_actions=redirect)
-    peak, status = 0.0, None
-    while status is None:  # wait4's ru_maxrss would count the parent's memory the child started from (Linux keeps it across exec)
-        peak = max(peak, high_water_gb(pid))
-        done, code = os.waitpid(pid, os.WNOHANG)
-        status = code if done else time.sleep(POLL_SECONDS)
+    measured = subprocess.run([sys.executable, "-c", MEASURE, str(log), *argv], env={**os.environ, "TQDM_DISABLE": "1"},
+                              capture_output=True, text=True, check=True)  # fmt: skip
     seconds = time.perf_counter() - start
+    outcome = json.loads(measured.stdout)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak, 2), "rc": os.waitstatus_to_exitcode(status),
+    return {"seconds": round(seconds, 1), "peak_rss_gb": round(outcome["maxrss_kib"] / 2**20, 2), "rc": outcome["rc"],
             "last_line": lines[-1][-300:] if lines else ""}  # fmt: skip
 
 
