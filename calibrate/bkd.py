@@ -36,6 +36,7 @@ from .calib_data import CalibrationData
 from .config import CalibConfig
 from .cuda_graph import WARMUP, GraphedStep, replayable
 from .distributed import SINGLE, Ranks
+from .offload import offloaded
 from .quant_model import QuantizedDenoiser, QuantLayer
 from .quantizer import ActQuantizer, WeightQuantizer
 from .reconstruction import FP_INPUTS, LAYER_TARGETS, LOSSES, LR_SCHEDULES, MIXERS, WEIGHT_ROUNDINGS, layer_outputs, quant_layer_names
@@ -72,7 +73,9 @@ def capture(module: nn.Module, what: str) -> Iterator[dict]:
         box["output"] = first_tensor(output).detach()
         raise _StopForward
 
-    handle = module.register_forward_pre_hook(before, with_kwargs=True) if what == "inputs" else module.register_forward_hook(after)
+    # prepended: the forward stops before an offloaded block is copied to the device for nothing
+    handle = (module.register_forward_pre_hook(before, with_kwargs=True, prepend=True) if what == "inputs"
+              else module.register_forward_hook(after))  # fmt: skip
     try:
         yield box
     finally:
@@ -207,8 +210,9 @@ def train_block(quantized: QuantizedDenoiser, block: nn.Module, data: BlockData,
             loss = run(examples[order[k]])
             if after is not None and not graphed:
                 after()
-    for p in trained:
+    for p in trained:  # a gradient left behind would keep the memory (and a replayed graph's whole pool) on the device
         p.requires_grad_(False)
+        p.grad = None
     rounding.finish()
     return {"loss": float(loss.detach()), "cuda_graph": graphed}
 
@@ -232,35 +236,40 @@ def set_rates(optimizer: torch.optim.Optimizer, bases: list[float], fraction: fl
 
 
 def distill(quantized: QuantizedDenoiser, fp: Denoiser, data: CalibrationData, config: CalibConfig,
-            device: torch.device, work: WorkDir, progress: bool = True, ranks: Ranks = SINGLE) -> dict:  # fmt: skip
-    """Distil every block in call order, resuming from `work`'s checkpoints (rank 0's); returns per-block statistics."""
+            device: torch.device, work: WorkDir, progress: bool = True, ranks: Ranks = SINGLE, offload: bool = False) -> dict:  # fmt: skip
+    """Distil every block in call order, resuming from `work`'s checkpoints (rank 0's); returns per-block statistics.
+    `offload`: both models' blocks stay in host memory but the one that runs (calibrate/offload.py)."""
     quantized.requires_grad_(False)
     fp_modules, q_modules = dict(fp.model.named_modules()), dict(quantized.model.named_modules())
     data_batches = batches(data, fp, config.bkd_batch, device, ranks)
     probe = data_batches[0]
-    names = call_order(get_family(fp.family).blocks(fp.model), fp_modules, lambda: torch.no_grad()(fp)(probe.x, probe.t, probe.cond))
+    blocks = get_family(fp.family).blocks(fp.model)
     stats = {}
-    for index, name in enumerate(tqdm(names, desc="distil blocks", disable=not progress)):
-        block = q_modules[name]
-        if not has_quantized_layers(block):
-            continue  # nothing quantized inside (e.g. a boundary layer kept in FP)
-        saved = ranks.from_main(lambda: work.load_block(index, name), "reading a block checkpoint")
-        if saved is not None:
-            block.load_state_dict(saved)
-            stats[name] = {"resumed": True}
-            continue
-        stats[name] = distill_block(quantized, fp, fp_modules[name], block, data_batches, config, device,
-                                    seed=config.seed * 1000 + index, ranks=ranks)  # fmt: skip
-        ranks.from_main(lambda: work.save_block(index, name, block.state_dict()), "saving a block checkpoint")
+    with offloaded([fp.model, quantized.model], blocks, device, offload) as (_, q_offload):
+        names = call_order(blocks, fp_modules, lambda: torch.no_grad()(fp)(probe.x, probe.t, probe.cond))
+        for index, name in enumerate(tqdm(names, desc="distil blocks", disable=not progress)):
+            block = q_modules[name]
+            if not has_quantized_layers(block):
+                continue  # nothing quantized inside (e.g. a boundary layer kept in FP)
+            saved = ranks.from_main(lambda: work.load_block(index, name), "reading a block checkpoint")
+            if saved is not None:
+                block.load_state_dict(saved)
+                stats[name] = {"resumed": True}
+                continue
+            with q_offload.resident(name):
+                stats[name] = distill_block(quantized, fp, fp_modules[name], block, data_batches, config, device,
+                                            seed=config.seed * 1000 + index, ranks=ranks)  # fmt: skip
+                ranks.from_main(lambda: work.save_block(index, name, block.state_dict()), "saving a block checkpoint")
     return stats
 
 
 def distill_block(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Module, block: nn.Module,
                   data_batches: list[Batch], config: CalibConfig, device: torch.device, seed: int,
                   ranks: Ranks = SINGLE) -> dict:  # fmt: skip
-    start = time.perf_counter()
+    start, held = time.perf_counter(), None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)  # the models' part on the device (all, or one block when offloaded)
     data = block_data(quantized, fp, fp_block, block, data_batches, config)
     initial = {k: v.clone() for k, v in block.state_dict().items()}
     before = mean_loss(quantized, block, data, ranks)
@@ -272,6 +281,7 @@ def distill_block(quantized: QuantizedDenoiser, fp: Denoiser, fp_block: nn.Modul
               "seconds": round(time.perf_counter() - start, 2), "cuda_graph": trained["cuda_graph"], "cache_mib": round(cache_bytes(data.inputs, data.targets) / 2**20, 1)}  # fmt: skip
     if device.type == "cuda":
         record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        record["start_cuda_mib"] = round(held / 2**20, 1)
     return record
 
 

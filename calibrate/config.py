@@ -12,6 +12,7 @@ from dilatequant.core.sampling import GUIDANCE_SCALE, SCHEDULERS
 from .recipes import METHOD_FIELDS, METHODS, PARTS, RECIPES, get_recipe
 
 BIT_PRESETS = ("W8A8", "W6A6", "W4A8", "W4A4")
+OFFLOAD_CHOICES = ("auto", "on", "off")  # distillation block offloading (calibrate/offload.py)
 ACT_INITS = PARTS["initialisation"]
 WEIGHT_INITS = ("minmax", "mse")
 RECON_LOSSES = tuple(p for p in PARTS["loss"] if p)
@@ -84,6 +85,7 @@ class CalibConfig:
     bkd_lr_weight: float = 1e-4  # 1e-5 before the low-bit study (recipe dilatequant-v1)
     bkd_lr_step: float = 1e-3  # relative to each step tensor's mean magnitude
     bkd_cuda_graph: bool = True  # on a GPU, replay each block's training step as a CUDA graph (same arithmetic)
+    bkd_offload: str = "auto"  # on: blocks in host memory, one on the device at a time (calibrate/offload.py); auto: when the GPU needs it
     # reconstruction parts (calibrate/reconstruction.py); the method's: block-output, none, trained-weights
     recon_loss: str | None = None  # block-output, or fbr: + fbr_lambda x each quantized layer's output MSE
     fbr_lambda: float = 0.8
@@ -105,6 +107,7 @@ class CalibConfig:
             ("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING), ("scheduler", self.scheduler, SCHEDULERS),
             ("recon_loss", self.recon_loss, RECON_LOSSES), ("input_mixing", self.input_mixing, INPUT_MIXING),
             ("weight_rounding", self.weight_rounding, WEIGHT_ROUNDING), ("bkd_lr_schedule", self.bkd_lr_schedule, LR_SCHEDULES),
+            ("bkd_offload", self.bkd_offload, OFFLOAD_CHOICES),
         ):  # fmt: skip
             if value not in allowed:
                 raise UserError(f"Calibration option {name}='{value}' is not one of: {', '.join(allowed)}.")

@@ -25,6 +25,7 @@ from .dilation import summarise
 from .distributed import SINGLE, Ranks, process_group
 from .group_search import ModelFitness, search_group_sizes
 from .initialise import activation_tables, initialise_activations, restore_tables
+from .offload import host_copy, should_offload
 from .quant_model import prepare
 from .recipes import parts_that_ran, recorded_recipe
 from .workdir import WorkDir
@@ -109,10 +110,13 @@ def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device:
                            "The model's own sampling diverges; check the model and its scheduler config.")  # fmt: skip
             ranks.from_main(lambda: work.save_data(data), "saving the calibration data")
     distilling = parts_that_ran(config).reconstruction == "block-distillation"
+    offload = distilling and should_offload(config.bkd_offload, loaded.denoiser, device)
+    # distillation and the group-size search compare against the FP model, kept on the device; an offloaded
+    # distillation's is a copy in host memory (the device holds one model); otherwise it is not needed again
+    reference = host_copy(loaded.denoiser) if offload and not config.group_search else loaded.denoiser
+    in_place = reference is not loaded.denoiser or not (distilling or config.group_search)
     with timer.phase("transforms"):  # dilation and the post-norm reparameterisation, where configured
-        # distillation and the group-size search compare against the FP model; otherwise it is not needed again
-        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress,
-                                                      in_place=not (distilling or config.group_search))  # fmt: skip
+        quantized, records, reparameterised = prepare(loaded.denoiser, timesteps, config, data, batch_size, progress, in_place=in_place)
     with timer.phase("initialisation"):
         saved = ranks.from_main(work.load_initialisation, "reading the initialisation")
         if saved is None:
@@ -130,12 +134,12 @@ def calibrate_claimed(model: str | Path, config: CalibConfig, out: Path, device:
     blocks = {}
     if distilling:
         with timer.phase("distillation"):
-            blocks = distill(quantized, loaded.denoiser, data, config, device, work, progress, ranks)
+            blocks = distill(quantized, reference, data, config, device, work, progress, ranks, offload)
         if timer.peak_cuda_mib:  # each block resets the CUDA peak counter: the phase peak is their maximum
             block_peaks = [b["peak_cuda_mib"] for b in blocks.values() if "peak_cuda_mib" in b]
             timer.peak_cuda_mib["distillation"] = max([timer.peak_cuda_mib["distillation"], *block_peaks])
     require_finite({**quantizer_tensors(quantized), **quantized.fp_state_dict()}, "The calibrated parameters", FIX_LEARNED)
-    run = {**timer.record(), **ranks.record()}
+    run = {**timer.record(), **ranks.record(), **({"bkd_offload": offload} if distilling else {})}
     if ranks.active:  # every rank's own peaks: the memory a rank needs
         run["per_rank"] = ranks.gather({k: v for k, v in run.items() if k in ("peak_rss_mib", "peak_cuda_mib")}, "the run record")
     record = CalibrationRecord(

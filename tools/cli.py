@@ -12,7 +12,20 @@ from typing import Callable
 
 import click
 
-from dilatequant.calibrate.config import ACT_INITS, BIT_PRESETS, BOUNDARY, INPUT_MIXING, LR_SCHEDULES, RECON_LOSSES, SOFTMAX_QUANTIZERS, TIMESTEP_SAMPLING, WEIGHT_INITS, WEIGHT_ROUNDING, CalibConfig
+from dilatequant.calibrate.config import (
+    ACT_INITS,
+    BIT_PRESETS,
+    BOUNDARY,
+    INPUT_MIXING,
+    LR_SCHEDULES,
+    OFFLOAD_CHOICES,
+    RECON_LOSSES,
+    SOFTMAX_QUANTIZERS,
+    TIMESTEP_SAMPLING,
+    WEIGHT_INITS,
+    WEIGHT_ROUNDING,
+    CalibConfig,
+)
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.output import check_writable_file
@@ -168,6 +181,9 @@ def calib_option(name: str, field: str, **kwargs) -> Callable:
               help="Distillation learning rates: constant, or cosine (annealed to 0).")
 @click.option("--cuda-graph/--no-cuda-graph", "bkd_cuda_graph", default=None,
               help="On a GPU, replay each block's distillation step as a CUDA graph.  [default: on]")
+@calib_option("--bkd-offload", "bkd_offload", type=click.Choice(OFFLOAD_CHOICES),
+              help="Distillation keeps both models' blocks in host memory and one on the device at a time (for models the "
+              "GPU cannot hold twice; same results, slower); auto: when the two models would fill over half the GPU.")
 @calib_option("--samples", "samples", type=int, help="Calibration samples (x_t, t) drawn from trajectories.")
 @calib_option("--trajectories", "trajectories", type=int, help="FP sampling trajectories recorded.")
 @click.option("--data-selection", "--timestep-sampling", "timestep_sampling", default=None, type=click.Choice(TIMESTEP_SAMPLING),
