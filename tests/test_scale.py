@@ -3,7 +3,9 @@
 import sys
 
 import numpy as np
+from click.testing import CliRunner
 
+from dilatequant.tools import scale
 from dilatequant.tools.scale import markdown, run_stage, stages
 
 
@@ -27,3 +29,30 @@ def test_stages_run_the_real_cli_and_the_table_names_skipped_ones(tmp_path):
     table = markdown([result], "test machine", "python -m dilatequant.tools.scale")
     assert "| digits | 4.6M | 0.02 | calibrate | 20 | 0.50 | 29.18× | exit 1: Killed |" in table
     assert "skipped (needs calibrate)" in table and "not measured" in table
+
+
+def test_a_rerun_keeps_finished_stages_and_runs_the_rest(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_stage(argv, log):
+        ran.append(argv[3] if len(argv) > 3 else argv)
+        return {"seconds": 1.0, "peak_rss_gb": 0.1, "rc": 1 if argv[3:4] == ["lint"] else 0, "last_line": "x"}
+
+    monkeypatch.setattr(scale, "run_stage", fake_stage)
+    monkeypatch.setattr(scale, "summary", lambda stage, log: None)
+    first = scale.run_config("digits", tmp_path, 8)
+    assert ran and all(first["stages"][name]["rc"] == (1 if name.startswith("lint") else 0) for name in first["stages"])
+    ran.clear()
+    second = scale.run_config("digits", tmp_path, 8)
+    assert ran == ["lint"] * 3  # the failed stages run again, the others are kept
+    assert second["stages"]["calibrate"]["earlier_run"] and "(an earlier run)" in scale.markdown([second], "m", "c")
+
+
+def test_stages_runs_only_the_named_ones_and_refuses_unknown_names(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(scale, "run_stage", lambda argv, log: ran.append(argv[3]) or {"seconds": 1.0, "peak_rss_gb": 0.1, "rc": 0, "last_line": ""})
+    monkeypatch.setattr(scale, "summary", lambda stage, log: None)
+    result = scale.run_config("digits", tmp_path, 8, {"calibrate", "lint ort-cpu"})
+    assert ran == ["calibrate"] and result["stages"]["lint ort-cpu"] == {"skipped": "needs export ort-cpu"}
+    outcome = CliRunner().invoke(scale.main, ["--configs", "digits", "--work", str(tmp_path), "--out", str(tmp_path / "r"), "--stages", "calibrat"])
+    assert outcome.exit_code == 2 and "unknown stage(s) ['calibrat']" in outcome.output

@@ -9,7 +9,9 @@ folders with a DDPM scheduler config. Stages: calibrate (W8A8, no distillation, 
 the ort-cpu and tensorrt profiles, the unquantized FP32 export, ONNX Runtime builds of the ort-cpu export and
 of the FP32 export, lint of each export, the engines' resident memory (engines/memory.py, 4 buckets, batch 1)
 and one bucket's ONNX Runtime latency at batch 1 against FP32 (same process, interleaved). A stage that fails (e.g. out of memory) is recorded with its exit status and the last
-line it printed; later stages that need its output are skipped. Results: OUT.json and OUT.md.
+line it printed; later stages that need its output are skipped. Results: OUT.json and OUT.md. Each finished stage is
+recorded in WORK/<config>/stages.json: a re-run (after a crash, or to add the stages a time limit left out) keeps
+the stages that succeeded, marked "an earlier run" in the table; delete that file to measure everything again.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ SDXL_PLAIN = {k: v for k, v in SDXL.items() if k not in ("addition_embed_type", 
                                                           "projection_class_embeddings_input_dim")}  # fmt: skip
 CONFIGS = {"sd15": SD15, "sdxl": SDXL, "sdxl-plain": SDXL_PLAIN}
 BUNDLED = ("digits",)
+DONE = "stages.json"  # in a config's work directory: each finished stage's record; delete it to measure all again
 SHARD_SIZE = "10GB"  # diffusers' default: SD-1.5 size saves one file, SDXL size two
 
 
@@ -117,7 +120,7 @@ def run_stage(argv: list[str], log: Path) -> dict:
             "last_line": lines[-1][-300:] if lines else ""}  # fmt: skip
 
 
-def run_config(name: str, work: Path, samples: int) -> dict:
+def run_config(name: str, work: Path, samples: int, only: set[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"config": name, "stages": {}}
     model = name
@@ -131,17 +134,27 @@ def run_config(name: str, work: Path, samples: int) -> dict:
         model = str(model_dir)
     else:
         result["model"] = bundled_size(name)
+    done = read_json(work / DONE) or {}  # stages an earlier run of this work directory finished: kept, not re-run
     for stage in stages(model, work, samples):
+        earlier = done.get(stage.name)
+        if only is not None and stage.name not in only:  # not asked for: shown as an earlier run left it, if one did
+            if earlier:
+                result["stages"][stage.name] = {**earlier, "earlier_run": True}
+            continue
         failed = [need for need in stage.needs if result["stages"].get(need, {}).get("rc") != 0]
         if failed:
             result["stages"][stage.name] = {"skipped": f"needs {', '.join(failed)}"}
             continue
+        if earlier and earlier["rc"] == 0:
+            result["stages"][stage.name] = {**earlier, "earlier_run": True}
+            continue
         click.echo(f"{name}: {stage.name}: {shlex.join(stage.argv[2:])}", err=True)
         log = work / f"{stage.name.replace(' ', '-')}.log"
-        result["stages"][stage.name] = run_stage(stage.argv, log)
-        if result["stages"][stage.name]["rc"] == 0:
-            result["stages"][stage.name]["summary"] = summary(stage.name, log)
-        click.echo(f"{name}: {stage.name}: {result['stages'][stage.name]}", err=True)
+        record = done[stage.name] = result["stages"][stage.name] = run_stage(stage.argv, log)
+        if record["rc"] == 0:
+            record["summary"] = summary(stage.name, log)
+        atomic_write_text(work / DONE, json.dumps(done, indent=1))
+        click.echo(f"{name}: {stage.name}: {record}", err=True)
     result["latency"] = read_json(work / "latency.json")
     return result
 
@@ -218,6 +231,8 @@ def markdown(results: list[dict], machine: str, command: str) -> str:
             outcome = "ok" if record["rc"] == 0 else f"exit {record['rc']}: {record['last_line']}"
             if record["rc"] == 0 and record.get("summary"):
                 outcome = record["summary"]
+            if record.get("earlier_run"):
+                outcome += " (an earlier run)"
             peak = record["peak_rss_gb"] * 2**30 / 1e9
             rows.append([result["config"], f"{result['model']['parameters'] / 1e6:.1f}M", f"{weights:.2f}", stage,
                          f"{record['seconds']:.0f}", f"{record['peak_rss_gb']:.2f}", f"{peak / weights:.2f}×", outcome])  # fmt: skip
@@ -252,12 +267,18 @@ def machine() -> str:
 @click.option("--work", required=True, type=click.Path(file_okay=False, path_type=Path), help="Models, artifacts and logs (kept).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Writes OUT.json and OUT.md.")
 @click.option("--samples", default=8, show_default=True, help="Calibration samples.")
-def main(configs: str, work: Path, out: Path, samples: int) -> None:
+@click.option("--stages", "only", default=None, help="Comma-separated stage names to run (e.g. 'build ort-cpu,engine memory'); "
+              "default: all. Stages they need must have finished in an earlier run.")  # fmt: skip
+def main(configs: str, work: Path, out: Path, samples: int, only: str | None) -> None:
     names = [name.strip() for name in configs.split(",") if name.strip()]
     unknown = [name for name in names if name not in (*BUNDLED, *CONFIGS)]
     if unknown:
         raise click.BadParameter(f"unknown config(s) {unknown}; choose from {', '.join([*BUNDLED, *CONFIGS])}", param_hint="--configs")
-    results = [run_config(name, work / name, samples) for name in names]
+    chosen = None if only is None else {name.strip() for name in only.split(",")}
+    known = {stage.name for stage in stages("digits", work, samples)}
+    if chosen is not None and chosen - known:
+        raise click.BadParameter(f"unknown stage(s) {sorted(chosen - known)}; choose from {', '.join(sorted(known))}", param_hint="--stages")
+    results = [run_config(name, work / name, samples, chosen) for name in names]
     command = shlex.join(["python", "-m", "dilatequant.tools.scale", *sys.argv[1:]])
     document = {"machine": machine(), "command": command, "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
