@@ -21,10 +21,10 @@ DDIMPipeline call `unet(image, t)`) reach class-conditional engines through labe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import FrozenDict
