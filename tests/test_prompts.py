@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import diffusers
 import numpy as np
@@ -173,6 +174,9 @@ def test_cli_calibrates_samples_and_evaluates_with_prompts(tiny_pipelines, promp
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["prompts"] == PROMPTS and report["psnr_vs_ref"] > 10 and "metrics_skipped" in report
+    with pytest.warns(UserWarning, match="without --prompts it runs on seeded stand-in encoder states"):  # engines keep no prompts
+        result = run("sample", "--engines", engines, "--n", 1, "--steps", 4, "--device", "cpu", "--out", tmp_path / "standin.png")
+    assert result.exit_code == 0, result.output
 
 
 def test_bad_prompt_inputs_get_one_line_errors(tiny_pipelines, tiny_model_dirs, tmp_path):
@@ -198,3 +202,16 @@ def test_bad_prompt_inputs_get_one_line_errors(tiny_pipelines, tiny_model_dirs, 
     for args, message in cases:
         result = CliRunner().invoke(cli, [*map(str, args), "--out", str(tmp_path / "o.png" if args[0] == "sample" else tmp_path / "o")])
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, (args, result.output)
+
+
+def test_only_a_text_to_image_pipelines_denoiser_warns_that_it_runs_without_text(tiny_pipelines, tiny_model_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from dilatequant.tools.cli import cli
+
+    for model, warns in ((tiny_pipelines["sd"], True), (tiny_model_dirs["unet-cond"], False)):  # the latter: a pipeline without text encoder
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = CliRunner().invoke(cli, ["sample", "--model", str(model), "--n", "1", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "s.png")])
+        assert result.exit_code == 0, result.output
+        assert any("stand-in encoder states" in str(w.message) for w in caught) == warns, model

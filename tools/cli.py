@@ -29,7 +29,7 @@ from dilatequant.calibrate.config import (
 from dilatequant.calibrate.recipes import METHODS, RECIPES
 from dilatequant.core.errors import UserError
 from dilatequant.core.output import check_writable_file
-from dilatequant.core.pipelines import read_prompts
+from dilatequant.core.pipelines import ENCODERS, pipeline_class, read_prompts
 from dilatequant.core.sampling import SCHEDULERS
 from dilatequant.core.zoo import ZOO
 from dilatequant.engines.config import BACKENDS, FIDELITY_MODES, INTEGER_KERNELS, BuildConfig
@@ -62,7 +62,7 @@ def model_options(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(model: str | None, calib: Path | None, engines: Path | None, clamp: bool, prompts_file: Path | None,
                 negative_prompt: str, pipeline: Path | None, device, sampler, **kwargs):  # fmt: skip
-        from .variants import load_variant, prompt_table
+        from .variants import load_variant, pipeline_of, prompt_table
 
         if engines is not None and (calib is not None or model is not None):
             raise UserError("--engines runs an engine directory on its own; drop --model/--calib (use --ref for a reference).")
@@ -77,6 +77,9 @@ def model_options(command: Callable) -> Callable:
                 variant.loaded.denoiser.prompts = prompt_table(variant, read_prompts(prompts_file), negative_prompt, pipeline)
             elif pipeline is not None or negative_prompt:
                 raise UserError("--negative-prompt and --pipeline apply to prompted sampling; add --prompts FILE.")
+            elif variant.loaded.denoiser.prompts is None and (source := pipeline_of(variant)) and pipeline_class(source) in ENCODERS:
+                warnings.warn(f"{variant.spec} comes from the text-to-image pipeline {source}: without --prompts it runs on "
+                              "seeded stand-in encoder states, not text. Pass --prompts FILE for images of prompts.", stacklevel=2)  # fmt: skip
             return command(loaded=variant.loaded, artifact=variant.artifact, device=device, sampler=sampler, **kwargs)
 
     return wrapper
