@@ -1,5 +1,5 @@
-"""Sample a model and score it: fid_digits, class_accuracy and (with a reference model) psnr_vs_ref. A model
-given prompts (core/pipelines.py) generates through its pipeline's VAE and is scored on the decoded images."""
+"""Sample a model and score it: fid_digits, class_accuracy and (with a reference model) psnr_vs_ref and lpips_vs_ref.
+A model given prompts (core/pipelines.py) generates through its pipeline's VAE and is scored on the decoded images."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from .denoiser import LoadedModel
 from .environment import describe_device, library_versions
 from .errors import UserError
-from .metrics import DigitsMetrics, digits_metrics, psnr_vs_ref
+from .metrics import DigitsMetrics, LpipsUnavailable, digits_metrics, lpips_vs_ref, psnr_vs_ref
 from .pipelines import decode_latents
 from .sampling import SamplerConfig, balanced_labels, sample
 
@@ -29,8 +29,9 @@ def generate(model: LoadedModel, labels: torch.Tensor, sampler: SamplerConfig, d
     return decode_latents(Path(prompts.pipeline), images) if prompts is not None else images
 
 
-def score(images: torch.Tensor, labels: torch.Tensor, reference_images: torch.Tensor | None = None) -> dict:
-    """fid_digits and class_accuracy (for 1x32x32 digits) and psnr_vs_ref (when reference images are given)."""
+def score(images: torch.Tensor, labels: torch.Tensor, reference_images: torch.Tensor | None = None, lpips: bool = False) -> dict:
+    """fid_digits and class_accuracy (for 1x32x32 digits), psnr_vs_ref when reference images are given, and with
+    `lpips` also lpips_vs_ref (or, where LPIPS cannot run, lpips_skipped: why, in one line)."""
     result: dict = {}
     if DigitsMetrics.applies_to(images.shape[1:]):
         result.update(digits_metrics().evaluate(images, labels))
@@ -38,6 +39,11 @@ def score(images: torch.Tensor, labels: torch.Tensor, reference_images: torch.Te
         result["metrics_skipped"] = f"fid_digits and class_accuracy need 1x32x32 digits; these samples are {tuple(images.shape[1:])}."
     if reference_images is not None:
         result["psnr_vs_ref"] = psnr_vs_ref(images, reference_images)
+    if reference_images is not None and lpips:
+        try:
+            result["lpips_vs_ref"] = lpips_vs_ref(images, reference_images)
+        except LpipsUnavailable as exc:
+            result["lpips_skipped"] = str(exc)
     return result
 
 
@@ -73,7 +79,7 @@ def evaluate(
     if reference is not None:
         reference_images = generate(reference, labels, sampler, device, progress)
         result["reference"] = reference.source
-    result.update(score(images, labels, reference_images))
+    result.update(score(images, labels, reference_images, lpips=True))
     if reference_images is not None:  # same labels and noise: the reference's own metrics, for paired comparisons
         result["reference_metrics"] = score(reference_images, labels)
     result["versions"] = library_versions()

@@ -113,13 +113,13 @@ def sample_command(loaded, artifact, n: int, out: Path, sampler, device) -> None
 
 @cli.command("eval")
 @click.option("--n", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of samples.")
-@click.option("--ref", default=None, help="Reference for psnr_vs_ref (same noise) [default with --calib: its FP source]: "
+@click.option("--ref", default=None, help="Reference for psnr_vs_ref and lpips_vs_ref (same noise) [default with --calib: its FP source]: "
               "an engine directory, a calibration artifact (its fake-quant model), or " + MODEL_HELP)  # fmt: skip
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=Path), help="JSON file to write.")
 @sampler_options
 @model_options
 def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sampler, device) -> None:
-    """Sample n images and report fid_digits, class_accuracy and psnr_vs_ref as JSON."""
+    """Sample n images and report fid_digits, class_accuracy, psnr_vs_ref and lpips_vs_ref as JSON."""
     from dilatequant.core.evaluate import evaluate
 
     from .variants import load_variant
@@ -136,8 +136,11 @@ def eval_command(loaded, artifact, n: int, ref: str | None, out: Path | None, sa
     text = json.dumps(result, indent=2) + "\n"
     click.echo(text, nl=False)  # first: a late write failure must not lose the results
     if "metrics_skipped" in result:
+        paired = "psnr_vs_ref compares it with the reference" + (", as does lpips_vs_ref." if "lpips_vs_ref" in result else ".")
         click.echo(f"Note: no bundled quality metric for this model ({result['metrics_skipped']}); "
-                   + ("psnr_vs_ref compares it with the reference." if ref else "pass --ref MODEL for a paired PSNR."), err=True)
+                   + (paired if ref else "pass --ref MODEL for a paired PSNR and LPIPS."), err=True)
+    if "lpips_skipped" in result:
+        click.echo(f"Note: no lpips_vs_ref: {result['lpips_skipped']}", err=True)
     if out is not None:
         write_result(out, text)
 
