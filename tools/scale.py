@@ -116,7 +116,7 @@ def run_stage(argv: list[str], log: Path) -> dict:
     seconds = time.perf_counter() - start
     outcome = json.loads(measured.stdout)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(outcome["maxrss_kib"] / 2**20, 2), "rc": outcome["rc"],
+    return {"seconds": round(seconds, 1), "peak_rss_gib": round(outcome["maxrss_kib"] / 2**20, 2), "rc": outcome["rc"],
             "last_line": lines[-1][-300:] if lines else ""}  # fmt: skip
 
 
@@ -220,7 +220,7 @@ def read_json(path: Path) -> dict | None:
 
 
 def markdown(results: list[dict], machine: str, command: str) -> str:
-    head = ["config", "params", "FP32 weights GB", "stage", "wall s", "peak RSS GB", "peak / FP32 weights", "result"]
+    head = ["config", "params", "FP32 weights GB", "stage", "wall s", "peak RSS GiB", "peak / FP32 weights", "result"]
     rows = []
     for result in results:
         weights = result["model"]["fp32_weight_bytes"] / 1e9
@@ -233,9 +233,9 @@ def markdown(results: list[dict], machine: str, command: str) -> str:
                 outcome = record["summary"]
             if record.get("earlier_run"):
                 outcome += " (an earlier run)"
-            peak = record["peak_rss_gb"] * 2**30 / 1e9
+            peak = record["peak_rss_gib"] * 2**30 / 1e9
             rows.append([result["config"], f"{result['model']['parameters'] / 1e6:.1f}M", f"{weights:.2f}", stage,
-                         f"{record['seconds']:.0f}", f"{record['peak_rss_gb']:.2f}", f"{peak / weights:.2f}×", outcome])  # fmt: skip
+                         f"{record['seconds']:.0f}", f"{record['peak_rss_gib']:.2f}", f"{peak / weights:.2f}×", outcome])  # fmt: skip
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     latencies = [f"- {r['config']}: bucket 0 of the ort-cpu W8A8 engines {1e3 * r['latency']['p50_s']['quantized']:.0f} ms, "
                  f"FP32 {1e3 * r['latency']['p50_s']['fp32']:.0f} ms (ratio {r['latency']['ratio_p50']:.2f}; batch 1, p50 of "
