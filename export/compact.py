@@ -15,7 +15,7 @@ import string
 
 import numpy as np
 
-from .qdq import ACT_SCALE, ACT_ZERO_POINT
+from .qdq import ACT_SCALE, ACT_ZERO_POINT, peek
 
 ID_ALPHABET = string.digits + string.ascii_letters
 
@@ -58,12 +58,6 @@ def share_equal_constants(graph) -> int:
                 node.inputs[i] = canonical
                 shared += 1
     return shared
-
-
-def peek(constant) -> np.ndarray:
-    """A constant's values, read without onnx-graphsurgeon caching them in the constant (as `.values` does)."""
-    lazy = constant._values  # gs keeps unread values as a LazyValues (graph.attach_external's, or its own)
-    return lazy.load() if hasattr(lazy, "load") else lazy
 
 
 def compact(graph) -> int:

@@ -19,6 +19,12 @@ ACT_SCALE = "s:"
 ACT_ZERO_POINT = "z:"
 
 
+def peek(constant) -> np.ndarray:
+    """A constant's values, read without onnx-graphsurgeon caching them in the constant (as `.values` does)."""
+    lazy = constant._values  # gs keeps unread values as a LazyValues (graph.attach_external's, or its own)
+    return lazy.load() if hasattr(lazy, "load") else lazy
+
+
 def weight_axis(node) -> int:
     """Output-channel axis of a node's weight: Conv 0, ConvTranspose 1, Gemm 0 (transB=1) or 1, MatMul 1 (W is in x out)."""
     if node.op == "Conv":
@@ -54,16 +60,17 @@ def quantize_weights(graph, nodes: dict, steps: dict[str, np.ndarray], bits: dic
     for layer, node in nodes.items():
         weight = node.inputs[1]
         axis, step = weight_axis(node), steps[layer].astype(np.float32)
-        shape = [1] * weight.values.ndim
+        values = peek(weight)  # not weight.values, which caches it in the constant: the step peaked 2 GiB higher at SD-1.5 size
+        shape = [1] * values.ndim
         shape[axis] = -1
         attrs = {"axis": axis} if axis != 1 else {}  # 1 is the default: omitted, like every byte each bucket repeats
-        dequantize_weight(graph, node, layer, symmetric_integers(weight.values, step.reshape(shape), bits[layer]), step, attrs)
+        dequantize_weight(graph, node, layer, symmetric_integers(values, step.reshape(shape), bits[layer]), step, attrs)
     return len(nodes)
 
 
 def linear_weight(node) -> np.ndarray:
     """A MatMul/Gemm node's constant weight as [out, in] (MatMul and Gemm without transB store [in, out])."""
-    values = node.inputs[1].values
+    values = peek(node.inputs[1])
     return values if weight_axis(node) == 0 else values.T
 
 

@@ -215,6 +215,32 @@ def test_weights_are_written_tensor_by_tensor_as_onnx_would_write_them(tmp_path,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bucket_0.onnx", "weights.bin"]
 
 
+def test_weight_quantization_reads_external_weights_without_keeping_them(tmp_path):
+    """quantize_weights reads each FP weight from the exporter's file and keeps only the integers: onnx-graphsurgeon's
+    `.values` would cache every FP weight in its (disconnected) constant, at SD-1.5 size 3.2 GiB."""
+    import onnx_graphsurgeon as gs
+    from onnx import helper
+
+    from dilatequant.export.graph import attach_external
+    from dilatequant.export.qdq import quantize_weights, symmetric_integers
+
+    weight = np.random.default_rng(0).standard_normal((8, 3, 3, 3)).astype(np.float32)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv")
+    model = helper.make_model(helper.make_graph([conv], "toy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+                                                [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                                [numpy_helper.from_array(weight, "w")]), opset_imports=[helper.make_opsetid("", 19)])  # fmt: skip
+    onnx.save_model(model, str(tmp_path / "fp.onnx"), save_as_external_data=True, location="fp.weights", size_threshold=0)
+    graph = gs.import_onnx(onnx.load(str(tmp_path / "fp.onnx"), load_external_data=False))
+    assert attach_external(graph, tmp_path) == 1
+    node = graph.nodes[0]
+    fp_weight, step = node.inputs[1], np.abs(weight).reshape(8, -1).max(1) / 127
+    lazy = fp_weight._values
+    assert quantize_weights(graph, {"conv": node}, {"conv": step}, {"conv": 8}) == 1
+    assert fp_weight._values is lazy  # read, not kept
+    dequantize = node.inputs[1].inputs[0]
+    assert np.array_equal(dequantize.inputs[0].values, symmetric_integers(weight, step.reshape(-1, 1, 1, 1).astype(np.float32), 8))
+
+
 def test_ort_profile_gives_each_consumer_its_own_pair(exports):
     _, (model, *_) = graphs(exports["unet", "ort-cpu"])
     quantize_inputs = {}
