@@ -119,8 +119,10 @@ def fold_parameters(model, writer: ExternalWriter, base_dir: Path) -> int:
         inputs = [numpy_helper.to_array(constants[name], str(base_dir)) if name else None for name in node.input]
         outputs = ReferenceEvaluator(single_node_model(node, model)).run(None, dict(zip(node.input, inputs)))
         for name, value in zip(node.output, outputs):
-            constants[name] = writer.write(name, np.asarray(value))
-            model.graph.initializer.append(constants[name])
+            model.graph.initializer.append(writer.write(name, np.asarray(value)))
+            # the graph's copy: the written proto's arena keeps the bytes it wrote out (cleared, not freed) while
+            # it lives, which for all folded weights was 0.5 GiB at SD-1.5 size (measured)
+            constants[name] = model.graph.initializer[-1]
         folded.append(node)
     for node in folded:
         model.graph.node.remove(node)
