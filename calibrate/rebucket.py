@@ -22,6 +22,15 @@ from .initialise import Candidates, covering_grid, initialise_activations, selec
 from .quant_model import OUTPUT_SUFFIX
 from .timesteps import TimestepIndex
 
+# Latent values per forward of the observation pass (one SD-1.5-size latent, 4x64x64): a forward's activations grow
+# with the latent, and at SD-1.5 size they decided export's peak, beside the 3.7 GiB fake-quant model. Measured there
+# (fresh process, 2 cores, 8 samples): 8 latents per forward held 1.0 GiB more, 2 latents 0.5 GiB, 1 latent 0.17-0.33
+# GiB, the pass taking about as long (29-34 s). Small latents keep the device's default batch. Min/max tables reduce
+# exactly over any split of the samples, but the forward itself is not batch-invariant on the CPU (SD-1.5 size,
+# batch 1 vs 8: the observed tables within 1.3e-6 relative, float rounding), and percentile/MSE sums add in another
+# grouping.
+OBSERVE_LATENT_VALUES = 4 * 64 * 64
+
 
 class BucketIndex(TimestepIndex):
     """A TimestepIndex whose rows are buckets: each sample's timestep picks its bucket's row."""
@@ -34,8 +43,15 @@ class BucketIndex(TimestepIndex):
         return torch.from_numpy(self.table.buckets_of(torch.as_tensor(t).detach().cpu().flatten()))
 
 
+def observation_batch(sample_values: int, device: torch.device | str) -> int:
+    """Samples per forward when observing calibration samples of `sample_values` latent values each: the device's
+    default batch, fewer where that many latents exceed OBSERVE_LATENT_VALUES (at least one)."""
+    return max(1, min(default_batch_size(device), OBSERVE_LATENT_VALUES // max(1, sample_values)))
+
+
 def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: torch.device | str = "cpu",
-                   quantized_outputs: frozenset[str] = frozenset(), scales: str = "calibrated") -> LoadedModel:  # fmt: skip
+                   quantized_outputs: frozenset[str] = frozenset(), scales: str = "calibrated",
+                   batch_size: int | None = None) -> LoadedModel:  # fmt: skip
     """The artifact's fake-quant model with one activation row per bucket.
 
     scales 'calibrated' (the default): each bucket takes the calibrated rows of its timesteps — exactly when it
@@ -53,7 +69,7 @@ def bucketed_model(artifact: CalibrationArtifact, table: BucketTable, device: to
     softmax = frozenset(uniform_softmax(denoiser.model, config.act_bits, config.act_symmetric))
     quantizers = denoiser.act_quantizers()
     data, device = artifact.calibration_data(), torch.device(device)
-    batch_size = default_batch_size(device)
+    batch_size = batch_size or observation_batch(data.x[0].numel(), device)
     method = config.act_init
     added = {name for name in quantizers if name.endswith(OUTPUT_SUFFIX)} | softmax  # tables calibration did not have
     # without TPQ the one calibrated row (restored as it is) serves every bucket
@@ -108,9 +124,9 @@ class BucketScales:
 
 
 def bucket_scales(artifact: CalibrationArtifact, table: BucketTable, quantized_outputs: frozenset[str] = frozenset(),
-                  scales: str = "calibrated", device: torch.device | str = "cpu") -> BucketScales:  # fmt: skip
+                  scales: str = "calibrated", device: torch.device | str = "cpu", batch_size: int | None = None) -> BucketScales:  # fmt: skip
     """The per-bucket activation tables of `bucketed_model` (same arguments), as plain arrays."""
-    loaded = bucketed_model(artifact, table, device, quantized_outputs, scales)
+    loaded = bucketed_model(artifact, table, device, quantized_outputs, scales, batch_size)
     groups = {}
     for name, quantizer in loaded.denoiser.act_quantizers().items():
         prescaled = quantizer.prescale and bool((quantizer.dilation != 1).any())  # a Mul by ones is no pre-scale

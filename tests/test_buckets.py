@@ -2,20 +2,24 @@
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dilatequant.calibrate import rebucket
 from dilatequant.calibrate.artifact import load_artifact
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
-from dilatequant.calibrate.initialise import run_over
+from dilatequant.calibrate.initialise import RowObserver, run_over
 from dilatequant.calibrate.quant_model import OUTPUT_SUFFIX
-from dilatequant.calibrate.quantizer import fake_quantize
-from dilatequant.calibrate.rebucket import bucket_candidates, bucket_scales, bucketed_model
+from dilatequant.calibrate.quantizer import ActQuantizer, fake_quantize
+from dilatequant.calibrate.rebucket import bucket_candidates, bucket_scales, bucketed_model, observation_batch
+from dilatequant.calibrate.timesteps import TimestepIndex
 from dilatequant.core.buckets import BucketTable
 from dilatequant.core.errors import UserError
+from dilatequant.core.sampling import default_batch_size
 from dilatequant.export.buckets import choose_buckets, optimal_partitions, segment_costs
 from dilatequant.export.config import ExportConfig
 
@@ -149,3 +153,65 @@ def test_one_bucket_covers_every_calibrated_row_and_a_shared_row_serves_every_bu
                 assert deployed.tolist() == pytest.approx([float(steps[0])] * len(table), rel=1e-6)
             elif len(table) == 1:  # symmetric min-max: the grid covering every calibrated row
                 assert deployed.tolist() == pytest.approx([float(steps.max())], rel=1e-6)
+
+
+def chunks(n: int, sizes: list[int]) -> list[tuple[int, int]]:
+    """[0, n) split into consecutive pieces of the given sizes, cycled (the last one cut at n)."""
+    pieces, start = [], 0
+    for size in itertools.cycle(sizes):
+        if start >= n:
+            return pieces
+        pieces.append((start, min(n, start + size)))
+        start += size
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 10), st.lists(st.integers(1, 4), min_size=1, max_size=10), st.booleans(), st.integers(0, 2**16))
+def test_min_max_observed_a_few_samples_at_a_time_is_bit_identical_to_one_batch(n, sizes, symmetric, seed):
+    """What lets export observe large latents a few at a time: per-row min/max (the min-max tables export
+    re-derives) and channel maxima reduce exactly over any split of the samples into forwards."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor([0, 250, 500, 999])
+    x = torch.randn(n, 3, 4, 4, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 10 + torch.randn(n, 1, 1, 1, generator=generator)
+    t = grid[torch.randint(0, len(grid), (n,), generator=generator)]
+
+    def observed(pieces):
+        index = TimestepIndex(grid)
+        observer = RowObserver(ActQuantizer(index, len(grid), 8, symmetric, channel_dim=1), None)
+        for start, stop in pieces:
+            index.set_timesteps(t[start:stop])
+            observer.start_batch()
+            observer.observe(x[start:stop])
+        observer.finish("minmax")
+        return observer
+
+    whole, chunked = observed([(0, n)]), observed(chunks(n, sizes))
+    for statistic in ("lo", "hi", "count", "channel_amax"):
+        assert torch.equal(getattr(chunked, statistic), getattr(whole, statistic)), statistic
+    assert torch.equal(chunked.quantizer.step, whole.quantizer.step) and torch.equal(chunked.quantizer.zero_point, whole.quantizer.zero_point)
+
+
+def test_the_observation_batch_bounds_the_latent_values_per_forward():
+    assert observation_batch(4 * 64 * 64, "cpu") == 1  # SD-1.5 size: one latent per forward
+    assert observation_batch(4 * 128 * 128, "cpu") == 1  # SDXL size: one, however large
+    assert observation_batch(4 * 16 * 16, "cpu") == 16  # the tests' tiny models: 16
+    assert observation_batch(1 * 8 * 8, "cpu") == default_batch_size("cpu")  # small latents: the device's batch
+
+
+def test_observing_a_few_samples_at_a_time_gives_the_tables_of_one_batch(tiny_model_dirs, tmp_path, monkeypatch):
+    config = CalibConfig.from_bits("W8A8", method="minmax", samples=16, trajectories=4, steps=4)
+    artifact = load_artifact(calibrate(tiny_model_dirs["unet"], config, tmp_path / "c", progress=False))
+    table = BucketTable(tuple(sorted(artifact.record.timesteps)), (0, 2))
+    outputs = frozenset(row["layer"] for row in artifact.quantized_layers())
+    samples = len(artifact.calibration_data())
+    batches = []  # the batch each observation pass ran at: the chunking is really exercised
+    observe = rebucket.initialise_activations
+    monkeypatch.setattr(rebucket, "initialise_activations", lambda *args, **kwargs: batches.append(args[4]) or observe(*args, **kwargs))
+    one = bucket_scales(artifact, table, outputs, scales="rederived", batch_size=samples)
+    chunked = bucket_scales(artifact, table, outputs, scales="rederived", batch_size=3)
+    assert batches == [samples, 3] and samples % 3  # several forwards, the last one short
+    assert list(chunked.groups) == list(one.groups) and any(group.output for group in one.groups.values())
+    for name, group in one.groups.items():
+        # min/max reduce exactly (above); the forward itself may round differently at another batch on some CPU kernels
+        np.testing.assert_allclose(chunked.groups[name].steps, group.steps, rtol=1e-6, atol=0, err_msg=name)
+        assert np.array_equal(chunked.groups[name].zero_points, group.zero_points), name
