@@ -54,5 +54,7 @@ def test_stages_runs_only_the_named_ones_and_refuses_unknown_names(tmp_path, mon
     monkeypatch.setattr(scale, "summary", lambda stage, log: None)
     result = scale.run_config("digits", tmp_path, 8, {"calibrate", "lint ort-cpu"})
     assert ran == ["calibrate"] and result["stages"]["lint ort-cpu"] == {"skipped": "needs export ort-cpu"}
+    scale.run_config("digits", tmp_path, 8, {"calibrate"})  # named again: measured again
+    assert ran == ["calibrate", "calibrate"]
     outcome = CliRunner().invoke(scale.main, ["--configs", "digits", "--work", str(tmp_path), "--out", str(tmp_path / "r"), "--stages", "calibrat"])
     assert outcome.exit_code == 2 and "unknown stage(s) ['calibrat']" in outcome.output

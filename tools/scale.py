@@ -145,7 +145,7 @@ def run_config(name: str, work: Path, samples: int, only: set[str] | None = None
         if failed:
             result["stages"][stage.name] = {"skipped": f"needs {', '.join(failed)}"}
             continue
-        if earlier and earlier["rc"] == 0:
+        if earlier and earlier["rc"] == 0 and only is None:  # --stages names what to measure again
             result["stages"][stage.name] = {**earlier, "earlier_run": True}
             continue
         click.echo(f"{name}: {stage.name}: {shlex.join(stage.argv[2:])}", err=True)
@@ -267,8 +267,8 @@ def machine() -> str:
 @click.option("--work", required=True, type=click.Path(file_okay=False, path_type=Path), help="Models, artifacts and logs (kept).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Writes OUT.json and OUT.md.")
 @click.option("--samples", default=8, show_default=True, help="Calibration samples.")
-@click.option("--stages", "only", default=None, help="Comma-separated stage names to run (e.g. 'build ort-cpu,engine memory'); "
-              "default: all. Stages they need must have finished in an earlier run.")  # fmt: skip
+@click.option("--stages", "only", default=None, help="Comma-separated stage names to run, again if an earlier run did (e.g. 'build "
+              "ort-cpu,engine memory'); default: all not yet finished. Stages they need must have finished in an earlier run.")  # fmt: skip
 def main(configs: str, work: Path, out: Path, samples: int, only: str | None) -> None:
     names = [name.strip() for name in configs.split(",") if name.strip()]
     unknown = [name for name in names if name not in (*BUNDLED, *CONFIGS)]
