@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dilatequant.core.external_data import external_location, point_to
 from dilatequant.core.manifest import ArtifactError
 from dilatequant.core.optional import require
 
@@ -210,13 +211,9 @@ class SharedWeights:
         model = onnx.load(str(graph), load_external_data=False)
         with open(own_weights, "rb") as source:
             for tensor in external_tensors(model):
-                info = {entry.key: entry.value for entry in tensor.external_data}
-                source.seek(int(info.get("offset", 0)))
-                data = source.read(int(info["length"]))
-                offset, length = self.add(data)
-                del tensor.external_data[:]
-                for key, value in (("location", self.path.name), ("offset", offset), ("length", length)):
-                    tensor.external_data.add(key=key, value=str(value))
+                _, offset, length = external_location(tensor, graph.parent)
+                source.seek(offset)
+                point_to(tensor, self.path.name, *self.add(source.read(-1 if length is None else length)))
         onnx.save_model(model, str(graph))
         own_weights.unlink()
 

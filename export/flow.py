@@ -19,6 +19,7 @@ from dilatequant.core.buckets import BucketTable
 from dilatequant.core.denoiser import ModelSpec, load_model
 from dilatequant.core.environment import library_versions
 from dilatequant.core.errors import UserError
+from dilatequant.core.external_data import external_location, point_to
 from dilatequant.core.finite import require_finite
 from dilatequant.core.manifest import MANIFEST_NAME, check_replaceable, fields_verified, sha256_file, staged_directory
 from dilatequant.core.optional import require
@@ -29,7 +30,7 @@ from .buckets import choose_buckets
 from .compact import compact
 from .config import ExportConfig
 from .contract import CHECK_INPUTS_FILE, FORMAT_VERSION, KIND, WEIGHTS_FILE
-from .graph import attention_inputs, compute_node_names, export_fp_graph, external_location, load_graph
+from .graph import attention_inputs, compute_node_names, export_fp_graph, load_graph
 from .matmul_nbits import add_domain, check_deployable, replace_linear
 from .precision import to_float16
 from .profiles import PROFILES, ExportProfile
@@ -244,11 +245,7 @@ def save_with_shared_weights(model, path: Path, source_dir: Path | None = None) 
                 copy_external(initializer, source_dir, weights)
             else:
                 weights.write(initializer.raw_data)
-                initializer.ClearField("raw_data")
-            del initializer.external_data[:]
-            for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", weights.tell() - offset)):
-                initializer.external_data.add(key=key, value=str(value))
-            initializer.data_location = onnx.TensorProto.EXTERNAL
+            point_to(initializer, WEIGHTS_FILE, offset, weights.tell() - offset)
     onnx.save_model(model, str(path))
 
 

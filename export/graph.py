@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dilatequant.core.denoiser import Denoiser
+from dilatequant.core.external_data import external_location, point_to
 
 from .contract import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, TOKENS_DIM
 
@@ -88,17 +89,14 @@ class ExternalWriter:
         path.write_bytes(b"")
 
     def write(self, name: str, array: np.ndarray):
-        from onnx import TensorProto, numpy_helper
+        from onnx import numpy_helper
 
         proto = numpy_helper.from_array(np.require(array, requirements="C"), name)  # ascontiguousarray makes 0-d arrays 1-d
         if array.nbytes <= INLINE_BYTES:
             return proto
         with self.path.open("ab") as file:
             file.write(proto.raw_data)
-        proto.ClearField("raw_data")
-        proto.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(array.nbytes))):
-            proto.external_data.add(key=key, value=value)
+        point_to(proto, self.path.name, self.offset, array.nbytes)
         self.offset += array.nbytes
         return proto
 
@@ -225,12 +223,6 @@ def external_values_class():
             return np.fromfile(self.path, dtype=self.dtype, count=count, offset=self.offset).reshape(self.shape)
 
     return ExternalValues
-
-
-def external_location(tensor, base_dir: Path) -> tuple[Path, int, int | None]:
-    """(file, offset, length or None: to the end of the file) of an external-data tensor proto."""
-    info = {entry.key: entry.value for entry in tensor.external_data}
-    return base_dir / info["location"], int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
 
 
 def attach_external(graph, base_dir: Path) -> int:
