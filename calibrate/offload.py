@@ -23,7 +23,7 @@ from torch import nn
 AUTO_SHARE = 0.5
 
 
-def block_tensors(module: nn.Module) -> list[torch.Tensor]:
+def unique_tensors(module: nn.Module) -> list[torch.Tensor]:
     """The module's parameters and buffers, each once (a quantizer shared by several layers is one tensor)."""
     seen: dict[int, torch.Tensor] = {}
     for tensor in [*module.parameters(), *module.buffers()]:
@@ -38,13 +38,13 @@ class BlockOffload:
     def __init__(self, model: nn.Module, blocks: list[str], device: torch.device) -> None:
         modules = dict(model.named_modules())
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", to compare with tensors' devices
-        self.blocks = {name: block_tensors(modules[name]) for name in blocks}
+        self.blocks = {name: unique_tensors(modules[name]) for name in blocks}
         self.host: dict[int, torch.Tensor] = {}
         self.origin: dict[int, torch.device] = {}
         self.resident_count: Counter[int] = Counter()
         self.modules = {name: modules[name] for name in blocks}
         in_blocks = {id(t) for tensors in self.blocks.values() for t in tensors}
-        self.rest = [t for t in block_tensors(model) if id(t) not in in_blocks]  # on the device throughout
+        self.rest = [t for t in unique_tensors(model) if id(t) not in in_blocks]  # on the device throughout
         self.handles: list = []
 
     def __enter__(self) -> BlockOffload:
@@ -108,14 +108,15 @@ class NoOffload:
 def host_copy(module: nn.Module) -> nn.Module:
     """A deep copy of `module` whose parameters and buffers are in host memory, made without a second copy on the
     device (deepcopy takes each tensor's host copy from the memo)."""
-    host = {id(t): t.detach().to("cpu", copy=True) for t in block_tensors(module)}  # a copy on CPU too
-    memo = {id(t): nn.Parameter(host[id(t)], t.requires_grad) if isinstance(t, nn.Parameter) else host[id(t)]
-            for t in block_tensors(module)}  # fmt: skip
+    memo = {}
+    for tensor in unique_tensors(module):
+        host = tensor.detach().to("cpu", copy=True)  # a copy on CPU too
+        memo[id(tensor)] = nn.Parameter(host, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else host
     return copy.deepcopy(module, memo)
 
 
 def parameter_bytes(model: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in block_tensors(model))
+    return sum(t.numel() * t.element_size() for t in unique_tensors(model))
 
 
 def should_offload(choice: str, model: nn.Module, device: torch.device) -> bool:

@@ -1,6 +1,6 @@
 """Offloaded distillation (calibrate/offload.py): only the running block's tensors are on the device, every tensor
 comes back where it was with its values (both on a GPU), and an offloaded calibration writes the same artifact as a resident one
-(on CPU here; on a GPU in the `cuda` test, with its device memory)."""
+(on CPU here; on a GPU in the `gpu`-marked tests, with its device memory)."""
 
 import json
 
@@ -12,7 +12,7 @@ from dilatequant.calibrate import bkd
 from dilatequant.calibrate.bkd import train_block
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
-from dilatequant.calibrate.offload import BlockOffload, block_tensors, host_copy
+from dilatequant.calibrate.offload import BlockOffload, host_copy, unique_tensors
 from dilatequant.core.denoiser import load_model
 from dilatequant.core.errors import UserError
 from dilatequant.core.families import get_family
@@ -33,13 +33,13 @@ def test_only_the_running_block_is_on_the_device_and_everything_returns(tiny_mod
     denoiser = load_model(str(tiny_model_dirs["unet-cond"]), "cpu").denoiser
     model, blocks = denoiser.model, get_family(denoiser.family).blocks(denoiser.model)
     modules, before = dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
-    owner = {id(t): name for name in blocks for t in block_tensors(modules[name])}
+    owner = {id(t): name for name in blocks for t in unique_tensors(modules[name])}
     seen: dict[str, set] = {}
 
     def check(name: str) -> None:
-        on_device = {owner[id(t)] for t in block_tensors(model) if id(t) in owner and t.is_cuda}
+        on_device = {owner[id(t)] for t in unique_tensors(model) if id(t) in owner and t.is_cuda}
         seen[name] = on_device
-        rest = [t for t in block_tensors(model) if id(t) not in owner]
+        rest = [t for t in unique_tensors(model) if id(t) not in owner]
         assert rest and all(t.is_cuda for t in rest)
 
     with BlockOffload(model, blocks, torch.device("cuda")):
@@ -48,7 +48,7 @@ def test_only_the_running_block_is_on_the_device_and_everything_returns(tiny_mod
         denoiser(torch.randn(2, 4, 16, 16, device="cuda"), torch.tensor([10, 500], device="cuda"),
                  torch.randn(2, 4, 16, device="cuda"))
     assert seen and all(devices == {name} for name, devices in seen.items())
-    assert all(t.device.type == "cpu" for t in block_tensors(model))
+    assert all(t.device.type == "cpu" for t in unique_tensors(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
