@@ -252,7 +252,7 @@ def summary(stage: str, log: Path) -> str | None:
         return f"{report['integer_kernels']}/{report['quantized_compute_nodes']} quantized layers fused into integer kernels"
     if stage == "engine memory":
         report = json.loads(text.strip().splitlines()[-1])
-        return f"{report['buckets_loaded']} buckets loaded and run: {report['rss_mb'] - report['baseline_rss_mb']:.0f} MB resident"
+        return f"{report['buckets_loaded']} buckets loaded and run: {report['rss_mb'] - report['baseline_rss_mb']:.0f} MiB resident"
     return None
 
 
