@@ -91,14 +91,17 @@ def test_offloaded_distillation_on_a_gpu_is_identical_and_holds_less(tmp_path):
                                progress=False) for choice in ("on", "off")}  # fmt: skip
     on, off = artifact_tensors(paths["on"]), artifact_tensors(paths["off"])
     assert all(torch.equal(on[k], off[k]) for k in on)
-    held = {c: most_held(p) for c, p in paths.items()}  # resident: both models; offloaded: what is outside the blocks
-    assert held["on"] < 0.3 * held["off"], held
+    held = {c: held_at_starts(p) for c, p in paths.items()}  # resident: both models; offloaded: what is outside the blocks
+    assert max(held["on"]) < 0.3 * max(held["off"]), held
+    # resident, every block starts with the same tensors on the device, plus the cuBLAS workspaces of the warm-up and
+    # capture streams (about 65 MiB each on an H200, made once); a stream per block left one behind per block
+    assert max(held["off"]) - min(held["off"]) < 200, held["off"]
 
 
-def most_held(artifact) -> float:
-    """The most device memory allocated as a block's distillation began (its count starts once the models are placed)."""
+def held_at_starts(artifact) -> list[float]:
+    """The device memory allocated as each block's distillation began (its count starts once the models are placed)."""
     blocks = json.loads((artifact / "calibration.json").read_text())["statistics"]["blocks"].values()
-    return max(b["start_cuda_mib"] for b in blocks if "start_cuda_mib" in b)
+    return [b["start_cuda_mib"] for b in blocks if "start_cuda_mib" in b]
 
 
 def test_a_distilled_block_keeps_no_gradients(tiny_model_dirs, tmp_path, monkeypatch):
