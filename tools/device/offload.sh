@@ -19,7 +19,7 @@ fi
 model=/tmp/$PART
 [ -d "$model" ] || python3 -c "from pathlib import Path; from dilatequant.tools.scale import build_model; print(build_model('$PART', Path('$model')))"
 for mode in ${MODES:-off on}; do
-  rm -rf "/tmp/cal/$PART-$mode"
+  rm -rf "/tmp/cal/$PART-$mode" "/tmp/cal/$PART-$mode.work"  # a whole run each time, not one resumed from a killed one
   start=$(date +%s.%N)
   python3 -m dilatequant calibrate --model "$model" --device cuda --bkd-offload "$mode" --out "/tmp/cal/$PART-$mode" $ARGS
   echo "$PART-$mode $(python3 -c "print(round($(date +%s.%N) - $start, 1))")" | tee -a "$OUT/times.txt"
