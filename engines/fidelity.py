@@ -17,6 +17,10 @@ with graph optimizations off (QuantizeLinear and DequantizeLinear as the ONNX sp
 - **end to end**: the whole engine against the reference. Single code flips compound through the network
   (digits W8A8, 4 buckets, on a correct build: 0.6-2.3 %; a random-weight UNet: 8-9 %), so this number
   informs and fails the build only beyond END_TO_END_BOUND (a broken engine file, a wrong multi-node fusion).
+
+Memory stays bounded at SDXL size: the graphs are read without their weights (ONNX Runtime reads them from the
+export's weights file), and the layers are checked in chunks whose reference tensors fit CHUNK_BYTES (an SDXL-size
+UNet's layer inputs for two samples take 11.6 GiB: 6 chunks); each chunk costs one more reference run.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ QUANTIZABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 PASS_THROUGH = {"DequantizeLinear", "QuantizeLinear", "Transpose", "Reshape", "ReorderInput", "ReorderOutput"}
 SAMPLES_PER_BUCKET = 4
 INT16_MAX = 32767
+CHUNK_BYTES = 2 * 2**30
 
 
 @dataclass(frozen=True)
@@ -170,37 +175,94 @@ def fused_kernel(optimized, output: str) -> str:
     return "none" if node is None else node.op_type
 
 
-def layer_statistics(layer: QuantizedLayer, initializers: dict, tensors: dict[str, np.ndarray]) -> dict:
+def layer_statistics(layer: QuantizedLayer, initializers: dict, tensors: dict[str, np.ndarray], weights_dir: Path) -> dict:
     from onnx import numpy_helper
 
-    weight = numpy_helper.to_array(initializers[layer.weight]).astype(np.int32)
+    weight = numpy_helper.to_array(initializers[layer.weight], str(weights_dir)).astype(np.int32)
     codes = tensors[layer.codes].astype(np.int32)
     return {"input_shape": list(tensors[layer.source].shape), "weight_shape": list(weight.shape),
             "input_codes": [int(codes.min()), int(codes.max())], "weight_absmax": int(np.abs(weight).max()),
             "weights_beyond_7bit": float((np.abs(weight) > 64).mean())}  # fmt: skip
 
 
-OptimizedSession = Callable[[bytes, Path], object]
-"""(model bytes, path to save the optimized graph at) -> an inference session optimized like the engine."""
+OptimizedSession = Callable[..., object]
+"""(model bytes, path to save the optimized graph at, weights_dir=folder of its external data) -> an inference
+session optimized like the engine."""
 
 
-def reference_run(model, feeds: dict[str, np.ndarray], layers: list[QuantizedLayer]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def tensor_bytes(model, feeds: dict[str, np.ndarray]) -> Callable[[str], int | None]:
+    """The bytes of a tensor of `model` run on `feeds`, from ONNX shape inference with the inputs' shapes fixed to
+    the feeds' (None where it cannot tell)."""
+    import onnx
+    from onnx import helper
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)  # read without its weights: small
+    for value in fixed.graph.input:
+        if value.name in feeds:
+            for dim, length in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape, strict=True):
+                dim.dim_value = length
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True).graph  # data_prop: through Shape -> Reshape
+    infos = {v.name: v.type.tensor_type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
+
+    def size(name: str) -> int | None:
+        info = infos.get(name)
+        if info is None or not info.HasField("shape") or not all(d.HasField("dim_value") for d in info.shape.dim):
+            return None
+        return int(np.prod([d.dim_value for d in info.shape.dim])) * helper.tensor_dtype_to_np_dtype(info.elem_type).itemsize
+
+    return size
+
+
+def layer_chunks(model, feeds: dict[str, np.ndarray], layers: list[QuantizedLayer], budget: int) -> list[list[QuantizedLayer]]:
+    """`layers` in graph order, cut into runs whose reference tensors (each source and codes once) fit `budget`;
+    a tensor of unknown size counts as the largest known one."""
+    size = tensor_bytes(model, feeds)
+    known = {name: size(name) for layer in layers for name in (layer.source, layer.codes)}
+    largest = max((b for b in known.values() if b is not None), default=0)
+    chunks: list[list[QuantizedLayer]] = [[]]
+    held: set[str] = set()
+    for layer in layers:
+        names = held | {layer.source, layer.codes}
+        if chunks[-1] and sum(largest if known[n] is None else known[n] for n in names) > budget:
+            chunks.append([])
+            names = {layer.source, layer.codes}
+        chunks[-1].append(layer)
+        held = names
+    return chunks
+
+
+def reference_run(model, feeds: dict[str, np.ndarray], layers: list[QuantizedLayer], weights_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One op-by-op run of the whole graph: its output, and every layer's source tensor and input codes."""
-    reference = reference_session(with_outputs(model, [name for layer in layers for name in (layer.source, layer.codes)]))
+    reference = reference_session(with_outputs(model, [name for layer in layers for name in (layer.source, layer.codes)]), weights_dir)
     values = reference.run(None, feeds)
     return values[0], dict(zip([o.name for o in reference.get_outputs()], values))
 
 
-def check_layers(model, feeds: dict[str, np.ndarray], optimized_session: OptimizedSession, work: Path) -> list[LayerFidelity]:
+def checked_layers(model, feeds: dict[str, np.ndarray], layers: list[QuantizedLayer], optimized_session: OptimizedSession | None,
+                   work: Path, weights_dir: Path) -> tuple[np.ndarray, list[LayerFidelity]]:  # fmt: skip
+    """The reference's output for `feeds` and (with an `optimized_session`) every layer's fidelity, worst first:
+    one reference run per chunk of layers (layer_chunks)."""
+    output, results = None, []
+    for chunk in layer_chunks(model, feeds, layers, CHUNK_BYTES) if optimized_session is not None else [[]]:
+        value, tensors = reference_run(model, feeds, chunk, weights_dir)
+        output = value if output is None else output
+        if chunk:
+            results += layer_errors(model, chunk, tensors, optimized_session, work, weights_dir)
+        del tensors  # before the next chunk's run
+    return output, sorted(results, key=lambda r: -r.rel_error)
+
+
+def check_layers(model, feeds: dict[str, np.ndarray], optimized_session: OptimizedSession, work: Path, weights_dir: Path) -> list[LayerFidelity]:
     """Each quantized layer of `model` alone, optimized like the engine vs run op by op, on the inputs the
     reference run of the whole graph gives it for `feeds`; worst first."""
     layers = quantized_layers(model)
-    return layer_errors(model, layers, reference_run(model, feeds, layers)[1], optimized_session, work) if layers else []
+    return checked_layers(model, feeds, layers, optimized_session, work, weights_dir)[1] if layers else []
 
 
 def layer_errors(model, layers: list[QuantizedLayer], tensors: dict[str, np.ndarray], optimized_session: OptimizedSession,
-                 work: Path) -> list[LayerFidelity]:  # fmt: skip
-    """`check_layers` given the reference run's tensors."""
+                 work: Path, weights_dir: Path) -> list[LayerFidelity]:  # fmt: skip
+    """`check_layers` of `layers` given the reference run's tensors."""
     import onnx
     from onnx import helper
 
@@ -208,24 +270,29 @@ def layer_errors(model, layers: list[QuantizedLayer], tensors: dict[str, np.ndar
     isolated = isolated_layers(model, layers, types)
     layer_feeds = {f"L{i}/{layer.source}": tensors[layer.source] for i, layer in enumerate(layers)}
     payload = isolated.SerializeToString()
-    expected = reference_session(payload).run(None, layer_feeds)
+    expected = reference_session(payload, weights_dir).run(None, layer_feeds)
     optimized_path = work / "isolated_layers.optimized.onnx"
-    actual = optimized_session(payload, optimized_path).run(None, layer_feeds)
+    actual = optimized_session(payload, optimized_path, weights_dir=weights_dir).run(None, layer_feeds)
     optimized = onnx.load(str(optimized_path), load_external_data=False)
     initializers = {i.name: i for i in model.graph.initializer}
-    results = [LayerFidelity(layer.name, fused_kernel(optimized, f"L{i}/{layer.output}"), relative_error(a, e),
-                             **layer_statistics(layer, initializers, tensors))
-               for i, (layer, a, e) in enumerate(zip(layers, actual, expected))]  # fmt: skip
-    return sorted(results, key=lambda r: -r.rel_error)
+    return [LayerFidelity(layer.name, fused_kernel(optimized, f"L{i}/{layer.output}"), relative_error(a, e),
+                          **layer_statistics(layer, initializers, tensors, weights_dir))
+            for i, (layer, a, e) in enumerate(zip(layers, actual, expected))]  # fmt: skip
 
 
-def reference_session(model):
-    """ONNX Runtime with graph optimizations off: every node as the ONNX spec defines it (the reference)."""
+def reference_session(model, weights_dir: Path | None = None):
+    """ONNX Runtime with graph optimizations off: every node as the ONNX spec defines it (the reference); a
+    serialized graph's external data is read from `weights_dir`."""
     import onnxruntime as ort
+
+    from .onnxruntime_backend import EXTERNAL_DATA_FOLDER
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False  # run once: an arena keeps its peak (lint at SD-1.5 size: 9.6 -> 6.7 GiB)
+    if weights_dir is not None:
+        options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(weights_dir))
     payload = model if isinstance(model, (bytes, str)) else model.SerializeToString()
     return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
@@ -255,12 +322,11 @@ def check_bucket(graph_path: Path, key: str, feeds: dict[str, np.ndarray], engin
     """End-to-end and (with an `optimized_session`) per-layer fidelity of one bucket's engine."""
     import onnx
 
-    model = onnx.load(str(graph_path))
+    model = onnx.load(str(graph_path), load_external_data=False)  # ONNX Runtime reads the weights from their file
     feeds = reference_feeds(model, feeds)
-    layers = quantized_layers(model) if optimized_session is not None else []
-    expected, tensors = reference_run(model, feeds, layers)  # one op-by-op run serves both checks
+    layers = quantized_layers(model)
+    expected, results = checked_layers(model, feeds, layers, optimized_session, work, graph_path.parent)  # the first run serves both
     end_to_end = relative_error(engine_run(feeds), expected)
-    results = layer_errors(model, layers, tensors, optimized_session, work) if layers else []
     return BucketFidelity(key, len(next(iter(feeds.values()))), end_to_end, results[:keep])
 
 
@@ -344,4 +410,5 @@ def check_graph(graph: Path, config) -> list[LayerFidelity] | None:
         return None
     optimized = functools.partial(get_backend("onnxruntime").optimized_session, config=config)
     with tempfile.TemporaryDirectory() as work:
-        return check_layers(onnx.load(str(graph)), bucket_feeds(graph.parent, manifest)[key], optimized, Path(work))
+        model = onnx.load(str(graph), load_external_data=False)  # ONNX Runtime reads the weights from their file
+        return check_layers(model, bucket_feeds(graph.parent, manifest)[key], optimized, Path(work), graph.parent)

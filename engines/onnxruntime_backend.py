@@ -76,6 +76,10 @@ def precise_kernels(config: BuildConfig) -> bool:
     return u8s8_saturates() if config.integer_kernels == "auto" else config.integer_kernels == "u8u8"
 
 
+# where a session built from bytes finds the external data its initializers point at
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
 def session_options(config: BuildConfig, optimize: bool):
     ort = require_onnxruntime()
     options = ort.SessionOptions()
@@ -148,11 +152,14 @@ class OnnxRuntimeBackend:
         return {"engines": engines, "provider": provider, "integer_kernels": kernels, "u8s8_saturates": u8s8_saturates(),
                 "weights_file": WEIGHTS_FILE, "weights_shared": shared.record()}  # fmt: skip
 
-    def optimized_session(self, graph: bytes | Path, optimized_path: Path, config: BuildConfig):
+    def optimized_session(self, graph: bytes | Path, optimized_path: Path, config: BuildConfig, weights_dir: Path | None = None):
         """A CPU session over `graph` (serialized, or a file) optimized as the engines are, its optimized graph
-        saved at `optimized_path`."""
+        saved at `optimized_path`; a serialized graph's external data is read from `weights_dir`."""
         options = session_options(config, optimize=True)
         options.optimized_model_filepath = str(optimized_path)
+        options.enable_cpu_mem_arena = False  # run once: an arena would only keep its peak
+        if weights_dir is not None:
+            options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(weights_dir))
         payload = optimizer_input(graph, options, precise_kernels(config)) if isinstance(graph, Path) else graph
         return require_onnxruntime().InferenceSession(payload, options, providers=[CPU_PROVIDER])
 

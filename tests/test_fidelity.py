@@ -17,9 +17,10 @@ from tiny_models import RGB_UNET, build_model
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.flow import calibrate
 from dilatequant.core.denoiser import load_model
+from dilatequant.engines import fidelity
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.engine import FidelityError, build, load
-from dilatequant.engines.fidelity import bucket_feeds, check_layers, quantized_layers, relative_error
+from dilatequant.engines.fidelity import bucket_feeds, check_layers, layer_chunks, quantized_layers, reference_run, relative_error, tensor_bytes
 from dilatequant.engines.onnxruntime_backend import BACKEND, OnnxRuntimeBackend
 from dilatequant.engines.torch_graph import TorchGraph
 from dilatequant.export.config import ExportConfig
@@ -79,35 +80,60 @@ def test_quantized_layers_are_found_with_their_chains(rgb_export):
 def broken_session(layer_index: int, optimized_session=BACKEND.optimized_session):
     """An 'optimized session' whose graph has one layer's weight codes halved: a deliberately wrong kernel."""
 
-    def session(payload, optimized_path, config=BuildConfig()):
+    def session(payload, optimized_path, config=BuildConfig(), weights_dir=None):
         model = onnx.ModelProto()
         model.ParseFromString(payload)
         prefix = f"L{layer_index}/"
         for initializer in model.graph.initializer:
-            values = onnx.numpy_helper.to_array(initializer)
+            values = onnx.numpy_helper.to_array(initializer, str(weights_dir or ""))
             if initializer.name.startswith(prefix) and values.dtype == np.int8 and values.ndim > 1:
                 initializer.CopyFrom(onnx.numpy_helper.from_array((values // 2).astype(np.int8), initializer.name))
-        return optimized_session(model.SerializeToString(), optimized_path, config)
+        return optimized_session(model.SerializeToString(), optimized_path, config, weights_dir=weights_dir)
 
     return session
 
 
 def test_the_layer_check_names_a_deliberately_broken_layer(rgb_export, tmp_path):
-    model = onnx.load(str(rgb_export / "bucket_1.onnx"))
+    model = onnx.load(str(rgb_export / "bucket_1.onnx"), load_external_data=False)  # as lint and build read it
     feeds = bucket_feeds(rgb_export, json.loads((rgb_export / "manifest.json").read_text()))["bucket_1"]
     layers = quantized_layers(model)
-    healthy = check_layers(model, feeds, functools.partial(BACKEND.optimized_session, config=BuildConfig()), tmp_path)
-    broken = check_layers(model, feeds, broken_session(7), tmp_path)
+    healthy = check_layers(model, feeds, functools.partial(BACKEND.optimized_session, config=BuildConfig()), tmp_path, rgb_export)
+    broken = check_layers(model, feeds, broken_session(7), tmp_path, rgb_export)
     assert len(healthy) == len(layers) and healthy[0].rel_error < 1e-2
     assert broken[0].layer == layers[7].name and broken[0].rel_error > 0.1
     assert sorted(r.rel_error for r in broken[1:]) == sorted(r.rel_error for r in healthy if r.layer != layers[7].name)
 
 
+def test_shape_inference_sizes_every_reference_tensor(rgb_export):
+    model = onnx.load(str(rgb_export / "bucket_0.onnx"), load_external_data=False)
+    feeds = bucket_feeds(rgb_export, json.loads((rgb_export / "manifest.json").read_text()))["bucket_0"]
+    layers = quantized_layers(model)
+    tensors = reference_run(model, feeds, layers, rgb_export)[1]
+    size = tensor_bytes(model, feeds)
+    assert tensors and all(size(name) == tensor.nbytes for name, tensor in tensors.items())
+
+
+def test_chunked_layer_checks_equal_one_run_and_fit_their_budget(rgb_export, tmp_path, monkeypatch):
+    model = onnx.load(str(rgb_export / "bucket_0.onnx"), load_external_data=False)
+    feeds = bucket_feeds(rgb_export, json.loads((rgb_export / "manifest.json").read_text()))["bucket_0"]
+    layers, session = quantized_layers(model), functools.partial(BACKEND.optimized_session, config=BuildConfig())
+    size = tensor_bytes(model, feeds)
+    budget = 3 * max(size(layer.source) for layer in layers)
+    chunks = layer_chunks(model, feeds, layers, budget)
+    assert [layer for chunk in chunks for layer in chunk] == layers and len(chunks) > 2
+    assert all(sum(size(n) for n in {n for layer in chunk for n in (layer.source, layer.codes)}) <= budget
+               for chunk in chunks if len(chunk) > 1)  # fmt: skip
+    whole = check_layers(model, feeds, session, tmp_path, rgb_export)
+    monkeypatch.setattr(fidelity, "CHUNK_BYTES", budget)
+    chunked = check_layers(model, feeds, session, tmp_path, rgb_export)
+    assert [(r.layer, r.rel_error, r.input_codes) for r in chunked] == [(r.layer, r.rel_error, r.input_codes) for r in whole]
+
+
 def test_a_failing_check_refuses_the_build_or_warns(rgb_export, tmp_path, monkeypatch):
     original, broken = OnnxRuntimeBackend.optimized_session, broken_session(3)
 
-    def patched(self, graph, path, config):  # the per-layer check passes bytes, the engine's own session a path
-        return broken(graph, path, config) if isinstance(graph, bytes) else original(self, graph, path, config)
+    def patched(self, graph, path, config, weights_dir=None):  # the per-layer check passes bytes, the engine's own session a path
+        return broken(graph, path, config, weights_dir) if isinstance(graph, bytes) else original(self, graph, path, config)
 
     monkeypatch.setattr(OnnxRuntimeBackend, "optimized_session", patched)
     layer = quantized_layers(onnx.load(str(rgb_export / "bucket_0.onnx")))[3].name
