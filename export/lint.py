@@ -184,6 +184,9 @@ def ort_fusion(path: Path, threads: int = 1) -> dict:
     source = onnx.load(str(path), load_external_data=False)
     dequantized = {n.output[0] for n in source.graph.node if n.op_type == "DequantizeLinear"}
     quantized = [n for n in source.graph.node if n.op_type in QUANTIZABLE and n.input and n.input[0] in dequantized]
+    nbits = [n for n in source.graph.node if n.op_type == "MatMulNBits"]
+    if not quantized and not nbits:  # nothing to fuse (an FP32 export): no session, which would hold ~2x the weights
+        return fusion_report(quantized, [], [], nbits)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -192,12 +195,17 @@ def ort_fusion(path: Path, threads: int = 1) -> dict:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.bin")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # its warning that an optimized graph is CPU-specific is what lint asks for
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
     integer = [n for n in optimized.graph.node if n.op_type in INTEGER_KERNELS]
     quantized_names = {n.name for n in quantized}
     left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in QUANTIZABLE and n.name in quantized_names]
-    nbits = [n for n in source.graph.node if n.op_type == "MatMulNBits"]
+    return fusion_report(quantized, integer, left, nbits)
+
+
+def fusion_report(quantized: list, integer: list, left: list[str], nbits: list) -> dict:
+    """What `ort_fusion` reports: quantized compute nodes (Q/DQ-fed ones and MatMulNBits) and which became integer kernels."""
     nbits_integer = [n for n in nbits if next((a.i for a in n.attribute if a.name == "accuracy_level"), 0) == 4]
     return {"quantized_compute_nodes": len(quantized) + len(nbits), "integer_kernels": len(integer) + len(nbits_integer),
             "fused_share": (len(integer) + len(nbits_integer)) / max(1, len(quantized) + len(nbits)),

@@ -105,3 +105,23 @@ def test_a_graph_with_external_weights_is_linted_without_reading_them(tmp_path):
     (tmp_path / "not.onnx").write_text("hello")
     with pytest.raises(UserError, match="not an ONNX model"):
         load_for_lint(tmp_path / "not.onnx")
+
+
+def test_a_graph_without_quantized_layers_reports_nothing_to_fuse_without_a_session(tmp_path, monkeypatch):
+    """An FP32 export has nothing to fuse; an ONNX Runtime session of an SDXL-size one alone would hold ~2x its
+    weights, so the report comes from the graph."""
+    import onnxruntime
+
+    from dilatequant.export.lint import ort_fusion
+
+    conv = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="op")], "fp",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                             [numpy_helper.from_array(np.ones((4, 2, 1, 1), np.float32), "w")])  # fmt: skip
+    onnx.save(helper.make_model(conv), str(tmp_path / "fp.onnx"))
+    onnx.save(graph(), str(tmp_path / "q.onnx"))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", lambda *a, **k: pytest.fail("a session was made"))
+    assert ort_fusion(tmp_path / "fp.onnx") == {"quantized_compute_nodes": 0, "integer_kernels": 0, "fused_share": 0.0, "left_in_float": [],
+                                                "integer_kernel_types": [], "matmul_nbits": {"nodes": 0, "integer_inputs": 0}}  # fmt: skip
+    with pytest.raises(pytest.fail.Exception, match="a session was made"):  # a quantized graph is optimized by ONNX Runtime
+        ort_fusion(tmp_path / "q.onnx")
