@@ -62,13 +62,13 @@ class ModelSpec:
     def layout(self) -> CondLayout:
         return get_family(self.family).layout(self.config)
 
-    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
+    def conditioning(self, labels: torch.Tensor, tokens: int = COND_TOKENS) -> torch.Tensor | None:
         """Per-sample conditioning for class ids `labels`: class labels, or for cross-attention seeded stand-in encoder
-        states per id (core/prompts.py encodes real prompts)."""
+        states of `tokens` tokens per id (core/prompts.py encodes real prompts)."""
         family = get_family(self.family)
         if family.cross_attention:
             pixels = tuple(VAE_SCALE * side for side in self.sample_shape[1:])
-            return torch.stack([standin(self.layout, COND_TOKENS, self.config[family.states_dim_key], pixels,
+            return torch.stack([standin(self.layout, tokens, self.config[family.states_dim_key], pixels,
                                         torch.Generator().manual_seed(COND_SEED + int(label))) for label in labels])  # fmt: skip
         return labels if self.num_classes else None
 
@@ -91,8 +91,9 @@ class SpecMixin:
     def num_classes(self) -> int | None:
         return self.spec.num_classes
 
-    def conditioning(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return self.prompts.conditioning(labels) if self.prompts is not None else self.spec.conditioning(labels)
+    def conditioning(self, labels: torch.Tensor, tokens: int = COND_TOKENS) -> torch.Tensor | None:
+        """Prompts' rows (their encoder's token count), else the spec's stand-ins of `tokens` tokens."""
+        return self.prompts.conditioning(labels) if self.prompts is not None else self.spec.conditioning(labels, tokens)
 
 
 class Denoiser(SpecMixin, nn.Module):

@@ -53,7 +53,7 @@ def main(path: Path, batch: int, buckets: int | None) -> None:
         engines.engines = engines.engines[:buckets]
     denoiser = EngineDenoiser(engines)
     x = torch.randn(batch, *denoiser.sample_shape)
-    cond = denoiser.conditioning(torch.arange(batch) % (denoiser.num_classes or 10))
+    cond = denoiser.conditioning(torch.arange(batch) % (denoiser.num_classes or 10), denoiser.timed_tokens)
     for k in range(len(engines)):
         t = torch.full((batch,), float(sum(engines.table.ranges()[k]) // 2))
         engines.run(k, x.numpy(), t.long().numpy(), cond.numpy() if cond is not None else None)

@@ -47,7 +47,7 @@ def bucket_feeds(denoiser: EngineDenoiser, bucket: int, batch: int, seed: int) -
     low, high = denoiser.engines.table.ranges()[bucket]
     t = (max(low, denoiser.low) + min(high, denoiser.high)) // 2
     x = torch.randn(batch, *denoiser.sample_shape, generator=torch.Generator().manual_seed(seed)).numpy()
-    cond = denoiser.conditioning(balanced_labels(batch, denoiser.num_classes or 10))
+    cond = denoiser.conditioning(balanced_labels(batch, denoiser.num_classes or 10), denoiser.timed_tokens)
     return x, np.full(batch, t, dtype=np.int64), cond.numpy() if cond is not None else None
 
 

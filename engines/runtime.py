@@ -15,6 +15,7 @@ import torch
 from dilatequant.core.denoiser import LoadedModel, ModelSpec, SpecMixin
 from dilatequant.core.errors import UserError
 
+from .config import BuildConfig
 from .engine import EngineSet, load
 
 
@@ -23,6 +24,13 @@ class EngineDenoiser(SpecMixin):
         self.engines, self.clamp = engines, clamp
         self.spec = ModelSpec(engines.manifest["model"]["family"], engines.manifest["model"]["config"])
         self.low, self.high = engines.manifest["calibrated_range"]
+
+    @property
+    def timed_tokens(self) -> int:
+        """The encoder-state length to time and size the engines at: the one they were built for (77, CLIP's, by
+        default), not the stand-ins' 8 that sampling without prompts uses."""
+        manifest = self.engines.manifest
+        return BuildConfig.from_dict(manifest["build"], manifest["format_version"]).opt_tokens
 
     def close(self) -> None:
         """Release the engines (sessions, thread pools, device memory)."""

@@ -1,6 +1,7 @@
 """Engines as a drop-in diffusers denoiser (issue 17, part 2): a DDIM pipeline generates through them, the adapter
 takes each family's call signature and returns its output type, and DDPMPipeline / DDIMPipeline, which pass no class
-labels, generate the bundled class-conditional digits through engines with bound labels."""
+labels, generate the bundled class-conditional digits through engines with bound labels. Also: text-conditioned
+engines are timed at the token count a pipeline passes."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from tiny_models import TINY_CONFIGS, build_model
 from dilatequant.calibrate.config import CalibConfig
 from dilatequant.calibrate.contract import load_artifact
 from dilatequant.calibrate.flow import calibrate
-from dilatequant.core.denoiser import load_model
+from dilatequant.core.denoiser import COND_TOKENS, load_model
 from dilatequant.core.errors import UserError
 from dilatequant.core.sampling import SamplerConfig, sample
 from dilatequant.engines.config import BuildConfig
 from dilatequant.engines.diffusers_adapter import DiffusersDenoiser, as_diffusers
-from dilatequant.engines.engine import build
+from dilatequant.engines.engine import build, load
+from dilatequant.engines.profile import bucket_feeds
+from dilatequant.engines.runtime import EngineDenoiser
 from dilatequant.export.config import ExportConfig
 from dilatequant.export.flow import export
 
@@ -142,3 +145,15 @@ def test_bound_labels_that_do_not_fit_are_refused(tiny_model_dirs):
             DiffusersDenoiser(digits, labels)
     with pytest.raises(UserError, match="not class-conditional: leave class_labels out"):
         DiffusersDenoiser(load_model(tiny_model_dirs["unet-cond"]).denoiser, 0)
+
+
+def test_profile_times_text_conditioned_engines_at_their_built_token_count(tiny_model_dirs, tmp_path):
+    """A Stable Diffusion pipeline passes 77 tokens; timing at the 8-token stand-ins sampling uses would flatter
+    cross-attention. Sampling without prompts keeps the stand-ins the fake-quant model was compared on."""
+    _, engines = deployed(tiny_model_dirs["unet-cond"], tmp_path)
+    with load(engines) as loaded:
+        denoiser = EngineDenoiser(loaded)
+        x, t, cond = bucket_feeds(denoiser, 0, 2, seed=0)
+        assert cond.shape[:2] == (2, BuildConfig().opt_tokens) == (2, 77)
+        assert loaded.run(0, x, t, cond).shape == x.shape
+        assert denoiser.conditioning(torch.tensor([0, 1])).shape[1] == COND_TOKENS == 8

@@ -318,7 +318,8 @@ def export_command(calib: Path | None, model: str | None, buckets: str, profile:
                    "torch: auto, cpu, cuda or cuda:N.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True, help="tensorrt: min,opt,max batch of the optimization profile.")
 @click.option("--tokens", default="1,77,512", show_default=True,
-              help="tensorrt: min,opt,max encoder-state tokens of a text-conditioned model (CLIP 77, T5 120/300; +1 packed row).")
+              help="min,opt,max encoder-state tokens of a text-conditioned model (CLIP 77, T5 120/300; +1 packed row): "
+                   "TensorRT's optimization profile; `profile` times every backend at opt.")
 @click.option("--dynamic-resolution", default=None, help="tensorrt: MIN,MAX image size instead of the model's fixed size.")
 @click.option("--optimization-level", default=BuildConfig.optimization_level, show_default=True, help="tensorrt: builder optimization level 0-5.")
 @click.option("--refittable", is_flag=True, help="tensorrt: refittable engines.")

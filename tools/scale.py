@@ -179,40 +179,25 @@ def bundled_size(name: str) -> dict:
 
 def latency(quantized: str, fp32: str, out: str, runs: int = 5) -> None:
     """p50 seconds of bucket 0 of `quantized` and of the one FP32 bucket at batch 1, interleaved call by call in one
-    process (`profile` times every bucket 30+ times: too long at SD size on 2 cores); written to `out`."""
+    process (`profile` times every bucket 30+ times: too long at SD size on 2 cores), on `profile`'s inputs (encoder
+    states of the engines' built token count, 77); written to `out`."""
     import numpy as np
 
     from dilatequant.engines.engine import load
+    from dilatequant.engines.profile import bucket_feeds
+    from dilatequant.engines.runtime import EngineDenoiser
 
     times: dict[str, list[float]] = {"quantized": [], "fp32": []}
     with load(quantized) as engines_q, load(fp32) as engines_fp:
-        config = engines_q.manifest["model"]["config"]
-        x = np.random.default_rng(0).standard_normal((1, config["in_channels"], config["sample_size"], config["sample_size"])).astype(np.float32)
-        low, high = engines_q.table.ranges()[0]
-        t = np.array([(low + high) // 2])
-        cond = conditioning(engines_q)
+        inputs = bucket_feeds(EngineDenoiser(engines_q), 0, 1, seed=0)
         for run in range(runs + 1):
             for name, engines in (("quantized", engines_q), ("fp32", engines_fp)):
                 start = time.perf_counter()
-                engines.run(0, x, t, cond)
+                engines.run(0, *inputs)
                 if run:  # the first call of each warms up
                     times[name].append(time.perf_counter() - start)
     p50 = {name: float(np.median(values)) for name, values in times.items()}
     atomic_write_text(Path(out), json.dumps({"batch": 1, "runs": runs, "p50_s": p50, "ratio_p50": p50["quantized"] / p50["fp32"]}))
-
-
-def conditioning(engines):
-    """A zero conditioning input of the engines' shape at batch 1, or None for an unconditional model; encoder states
-    get CLIP's 77 tokens (BuildConfig's opt_tokens), what a Stable Diffusion pipeline passes."""
-    import numpy as np
-
-    from dilatequant.engines.config import BuildConfig
-
-    cond = next((i for i in engines.engines[0].sessions[0].get_inputs() if i.name == "cond"), None)
-    if cond is None:
-        return None
-    shape = [d if isinstance(d, int) else 1 if axis == 0 else BuildConfig().opt_tokens for axis, d in enumerate(cond.shape)]
-    return np.zeros(shape, dtype=engines.engines[0].input_dtypes["cond"])
 
 
 def read_json(path: Path) -> dict | None:
