@@ -42,9 +42,8 @@ def measure_in_subprocess(path: Path, batch: int, buckets: int | None = None) ->
 @click.option("--batch", default=8, show_default=True)
 @click.option("--buckets", default=None, type=int, help="Load only the first K buckets [default: all].")
 def main(path: Path, batch: int, buckets: int | None) -> None:
-    import torch
-
     from .engine import load
+    from .profile import bucket_feeds
     from .runtime import EngineDenoiser
 
     before = rss_mb()
@@ -52,11 +51,8 @@ def main(path: Path, batch: int, buckets: int | None) -> None:
     if buckets is not None:
         engines.engines = engines.engines[:buckets]
     denoiser = EngineDenoiser(engines)
-    x = torch.randn(batch, *denoiser.sample_shape)
-    cond = denoiser.conditioning(torch.arange(batch) % (denoiser.num_classes or 10), denoiser.timed_tokens)
-    for k in range(len(engines)):
-        t = torch.full((batch,), float(sum(engines.table.ranges()[k]) // 2))
-        engines.run(k, x.numpy(), t.long().numpy(), cond.numpy() if cond is not None else None)
+    for k in range(len(engines)):  # profile's inputs: what a timed call would hold
+        engines.run(k, *bucket_feeds(denoiser, k, batch, seed=0))
     after = rss_mb()
     report = {"path": str(path), "batch": batch, "buckets_loaded": len(engines), "baseline_rss_mb": before["rss_mb"], **after}
     click.echo(json.dumps(report))
