@@ -39,7 +39,7 @@ def copy_into(static: Any, value: Any) -> None:
 @cache
 def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The warm-up stream of `device`, one for the whole run: PyTorch keeps a cuBLAS workspace per stream until exit
-    (about 65 MiB on an H200), so a new stream per block held 2 GB more by the end of an SD-size calibration."""
+    (about 65 MiB on an H200), so a new stream per block held 1.9 GiB more by the end of an SD-1.5-size calibration."""
     return torch.cuda.Stream(device)
 
 
